@@ -1,0 +1,368 @@
+//! The configuration that wires resources, mappings, correlation, reactions and
+//! object templates. Plain data with serde; [`Config::validate`] checks it whole.
+
+use std::collections::{BTreeMap, BTreeSet};
+
+use serde::{Deserialize, Serialize};
+
+use crate::CoreError;
+use crate::mapping::Template;
+use crate::situation::{Reaction, Situation};
+
+/// The configuration schema version this build reads.
+pub const CONFIG_VERSION: u32 = 1;
+
+#[derive(Debug, Clone, Deserialize, Serialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct Config {
+    /// Must equal [`CONFIG_VERSION`].
+    pub version: u32,
+    pub nats: NatsConfig,
+    pub idm: IdmConfig,
+    #[serde(default)]
+    pub resources: Vec<ResourceConfig>,
+    #[serde(default)]
+    pub templates: Vec<ObjectTemplate>,
+}
+
+#[derive(Debug, Clone, Deserialize, Serialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct NatsConfig {
+    /// For example `nats://127.0.0.1:4222`.
+    pub url: String,
+}
+
+#[derive(Debug, Clone, Deserialize, Serialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct IdmConfig {
+    /// Where services reach the IDM's gRPC API, for example `http://127.0.0.1:50051`.
+    pub url: String,
+    /// Where the IDM service listens.
+    #[serde(default = "default_idm_listen")]
+    pub listen: String,
+    /// Directory of the embedded store.
+    #[serde(default = "default_idm_data_dir")]
+    pub data_dir: String,
+}
+
+fn default_idm_listen() -> String {
+    "127.0.0.1:50051".to_owned()
+}
+
+fn default_idm_data_dir() -> String {
+    "/var/lib/idsync/idm".to_owned()
+}
+
+/// One LDAP directory that idsync reads from, writes to, or both.
+#[derive(Debug, Clone, Deserialize, Serialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct ResourceConfig {
+    pub name: String,
+    /// `ldap://host:port`.
+    pub url: String,
+    pub bind_dn: String,
+    /// File holding the bind password (trailing newline ignored).
+    pub bind_password_file: Option<String>,
+    /// Environment variable holding the bind password.
+    pub bind_password_env: Option<String>,
+    pub base_dn: String,
+    #[serde(default = "default_filter")]
+    pub filter: String,
+    /// Run live sync (RFC 4533 refreshAndPersist) on this resource.
+    #[serde(default)]
+    pub live_sync: bool,
+    /// Object classes of accounts that idsync creates here.
+    #[serde(default)]
+    pub object_classes: Vec<String>,
+    /// DN of accounts that idsync creates here, from focus attributes:
+    /// `cn={name},o=Acme`.
+    pub dn_template: Option<String>,
+    /// Resource attribute → focus attribute.
+    #[serde(default)]
+    pub inbound: Vec<Mapping>,
+    /// Focus attribute → resource attribute.
+    #[serde(default)]
+    pub outbound: Vec<Mapping>,
+    /// Tried in order; the first rule that finds candidates decides.
+    #[serde(default)]
+    pub correlation: Vec<CorrelationRule>,
+    #[serde(default)]
+    pub reactions: BTreeMap<Situation, ReactionConfig>,
+}
+
+fn default_filter() -> String {
+    "(objectClass=*)".to_owned()
+}
+
+/// midPoint's mapping strength.
+#[derive(Debug, Clone, Copy, Default, Deserialize, Serialize, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum Strength {
+    /// Only where the target has no value.
+    Weak,
+    /// When a source changed.
+    #[default]
+    Normal,
+    /// Always; overrides other values.
+    Strong,
+}
+
+/// A mapping: exactly one of `source` (as-is), `value` (a literal) or
+/// `template` (`"{givenName} {familyName}"`) gives the values for `target`.
+#[derive(Debug, Clone, Deserialize, Serialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct Mapping {
+    pub source: Option<String>,
+    pub value: Option<String>,
+    pub template: Option<String>,
+    pub target: String,
+    #[serde(default)]
+    pub strength: Strength,
+}
+
+/// Focus attribute `focus_attribute` must equal the entry's `source` attribute.
+#[derive(Debug, Clone, Deserialize, Serialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct CorrelationRule {
+    pub focus_attribute: String,
+    pub source: String,
+}
+
+#[derive(Debug, Clone, Deserialize, Serialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct ReactionConfig {
+    pub action: Reaction,
+    /// Object template applied to the focus, by name.
+    pub template: Option<String>,
+}
+
+/// midPoint's object template: mappings evaluated on the focus itself, and
+/// assignments given to every focus it is applied to.
+#[derive(Debug, Clone, Deserialize, Serialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct ObjectTemplate {
+    pub name: String,
+    #[serde(default)]
+    pub mappings: Vec<Mapping>,
+    /// Resources on which every focus gets an account.
+    #[serde(default)]
+    pub assignments: Vec<String>,
+}
+
+impl Config {
+    pub fn resource(&self, name: &str) -> Result<&ResourceConfig, CoreError> {
+        self.resources
+            .iter()
+            .find(|r| r.name == name)
+            .ok_or_else(|| CoreError::UnknownResource {
+                resource: name.to_owned(),
+            })
+    }
+
+    pub fn template(&self, name: &str) -> Option<&ObjectTemplate> {
+        self.templates.iter().find(|t| t.name == name)
+    }
+
+    /// Checks the whole configuration and returns every problem found, each
+    /// with the path of the field at fault.
+    pub fn validate(&self) -> Vec<CoreError> {
+        let mut errors = Vec::new();
+        let mut err =
+            |path: String, reason: String| errors.push(CoreError::Config { path, reason });
+        if self.version != CONFIG_VERSION {
+            err(
+                "version".into(),
+                format!(
+                    "is {}, this build reads version {CONFIG_VERSION}",
+                    self.version
+                ),
+            );
+        }
+        let resource_names: BTreeSet<&str> =
+            self.resources.iter().map(|r| r.name.as_str()).collect();
+        let template_names: BTreeSet<&str> =
+            self.templates.iter().map(|t| t.name.as_str()).collect();
+        if resource_names.len() != self.resources.len() {
+            err(
+                "resources".into(),
+                "two resources have the same name".into(),
+            );
+        }
+        if template_names.len() != self.templates.len() {
+            err(
+                "templates".into(),
+                "two templates have the same name".into(),
+            );
+        }
+        for (i, r) in self.resources.iter().enumerate() {
+            let at = format!("resources[{i}] ({})", r.name);
+            if !valid_name(&r.name) {
+                err(
+                    format!("{at}.name"),
+                    "must be letters, digits, '-' or '_' (it names NATS subjects)".into(),
+                );
+            }
+            if !r.url.starts_with("ldap://") && !r.url.starts_with("ldaps://") {
+                err(
+                    format!("{at}.url"),
+                    format!("{:?} is not an ldap:// URL", r.url),
+                );
+            }
+            if r.bind_password_file.is_some() && r.bind_password_env.is_some() {
+                err(
+                    format!("{at}.bind_password_file"),
+                    "set bind_password_file or bind_password_env, not both".into(),
+                );
+            }
+            for (kind, mappings) in [("inbound", &r.inbound), ("outbound", &r.outbound)] {
+                for (j, m) in mappings.iter().enumerate() {
+                    if let Err(reason) = m.check() {
+                        err(format!("{at}.{kind}[{j}]"), reason);
+                    }
+                }
+            }
+            if !r.outbound.is_empty() {
+                match &r.dn_template {
+                    None => err(
+                        format!("{at}.dn_template"),
+                        "a resource with outbound mappings needs a dn_template".into(),
+                    ),
+                    Some(t) => {
+                        if let Err(e) = Template::parse(t) {
+                            err(format!("{at}.dn_template"), e.to_string());
+                        }
+                    }
+                }
+                if r.object_classes.is_empty() {
+                    err(
+                        format!("{at}.object_classes"),
+                        "a resource with outbound mappings needs object_classes".into(),
+                    );
+                }
+            }
+            for (situation, reaction) in &r.reactions {
+                if let Some(t) = &reaction.template {
+                    if !template_names.contains(t.as_str()) {
+                        err(
+                            format!("{at}.reactions.{situation}.template"),
+                            format!("names template {t:?}, which is not defined"),
+                        );
+                    }
+                }
+                if !reaction.action.fits(*situation) {
+                    err(
+                        format!("{at}.reactions.{situation}.action"),
+                        format!(
+                            "{} does not apply to situation {situation}",
+                            reaction.action
+                        ),
+                    );
+                }
+            }
+        }
+        for (i, t) in self.templates.iter().enumerate() {
+            let at = format!("templates[{i}] ({})", t.name);
+            for (j, m) in t.mappings.iter().enumerate() {
+                if let Err(reason) = m.check() {
+                    err(format!("{at}.mappings[{j}]"), reason);
+                }
+            }
+            for (j, a) in t.assignments.iter().enumerate() {
+                if !resource_names.contains(a.as_str()) {
+                    err(
+                        format!("{at}.assignments[{j}]"),
+                        format!("names resource {a:?}, which is not defined"),
+                    );
+                }
+            }
+        }
+        errors
+    }
+}
+
+impl Mapping {
+    fn check(&self) -> Result<(), String> {
+        let given = [&self.source, &self.value, &self.template]
+            .iter()
+            .filter(|x| x.is_some())
+            .count();
+        if given != 1 {
+            return Err("exactly one of source, value or template must be set".into());
+        }
+        if self.target.is_empty() {
+            return Err("target is empty".into());
+        }
+        if let Some(t) = &self.template {
+            Template::parse(t).map_err(|e| e.to_string())?;
+        }
+        Ok(())
+    }
+
+    /// Attributes this mapping reads.
+    pub fn sources(&self) -> Vec<String> {
+        if let Some(s) = &self.source {
+            return vec![s.clone()];
+        }
+        match self.template.as_deref().map(Template::parse) {
+            Some(Ok(t)) => t.variables().map(str::to_owned).collect(),
+            _ => Vec::new(),
+        }
+    }
+}
+
+fn valid_name(name: &str) -> bool {
+    !name.is_empty()
+        && name
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_')
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used, clippy::expect_used)]
+mod tests {
+    use super::*;
+
+    pub(crate) const EXAMPLE: &str = include_str!("../../../deploy/local/idsync.toml");
+
+    #[test]
+    fn example_configuration_is_valid() {
+        let cfg: Config = toml::from_str(EXAMPLE).unwrap();
+        assert_eq!(cfg.validate(), vec![]);
+    }
+
+    #[test]
+    fn every_problem_is_reported_with_its_path() {
+        let mut cfg: Config = toml::from_str(EXAMPLE).unwrap();
+        cfg.templates[0].assignments.push("nowhere".into());
+        cfg.resources[0].inbound[0].value = Some("x".into());
+        cfg.resources[0]
+            .reactions
+            .get_mut(&Situation::Unmatched)
+            .unwrap()
+            .template = Some("missing".into());
+        let errors: Vec<String> = cfg.validate().iter().map(ToString::to_string).collect();
+        assert_eq!(errors.len(), 3, "{errors:#?}");
+        assert!(
+            errors
+                .iter()
+                .any(|e| e.contains("templates[0] (default-user).assignments[1]"))
+        );
+        assert!(
+            errors
+                .iter()
+                .any(|e| e.contains("resources[0] (hr).inbound[0]"))
+        );
+        assert!(
+            errors
+                .iter()
+                .any(|e| e.contains("reactions.unmatched.template"))
+        );
+    }
+
+    #[test]
+    fn unknown_fields_are_refused() {
+        let text = EXAMPLE.replace("[nats]", "[nats]\nurll = \"x\"");
+        let err = toml::from_str::<Config>(&text).unwrap_err().to_string();
+        assert!(err.contains("unknown field `urll`"), "{err}");
+    }
+}

@@ -1,0 +1,24 @@
+//! Errors of the domain crate.
+
+/// What went wrong while deciding or mapping; each names the thing at fault.
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum CoreError {
+    #[error("configuration {path}: {reason}")]
+    Config { path: String, reason: String },
+    #[error("resource {resource:?} is not in the configuration")]
+    UnknownResource { resource: String },
+    #[error(
+        "entry {dn:?}: attribute {attribute:?} has a value that is not UTF-8 and cannot be mapped to {target:?}"
+    )]
+    NotUtf8 {
+        dn: String,
+        attribute: String,
+        target: String,
+    },
+    #[error("template {template:?}: attribute {attribute:?} has no value")]
+    MissingValue { template: String, attribute: String },
+    #[error("template {template:?}: {reason}")]
+    BadTemplate { template: String, reason: String },
+    #[error("reaction {reaction} needs a focus but none was found")]
+    NoFocus { reaction: String },
+}

@@ -1,0 +1,520 @@
+//! The inbound half: from a source change, its situation and the configured
+//! reaction to the exact, conditional writes the IDM must commit.
+
+use std::collections::BTreeSet;
+
+use crate::CoreError;
+use crate::config::{Config, Mapping, ObjectTemplate, ResourceConfig};
+use crate::mapping::{apply, evaluate};
+use crate::model::{
+    Assignment, Attrs, Focus, FocusStatus, KIND_USER, Link, Op, Shadow, SourceChange,
+};
+use crate::situation::{Reaction, Situation, reaction};
+
+/// What the IDM held when the change was looked at.
+#[derive(Debug, Clone, Copy)]
+pub struct InboundState<'a> {
+    pub shadow: Option<&'a Shadow>,
+    /// The shadow's owner when linked, else the single correlation candidate.
+    pub focus: Option<&'a Focus>,
+    pub situation: Option<Situation>,
+}
+
+/// What applying a change comes to.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Outcome {
+    /// The shadow already holds this position or a later one: nothing to do.
+    Stale { shadow_position: u64 },
+    /// No situation: the deletion of an entry that was never seen.
+    Ignored,
+    Commit {
+        situation: Situation,
+        reaction: Reaction,
+        ops: Vec<Op>,
+    },
+}
+
+/// Plans the commit for `change`, read at stream position `change_seq`.
+/// `new_focus_id` names the focus that `add_focus` creates.
+///
+/// # Errors
+/// A mapped attribute that is not UTF-8, a reaction that needs a focus that is
+/// not there, or a reaction naming an unknown template.
+pub fn plan(
+    config: &Config,
+    change: &SourceChange,
+    change_seq: u64,
+    state: InboundState<'_>,
+    new_focus_id: &str,
+) -> Result<Outcome, CoreError> {
+    let resource = config.resource(&change.resource)?;
+    if let Some(shadow) = state.shadow {
+        if shadow.position >= change_seq {
+            return Ok(Outcome::Stale {
+                shadow_position: shadow.position,
+            });
+        }
+    }
+    let Some(situation) = state.situation else {
+        return Ok(Outcome::Ignored);
+    };
+    let (reaction, template_name) = reaction(resource, situation);
+    let template = match template_name {
+        Some(name) => Some(config.template(name).ok_or_else(|| CoreError::Config {
+            path: format!(
+                "resources ({}).reactions.{situation}.template",
+                resource.name
+            ),
+            reason: format!("names template {name:?}, which is not defined"),
+        })?),
+        None => None,
+    };
+
+    let mut shadow = next_shadow(change, change_seq, state.shadow, situation);
+    if !change.is_delete() {
+        shadow.attributes = snapshot(resource, change)?;
+    }
+    let previous = state.shadow.filter(|s| !s.dead).map(|s| &s.attributes);
+    let mut ops = Vec::new();
+    let need_focus = || CoreError::NoFocus {
+        reaction: reaction.to_string(),
+    };
+
+    match reaction {
+        Reaction::Synchronize | Reaction::Link => {
+            let focus = state.focus.ok_or_else(need_focus)?;
+            let mut next = focus.clone();
+            // A newly linked entry has no history with this focus: all its sources count as changed.
+            let previous = if reaction == Reaction::Link {
+                None
+            } else {
+                previous
+            };
+            apply_inbound(resource, change, previous, &mut next.attributes)?;
+            if let Some(t) = template {
+                apply_template(t, &focus.attributes, &mut next);
+            }
+            next.set_link(link(change, state.shadow));
+            shadow.focus_id = Some(next.id.clone());
+            if next != *focus {
+                ops.push(Op::PutFocus {
+                    expected_version: focus.version,
+                    focus: next,
+                });
+            }
+        }
+        Reaction::AddFocus => {
+            let mut focus = Focus {
+                id: new_focus_id.to_owned(),
+                kind: KIND_USER.to_owned(),
+                ..Default::default()
+            };
+            apply_inbound(resource, change, None, &mut focus.attributes)?;
+            if let Some(t) = template {
+                apply_template(t, &Attrs::new(), &mut focus);
+            }
+            focus.set_link(link(change, state.shadow));
+            shadow.focus_id = Some(focus.id.clone());
+            ops.push(Op::PutFocus {
+                focus,
+                expected_version: 0,
+            });
+        }
+        Reaction::DeleteFocus => {
+            if let Some(focus) = state.focus {
+                ops.push(Op::DeleteFocus {
+                    id: focus.id.clone(),
+                    expected_version: focus.version,
+                });
+            }
+            shadow.focus_id = None;
+        }
+        Reaction::Unlink | Reaction::InactivateFocus => {
+            if let Some(focus) = state.focus {
+                let mut next = focus.clone();
+                next.remove_link(&change.resource, &change.entry_uuid);
+                if reaction == Reaction::InactivateFocus {
+                    next.status = FocusStatus::Disabled;
+                }
+                ops.push(Op::PutFocus {
+                    expected_version: focus.version,
+                    focus: next,
+                });
+            }
+            shadow.focus_id = None;
+        }
+        Reaction::Nothing => {}
+    }
+    ops.push(Op::PutShadow {
+        expected_version: state.shadow.map_or(0, |s| s.version),
+        shadow,
+    });
+    Ok(Outcome::Commit {
+        situation,
+        reaction,
+        ops,
+    })
+}
+
+fn next_shadow(
+    change: &SourceChange,
+    change_seq: u64,
+    current: Option<&Shadow>,
+    situation: Situation,
+) -> Shadow {
+    let mut shadow = current.cloned().unwrap_or_else(|| Shadow {
+        resource: change.resource.clone(),
+        entry_uuid: change.entry_uuid.clone(),
+        ..Default::default()
+    });
+    if !change.dn.is_empty() {
+        shadow.dn = change.dn.clone();
+    }
+    shadow.position = change_seq;
+    shadow.situation = situation.to_string();
+    shadow.dead = change.is_delete();
+    if shadow.dead {
+        shadow.attributes.clear();
+    }
+    shadow
+}
+
+fn link(change: &SourceChange, shadow: Option<&Shadow>) -> Link {
+    let dn = if change.dn.is_empty() {
+        shadow.map(|s| s.dn.clone()).unwrap_or_default()
+    } else {
+        change.dn.clone()
+    };
+    Link {
+        resource: change.resource.clone(),
+        entry_uuid: change.entry_uuid.clone(),
+        dn,
+    }
+}
+
+/// The entry's values of every attribute an inbound mapping or correlation
+/// rule reads, as UTF-8 strings, keyed by lower-cased name.
+fn snapshot(resource: &ResourceConfig, change: &SourceChange) -> Result<Attrs, CoreError> {
+    let mut names: BTreeSet<String> = resource
+        .inbound
+        .iter()
+        .flat_map(Mapping::sources)
+        .map(|s| s.to_ascii_lowercase())
+        .collect();
+    names.extend(
+        resource
+            .correlation
+            .iter()
+            .map(|r| r.source.to_ascii_lowercase()),
+    );
+    let mut out = Attrs::new();
+    for name in names {
+        let values = utf8_values(change, &name, &name)?;
+        if !values.is_empty() {
+            out.insert(name, values);
+        }
+    }
+    Ok(out)
+}
+
+/// Values of `attribute` in `change` as strings.
+///
+/// # Errors
+/// [`CoreError::NotUtf8`] naming the entry, attribute and mapping target.
+pub fn utf8_values(
+    change: &SourceChange,
+    attribute: &str,
+    target: &str,
+) -> Result<Vec<String>, CoreError> {
+    change
+        .values(attribute)
+        .iter()
+        .map(|v| {
+            String::from_utf8(v.clone()).map_err(|_| CoreError::NotUtf8 {
+                dn: change.dn.clone(),
+                attribute: attribute.to_owned(),
+                target: target.to_owned(),
+            })
+        })
+        .collect()
+}
+
+/// Applies the resource's inbound mappings to `focus_attrs`. `previous` is the
+/// shadow's snapshot from the last applied change (None: everything changed).
+fn apply_inbound(
+    resource: &ResourceConfig,
+    change: &SourceChange,
+    previous: Option<&Attrs>,
+    focus_attrs: &mut Attrs,
+) -> Result<(), CoreError> {
+    for m in &resource.inbound {
+        let sources = m.sources();
+        let mut values = Vec::new();
+        for s in &sources {
+            values.push((s.clone(), utf8_values(change, s, &m.target)?));
+        }
+        let changed = previous.is_none_or(|prev| {
+            values.iter().any(|(s, v)| {
+                prev.get(&s.to_ascii_lowercase())
+                    .map_or(!v.is_empty(), |p| p != v)
+            })
+        });
+        let lookup = |name: &str| {
+            values
+                .iter()
+                .find(|(s, _)| s == name)
+                .map(|(_, v)| v.clone())
+                .unwrap_or_default()
+        };
+        apply(
+            m.strength,
+            &m.target,
+            evaluate(m, &lookup),
+            changed,
+            focus_attrs,
+        );
+    }
+    Ok(())
+}
+
+/// Applies an object template's mappings (focus → focus) and assignments.
+/// `before` is the focus's attributes before this change, to tell which
+/// sources changed.
+pub fn apply_template(template: &ObjectTemplate, before: &Attrs, focus: &mut Focus) {
+    for m in &template.mappings {
+        let changed = m
+            .sources()
+            .iter()
+            .any(|s| before.get(s) != focus.attributes.get(s));
+        let current = focus.attributes.clone();
+        let lookup = |name: &str| current.get(name).cloned().unwrap_or_default();
+        apply(
+            m.strength,
+            &m.target,
+            evaluate(m, &lookup),
+            changed,
+            &mut focus.attributes,
+        );
+    }
+    for resource in &template.assignments {
+        if !focus.has_assignment(resource) {
+            focus.assignments.push(Assignment {
+                resource: resource.clone(),
+                source: format!("template:{}", template.name),
+            });
+        }
+    }
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used, clippy::expect_used)]
+mod tests {
+    use super::*;
+    use crate::model::ChangeKind;
+
+    fn config() -> Config {
+        toml::from_str(include_str!("../../../deploy/local/idsync.toml")).unwrap()
+    }
+
+    fn entry(uid: &str, cn: &str, given: &str, sn: &str) -> SourceChange {
+        let attrs = [("uid", uid), ("cn", cn), ("givenname", given), ("sn", sn)]
+            .into_iter()
+            .map(|(k, v)| (k.to_owned(), vec![v.as_bytes().to_vec()]))
+            .collect();
+        SourceChange {
+            resource: "hr".into(),
+            entry_uuid: format!("uuid-{uid}"),
+            dn: format!("uid={uid},ou=people,dc=example,dc=com"),
+            kind: ChangeKind::Upsert { attributes: attrs },
+        }
+    }
+
+    fn commit(outcome: Outcome) -> (Situation, Reaction, Vec<Op>) {
+        match outcome {
+            Outcome::Commit {
+                situation,
+                reaction,
+                ops,
+            } => (situation, reaction, ops),
+            other => panic!("expected a commit, got {other:?}"),
+        }
+    }
+
+    fn unmatched_will() -> (Focus, Shadow) {
+        let cfg = config();
+        let change = entry("will", "Will Turner", "Will", "Turner");
+        let state = InboundState {
+            shadow: None,
+            focus: None,
+            situation: Some(Situation::Unmatched),
+        };
+        let (_, reaction, ops) = commit(plan(&cfg, &change, 7, state, "f-will").unwrap());
+        assert_eq!(reaction, Reaction::AddFocus);
+        let [
+            Op::PutFocus {
+                focus,
+                expected_version: 0,
+            },
+            Op::PutShadow {
+                shadow,
+                expected_version: 0,
+            },
+        ] = &ops[..]
+        else {
+            panic!("unexpected ops {ops:#?}");
+        };
+        (focus.clone(), shadow.clone())
+    }
+
+    #[test]
+    fn unmatched_adds_a_focus_with_template_assignment() {
+        let (focus, shadow) = unmatched_will();
+        assert_eq!(focus.first("name"), Some("will"));
+        assert_eq!(focus.first("givenName"), Some("Will"));
+        assert_eq!(focus.first("familyName"), Some("Turner"));
+        assert_eq!(focus.first("fullName"), Some("Will Turner"));
+        assert!(focus.has_assignment("acme"));
+        assert_eq!(focus.links.len(), 1);
+        assert_eq!(shadow.focus_id.as_deref(), Some("f-will"));
+        assert_eq!(shadow.position, 7);
+    }
+
+    #[test]
+    fn weak_template_fills_full_name_when_source_has_none() {
+        let cfg = config();
+        let mut change = entry("will", "x", "Will", "Turner");
+        if let ChangeKind::Upsert { attributes } = &mut change.kind {
+            attributes.remove("cn");
+        }
+        let state = InboundState {
+            shadow: None,
+            focus: None,
+            situation: Some(Situation::Unmatched),
+        };
+        let (_, _, ops) = commit(plan(&cfg, &change, 1, state, "f").unwrap());
+        let Op::PutFocus { focus, .. } = &ops[0] else {
+            panic!()
+        };
+        assert_eq!(focus.first("fullName"), Some("Will Turner"));
+    }
+
+    #[test]
+    fn linked_change_of_cn_changes_full_name_only() {
+        let cfg = config();
+        let (mut focus, mut shadow) = unmatched_will();
+        focus.version = 1;
+        shadow.version = 1;
+        let change = entry("will", "cpt. Will Turner", "Will", "Turner");
+        let state = InboundState {
+            shadow: Some(&shadow),
+            focus: Some(&focus),
+            situation: Some(Situation::Linked),
+        };
+        let (_, reaction, ops) = commit(plan(&cfg, &change, 9, state, "unused").unwrap());
+        assert_eq!(reaction, Reaction::Synchronize);
+        let Op::PutFocus {
+            focus: next,
+            expected_version: 1,
+        } = &ops[0]
+        else {
+            panic!("{ops:#?}")
+        };
+        assert_eq!(next.first("fullName"), Some("cpt. Will Turner"));
+        assert_eq!(next.first("givenName"), Some("Will"));
+        let Op::PutShadow {
+            expected_version: 1,
+            shadow: s,
+        } = &ops[1]
+        else {
+            panic!()
+        };
+        assert_eq!(s.position, 9);
+    }
+
+    #[test]
+    fn unchanged_entry_writes_only_the_shadow_position() {
+        let cfg = config();
+        let (mut focus, mut shadow) = unmatched_will();
+        focus.version = 1;
+        shadow.version = 1;
+        let change = entry("will", "Will Turner", "Will", "Turner");
+        let state = InboundState {
+            shadow: Some(&shadow),
+            focus: Some(&focus),
+            situation: Some(Situation::Linked),
+        };
+        let (_, _, ops) = commit(plan(&cfg, &change, 9, state, "unused").unwrap());
+        assert!(matches!(&ops[..], [Op::PutShadow { .. }]), "{ops:#?}");
+    }
+
+    #[test]
+    fn older_change_is_stale() {
+        let cfg = config();
+        let (_, mut shadow) = unmatched_will();
+        shadow.position = 10;
+        let change = entry("will", "Old", "Will", "Turner");
+        let state = InboundState {
+            shadow: Some(&shadow),
+            focus: None,
+            situation: Some(Situation::Linked),
+        };
+        assert_eq!(
+            plan(&cfg, &change, 9, state, "x").unwrap(),
+            Outcome::Stale {
+                shadow_position: 10
+            }
+        );
+    }
+
+    #[test]
+    fn deletion_deletes_the_focus_and_keeps_a_dead_shadow() {
+        let cfg = config();
+        let (mut focus, mut shadow) = unmatched_will();
+        focus.version = 3;
+        shadow.version = 2;
+        let change = SourceChange {
+            kind: ChangeKind::Delete,
+            dn: String::new(),
+            ..entry("will", "", "", "")
+        };
+        let state = InboundState {
+            shadow: Some(&shadow),
+            focus: Some(&focus),
+            situation: Some(Situation::Deleted),
+        };
+        let (_, reaction, ops) = commit(plan(&cfg, &change, 11, state, "x").unwrap());
+        assert_eq!(reaction, Reaction::DeleteFocus);
+        assert!(matches!(
+            &ops[0],
+            Op::DeleteFocus {
+                expected_version: 3,
+                ..
+            }
+        ));
+        let Op::PutShadow { shadow: s, .. } = &ops[1] else {
+            panic!()
+        };
+        assert!(s.dead);
+        assert_eq!(s.focus_id, None);
+        assert_eq!(s.dn, shadow.dn, "a tombstone keeps the DN it had");
+    }
+
+    #[test]
+    fn non_utf8_mapped_value_is_refused_naming_the_attribute() {
+        let cfg = config();
+        let mut change = entry("will", "x", "Will", "Turner");
+        if let ChangeKind::Upsert { attributes } = &mut change.kind {
+            attributes.insert("cn".into(), vec![vec![0xff, 0xfe]]);
+        }
+        let state = InboundState {
+            shadow: None,
+            focus: None,
+            situation: Some(Situation::Unmatched),
+        };
+        let err = plan(&cfg, &change, 1, state, "f").unwrap_err();
+        assert!(
+            matches!(err, CoreError::NotUtf8 { ref attribute, .. } if attribute == "cn"),
+            "{err}"
+        );
+    }
+}

@@ -1,0 +1,347 @@
+//! Mapping evaluation: string templates, the values a mapping produces, and
+//! how a mapping's strength decides whether those values are written.
+
+use std::fmt;
+
+use crate::config::{Mapping, Strength};
+use crate::model::Attrs;
+
+/// A string template with `{attribute}` placeholders; `{{` and `}}` are literal braces.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Template {
+    segments: Vec<Segment>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum Segment {
+    Text(String),
+    Var(String),
+}
+
+/// Why a template does not parse.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TemplateError {
+    pub template: String,
+    pub reason: String,
+}
+
+impl fmt::Display for TemplateError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "template {:?}: {}", self.template, self.reason)
+    }
+}
+
+impl std::error::Error for TemplateError {}
+
+impl Template {
+    /// # Errors
+    /// An unclosed `{`, a stray `}`, or an empty or non-attribute placeholder.
+    pub fn parse(text: &str) -> Result<Self, TemplateError> {
+        let bad = |reason: &str| TemplateError {
+            template: text.to_owned(),
+            reason: reason.to_owned(),
+        };
+        let mut segments = Vec::new();
+        let mut literal = String::new();
+        let mut chars = text.chars().peekable();
+        while let Some(c) = chars.next() {
+            match c {
+                '{' if chars.peek() == Some(&'{') => {
+                    chars.next();
+                    literal.push('{');
+                }
+                '}' if chars.peek() == Some(&'}') => {
+                    chars.next();
+                    literal.push('}');
+                }
+                '{' => {
+                    let mut name = String::new();
+                    loop {
+                        match chars.next() {
+                            Some('}') => break,
+                            Some(c)
+                                if c.is_ascii_alphanumeric()
+                                    || c == '-'
+                                    || c == '_'
+                                    || c == ';' =>
+                            {
+                                name.push(c)
+                            }
+                            Some(c) => {
+                                return Err(bad(&format!(
+                                    "{c:?} cannot be part of an attribute name"
+                                )));
+                            }
+                            None => return Err(bad("a '{' is never closed")),
+                        }
+                    }
+                    if name.is_empty() {
+                        return Err(bad("empty placeholder {}"));
+                    }
+                    if !literal.is_empty() {
+                        segments.push(Segment::Text(std::mem::take(&mut literal)));
+                    }
+                    segments.push(Segment::Var(name));
+                }
+                '}' => return Err(bad("a '}' has no matching '{' (write '}}' for a brace)")),
+                c => literal.push(c),
+            }
+        }
+        if !literal.is_empty() {
+            segments.push(Segment::Text(literal));
+        }
+        Ok(Self { segments })
+    }
+
+    pub fn variables(&self) -> impl Iterator<Item = &str> {
+        self.segments.iter().filter_map(|s| match s {
+            Segment::Var(v) => Some(v.as_str()),
+            Segment::Text(_) => None,
+        })
+    }
+
+    /// Renders with each placeholder replaced by `lookup(name)` passed through
+    /// `escape`. Returns the first placeholder without a value as the error.
+    pub fn render<'a>(
+        &self,
+        lookup: impl Fn(&str) -> Option<&'a str>,
+        escape: impl Fn(&str) -> String,
+    ) -> Result<String, String> {
+        let mut out = String::new();
+        for s in &self.segments {
+            match s {
+                Segment::Text(t) => out.push_str(t),
+                Segment::Var(v) => match lookup(v) {
+                    Some(value) => out.push_str(&escape(value)),
+                    None => return Err(v.clone()),
+                },
+            }
+        }
+        Ok(out)
+    }
+}
+
+/// The values `mapping` produces; `lookup` gives the values of a source attribute.
+/// A template with a missing source produces nothing.
+pub fn evaluate(mapping: &Mapping, lookup: &dyn Fn(&str) -> Vec<String>) -> Vec<String> {
+    if let Some(source) = &mapping.source {
+        return lookup(source);
+    }
+    if let Some(value) = &mapping.value {
+        return vec![value.clone()];
+    }
+    let Some(Ok(template)) = mapping.template.as_deref().map(Template::parse) else {
+        return Vec::new();
+    };
+    let firsts: Vec<(String, Option<String>)> = template
+        .variables()
+        .map(|v| (v.to_owned(), lookup(v).into_iter().next()))
+        .collect();
+    let found = |name: &str| {
+        firsts
+            .iter()
+            .find(|(n, _)| n == name)
+            .and_then(|(_, v)| v.as_deref())
+    };
+    template
+        .render(found, str::to_owned)
+        .map(|s| vec![s])
+        .unwrap_or_default()
+}
+
+/// Writes `output` into `target[name]` as `strength` allows. `sources_changed`
+/// says whether any source of the mapping changed (normal strength acts only
+/// then). Returns whether `target` changed.
+pub fn apply(
+    strength: Strength,
+    name: &str,
+    output: Vec<String>,
+    sources_changed: bool,
+    target: &mut Attrs,
+) -> bool {
+    let current_empty = target.get(name).is_none_or(Vec::is_empty);
+    let write = match strength {
+        Strength::Strong => true,
+        Strength::Normal => sources_changed,
+        Strength::Weak => current_empty && !output.is_empty(),
+    };
+    if !write {
+        return false;
+    }
+    let mut output = output;
+    dedup_in_order(&mut output);
+    if output.is_empty() {
+        return target.remove(name).is_some_and(|v| !v.is_empty());
+    }
+    if target.get(name) == Some(&output) {
+        return false;
+    }
+    target.insert(name.to_owned(), output);
+    true
+}
+
+/// Removes repeated values, keeping the first occurrence of each.
+pub fn dedup_in_order(values: &mut Vec<String>) {
+    let mut seen = std::collections::BTreeSet::new();
+    values.retain(|v| seen.insert(v.clone()));
+}
+
+/// Escapes a value for use inside a DN (RFC 4514).
+pub fn escape_dn_value(value: &str) -> String {
+    let mut out = String::with_capacity(value.len());
+    let last = value.chars().count().saturating_sub(1);
+    for (i, c) in value.chars().enumerate() {
+        match c {
+            ',' | '+' | '"' | '\\' | '<' | '>' | ';' | '=' => {
+                out.push('\\');
+                out.push(c);
+            }
+            '#' if i == 0 => out.push_str("\\#"),
+            ' ' if i == 0 || i == last => out.push_str("\\ "),
+            '\0' => out.push_str("\\00"),
+            c => out.push(c),
+        }
+    }
+    out
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used, clippy::expect_used)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    fn mapping(strength: Strength) -> Mapping {
+        Mapping {
+            source: Some("cn".into()),
+            value: None,
+            template: None,
+            target: "fullName".into(),
+            strength,
+        }
+    }
+
+    #[test]
+    fn template_renders_and_reports_missing() {
+        let t = Template::parse("{givenName} {familyName}").unwrap();
+        let vals = [("givenName", "Will"), ("familyName", "Turner")];
+        let look = |n: &str| vals.iter().find(|(k, _)| *k == n).map(|(_, v)| *v);
+        assert_eq!(t.render(look, str::to_owned).unwrap(), "Will Turner");
+        let none = |_: &str| None;
+        assert_eq!(t.render(none, str::to_owned).unwrap_err(), "givenName");
+        assert!(Template::parse("cn={name").is_err());
+        assert!(Template::parse("cn={}").is_err());
+        assert!(Template::parse("a}b").is_err());
+        assert_eq!(
+            Template::parse("{{x}}")
+                .unwrap()
+                .render(none, str::to_owned)
+                .unwrap(),
+            "{x}"
+        );
+    }
+
+    #[test]
+    fn weak_fills_only_empty_targets() {
+        let mut t = Attrs::new();
+        assert!(apply(
+            Strength::Weak,
+            "fullName",
+            vec!["A".into()],
+            true,
+            &mut t
+        ));
+        assert!(!apply(
+            Strength::Weak,
+            "fullName",
+            vec!["B".into()],
+            true,
+            &mut t
+        ));
+        assert_eq!(t["fullName"], vec!["A"]);
+    }
+
+    #[test]
+    fn normal_follows_changed_sources_only() {
+        let mut t = Attrs::from([("fullName".to_owned(), vec!["local".to_owned()])]);
+        assert!(!apply(
+            Strength::Normal,
+            "fullName",
+            vec!["X".into()],
+            false,
+            &mut t
+        ));
+        assert!(apply(
+            Strength::Normal,
+            "fullName",
+            vec!["X".into()],
+            true,
+            &mut t
+        ));
+        assert_eq!(t["fullName"], vec!["X"]);
+    }
+
+    #[test]
+    fn strong_always_wins_and_removes() {
+        let mut t = Attrs::from([("fullName".to_owned(), vec!["local".to_owned()])]);
+        assert!(apply(
+            Strength::Strong,
+            "fullName",
+            vec!["X".into()],
+            false,
+            &mut t
+        ));
+        assert!(apply(Strength::Strong, "fullName", vec![], false, &mut t));
+        assert!(!t.contains_key("fullName"));
+    }
+
+    #[test]
+    fn evaluate_kinds() {
+        let look = |n: &str| match n {
+            "cn" => vec!["Jack Sparrow".to_owned()],
+            _ => vec![],
+        };
+        assert_eq!(
+            evaluate(&mapping(Strength::Normal), &look),
+            vec!["Jack Sparrow"]
+        );
+        let mut lit = mapping(Strength::Normal);
+        lit.source = None;
+        lit.value = Some("Created by IDM".into());
+        assert_eq!(evaluate(&lit, &look), vec!["Created by IDM"]);
+        let mut tpl = mapping(Strength::Normal);
+        tpl.source = None;
+        tpl.template = Some("{cn}/{missing}".into());
+        assert!(evaluate(&tpl, &look).is_empty());
+    }
+
+    #[test]
+    fn dn_values_are_escaped() {
+        assert_eq!(escape_dn_value("Smith, John"), "Smith\\, John");
+        assert_eq!(escape_dn_value(" #a+b "), "\\ #a\\+b\\ ");
+        assert_eq!(escape_dn_value("#x"), "\\#x");
+    }
+
+    proptest! {
+        /// Applying the same mapping output twice changes nothing the second time.
+        #[test]
+        fn apply_is_idempotent(values in proptest::collection::vec("[a-z]{0,4}", 0..4),
+                               changed in any::<bool>(),
+                               s in 0u8..3) {
+            let strength = [Strength::Weak, Strength::Normal, Strength::Strong][s as usize];
+            let mut t = Attrs::new();
+            apply(strength, "a", values.clone(), changed, &mut t);
+            let snapshot = t.clone();
+            prop_assert!(!apply(strength, "a", values, changed, &mut t));
+            prop_assert_eq!(snapshot, t);
+        }
+
+        /// A weak mapping never overwrites an existing value.
+        #[test]
+        fn weak_never_overwrites(existing in "[a-z]{1,4}", values in proptest::collection::vec("[a-z]{0,4}", 0..4)) {
+            let mut t = Attrs::from([("a".to_owned(), vec![existing.clone()])]);
+            apply(Strength::Weak, "a", values, true, &mut t);
+            prop_assert_eq!(&t["a"], &vec![existing]);
+        }
+    }
+}

@@ -1,0 +1,151 @@
+//! Domain objects: focus objects, shadows, source entries and the write plans
+//! that the IDM applies atomically.
+
+use std::collections::BTreeMap;
+
+/// Attribute name → values. Names are kept as configured (IDM side) or
+/// lower-cased (LDAP side, whose names are case-insensitive).
+pub type Attrs = BTreeMap<String, Vec<String>>;
+
+/// Focus object kinds.
+pub const KIND_USER: &str = "user";
+
+/// The IDM attribute that names a focus; unique per kind.
+pub const NAME_ATTRIBUTE: &str = "name";
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum FocusStatus {
+    #[default]
+    Enabled,
+    Disabled,
+}
+
+/// Why a focus should have an account on a resource.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Assignment {
+    pub resource: String,
+    pub source: String,
+}
+
+/// A focus's link to one of its shadows.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Link {
+    pub resource: String,
+    pub entry_uuid: String,
+    pub dn: String,
+}
+
+/// A user or group in the IDM.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct Focus {
+    pub id: String,
+    pub kind: String,
+    /// 0 for a focus that is not stored yet.
+    pub version: u64,
+    pub attributes: Attrs,
+    pub assignments: Vec<Assignment>,
+    pub links: Vec<Link>,
+    pub status: FocusStatus,
+}
+
+impl Focus {
+    /// The first value of `attribute`, if any.
+    pub fn first(&self, attribute: &str) -> Option<&str> {
+        self.attributes
+            .get(attribute)
+            .and_then(|v| v.first())
+            .map(String::as_str)
+    }
+
+    pub fn link_to(&self, resource: &str) -> Option<&Link> {
+        self.links.iter().find(|l| l.resource == resource)
+    }
+
+    /// Replace the link to `link.resource` (a focus has one account per resource).
+    pub fn set_link(&mut self, link: Link) {
+        self.links.retain(|l| l.resource != link.resource);
+        self.links.push(link);
+    }
+
+    pub fn remove_link(&mut self, resource: &str, entry_uuid: &str) {
+        self.links
+            .retain(|l| !(l.resource == resource && l.entry_uuid == entry_uuid));
+    }
+
+    pub fn has_assignment(&self, resource: &str) -> bool {
+        self.assignments.iter().any(|a| a.resource == resource)
+    }
+}
+
+/// The IDM's record of one entry on one resource.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct Shadow {
+    pub resource: String,
+    pub entry_uuid: String,
+    pub dn: String,
+    pub focus_id: Option<String>,
+    pub position: u64,
+    /// 0 for a shadow that is not stored yet.
+    pub version: u64,
+    pub attributes: Attrs,
+    pub situation: String,
+    pub dead: bool,
+}
+
+/// An entry as a source resource reports it: whole state or tombstone.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SourceChange {
+    pub resource: String,
+    pub entry_uuid: String,
+    pub dn: String,
+    pub kind: ChangeKind,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ChangeKind {
+    /// The whole after-image; attribute names lower-cased, values raw bytes.
+    Upsert {
+        attributes: BTreeMap<String, Vec<Vec<u8>>>,
+    },
+    Delete,
+}
+
+impl SourceChange {
+    /// Values of `attribute` (case-insensitive) as raw bytes.
+    pub fn values(&self, attribute: &str) -> &[Vec<u8>] {
+        match &self.kind {
+            ChangeKind::Upsert { attributes } => attributes
+                .get(&attribute.to_ascii_lowercase())
+                .map(Vec::as_slice)
+                .unwrap_or(&[]),
+            ChangeKind::Delete => &[],
+        }
+    }
+
+    pub fn is_delete(&self) -> bool {
+        matches!(self.kind, ChangeKind::Delete)
+    }
+}
+
+/// One write of a commit plan, conditional on the version read.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Op {
+    /// Store `focus`; its stored version must equal `expected_version` (0: absent).
+    PutFocus {
+        focus: Focus,
+        expected_version: u64,
+    },
+    DeleteFocus {
+        id: String,
+        expected_version: u64,
+    },
+    PutShadow {
+        shadow: Shadow,
+        expected_version: u64,
+    },
+    DeleteShadow {
+        resource: String,
+        entry_uuid: String,
+        expected_version: u64,
+    },
+}

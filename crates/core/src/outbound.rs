@@ -1,0 +1,256 @@
+//! The outbound half: which accounts a focus should have, their DN and
+//! attributes from outbound mappings, and the changes that bring an existing
+//! account in line.
+
+use std::collections::{BTreeMap, BTreeSet};
+
+use crate::CoreError;
+use crate::config::{Config, ResourceConfig, Strength};
+use crate::mapping::{Template, dedup_in_order, escape_dn_value, evaluate};
+use crate::model::{Attrs, Focus, FocusStatus};
+
+/// An account as idsync wants it on a resource. Attribute names lower-cased.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Account {
+    pub dn: String,
+    /// The naming attribute and its value, which must stay in the entry.
+    pub rdn: (String, String),
+    pub attributes: Attrs,
+}
+
+/// Resources on which `focus` should have an account: those it is assigned to,
+/// while it is enabled.
+pub fn wanted_resources<'a>(config: &'a Config, focus: &Focus) -> Vec<&'a ResourceConfig> {
+    if focus.status == FocusStatus::Disabled {
+        return Vec::new();
+    }
+    config
+        .resources
+        .iter()
+        .filter(|r| focus.has_assignment(&r.name) && r.dn_template.is_some())
+        .collect()
+}
+
+/// The account `focus` should have on `resource`.
+///
+/// # Errors
+/// A DN template whose attribute the focus lacks, or a malformed template.
+pub fn desired_account(resource: &ResourceConfig, focus: &Focus) -> Result<Account, CoreError> {
+    let template_text = resource
+        .dn_template
+        .as_deref()
+        .ok_or_else(|| CoreError::Config {
+            path: format!("resources ({}).dn_template", resource.name),
+            reason: "is required to create accounts".into(),
+        })?;
+    let bad = |reason: String| CoreError::BadTemplate {
+        template: template_text.to_owned(),
+        reason,
+    };
+    let template = Template::parse(template_text).map_err(|e| bad(e.reason))?;
+    let lookup = |name: &str| focus.first(name);
+    let dn = template
+        .render(lookup, escape_dn_value)
+        .map_err(|attribute| CoreError::MissingValue {
+            template: template_text.to_owned(),
+            attribute,
+        })?;
+    let first_rdn = template_text.split(',').next().unwrap_or_default();
+    let (rdn_attr, rdn_value_text) = first_rdn
+        .split_once('=')
+        .ok_or_else(|| bad("the first RDN has no '='".into()))?;
+    let rdn_value = Template::parse(rdn_value_text)
+        .map_err(|e| bad(e.reason))?
+        .render(lookup, str::to_owned)
+        .map_err(|attribute| CoreError::MissingValue {
+            template: template_text.to_owned(),
+            attribute,
+        })?;
+    let rdn = (rdn_attr.trim().to_ascii_lowercase(), rdn_value);
+
+    let mut attributes = Attrs::new();
+    attributes.insert("objectclass".into(), resource.object_classes.clone());
+    for (name, (_, values)) in mapped_values(resource, focus) {
+        if !values.is_empty() {
+            attributes.insert(name, values);
+        }
+    }
+    keep_rdn(&rdn, &mut attributes);
+    Ok(Account {
+        dn,
+        rdn,
+        attributes,
+    })
+}
+
+/// Replace-modifications (attribute, new values; empty = remove) that bring
+/// `current` (the account as read, lower-cased names) in line with `desired`,
+/// by each mapping's strength. Weak mappings only fill empty attributes.
+pub fn modifications(
+    resource: &ResourceConfig,
+    focus: &Focus,
+    desired: &Account,
+    current: &Attrs,
+) -> Vec<(String, Vec<String>)> {
+    let mut out = Vec::new();
+    for (name, (strength, _)) in mapped_values(resource, focus) {
+        let want = desired.attributes.get(&name).cloned().unwrap_or_default();
+        let have = current.get(&name).cloned().unwrap_or_default();
+        let differs = want.iter().collect::<BTreeSet<_>>() != have.iter().collect::<BTreeSet<_>>();
+        let write = match strength {
+            Strength::Weak => have.is_empty() && !want.is_empty(),
+            Strength::Normal | Strength::Strong => differs,
+        };
+        if write {
+            out.push((name, want));
+        }
+    }
+    out
+}
+
+/// Values of every outbound target, with the strongest strength of the
+/// mappings that feed it.
+fn mapped_values(
+    resource: &ResourceConfig,
+    focus: &Focus,
+) -> BTreeMap<String, (Strength, Vec<String>)> {
+    let lookup = |name: &str| focus.attributes.get(name).cloned().unwrap_or_default();
+    let mut out: BTreeMap<String, (Strength, Vec<String>)> = BTreeMap::new();
+    for m in &resource.outbound {
+        let entry = out
+            .entry(m.target.to_ascii_lowercase())
+            .or_insert((m.strength, Vec::new()));
+        entry.0 = stronger(entry.0, m.strength);
+        entry.1.extend(evaluate(m, &lookup));
+        dedup_in_order(&mut entry.1);
+    }
+    out
+}
+
+fn stronger(a: Strength, b: Strength) -> Strength {
+    let rank = |s| match s {
+        Strength::Weak => 0,
+        Strength::Normal => 1,
+        Strength::Strong => 2,
+    };
+    if rank(b) > rank(a) { b } else { a }
+}
+
+/// LDAP requires the RDN value among the naming attribute's values.
+fn keep_rdn(rdn: &(String, String), attributes: &mut Attrs) {
+    let values = attributes.entry(rdn.0.clone()).or_default();
+    if !values.iter().any(|v| v.eq_ignore_ascii_case(&rdn.1)) {
+        values.insert(0, rdn.1.clone());
+    }
+}
+
+/// As [`modifications`], with the RDN value kept in the naming attribute.
+pub fn account_modifications(
+    resource: &ResourceConfig,
+    focus: &Focus,
+    desired: &Account,
+    current: &Attrs,
+) -> Vec<(String, Vec<String>)> {
+    let mut mods = modifications(resource, focus, desired, current);
+    for (name, values) in &mut mods {
+        if *name == desired.rdn.0 {
+            let mut attrs = Attrs::from([(name.clone(), std::mem::take(values))]);
+            keep_rdn(&desired.rdn, &mut attrs);
+            *values = attrs.remove(name.as_str()).unwrap_or_default();
+        }
+    }
+    // Re-check after keeping the RDN: the change may now be a no-op.
+    mods.retain(|(name, values)| {
+        let have = current.get(name).cloned().unwrap_or_default();
+        values.iter().collect::<BTreeSet<_>>() != have.iter().collect::<BTreeSet<_>>()
+    });
+    mods
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used, clippy::expect_used)]
+mod tests {
+    use super::*;
+    use crate::model::Assignment;
+
+    fn setup() -> (Config, Focus) {
+        let cfg: Config =
+            toml::from_str(include_str!("../../../deploy/local/idsync.toml")).unwrap();
+        let focus = Focus {
+            id: "f1".into(),
+            kind: "user".into(),
+            version: 1,
+            attributes: [
+                ("name", "will"),
+                ("fullName", "Will Turner"),
+                ("familyName", "Turner"),
+                ("givenName", "Will"),
+            ]
+            .into_iter()
+            .map(|(k, v)| (k.to_owned(), vec![v.to_owned()]))
+            .collect(),
+            assignments: vec![Assignment {
+                resource: "acme".into(),
+                source: "template:default-user".into(),
+            }],
+            ..Default::default()
+        };
+        (cfg, focus)
+    }
+
+    #[test]
+    fn seed_account_on_acme() {
+        let (cfg, focus) = setup();
+        let wanted = wanted_resources(&cfg, &focus);
+        assert_eq!(wanted.len(), 1);
+        let acc = desired_account(wanted[0], &focus).unwrap();
+        assert_eq!(acc.dn, "cn=will,o=Acme");
+        assert_eq!(acc.attributes["cn"], vec!["will", "Will Turner"]);
+        assert_eq!(acc.attributes["description"], vec!["Created by IDM"]);
+        assert_eq!(acc.attributes["sn"], vec!["Turner"]);
+    }
+
+    #[test]
+    fn full_name_change_replaces_cn_keeping_the_rdn() {
+        let (cfg, mut focus) = setup();
+        let r = cfg.resource("acme").unwrap();
+        let current = desired_account(r, &focus).unwrap().attributes;
+        focus
+            .attributes
+            .insert("fullName".into(), vec!["cpt. Will Turner".into()]);
+        let desired = desired_account(r, &focus).unwrap();
+        let mods = account_modifications(r, &focus, &desired, &current);
+        assert_eq!(
+            mods,
+            vec![(
+                "cn".to_owned(),
+                vec!["will".to_owned(), "cpt. Will Turner".to_owned()]
+            )]
+        );
+        assert!(account_modifications(r, &focus, &desired, &desired.attributes).is_empty());
+    }
+
+    #[test]
+    fn escaped_dn_and_missing_name() {
+        let (cfg, mut focus) = setup();
+        let r = cfg.resource("acme").unwrap();
+        focus
+            .attributes
+            .insert("name".into(), vec!["Smith, John".into()]);
+        let acc = desired_account(r, &focus).unwrap();
+        assert_eq!(acc.dn, "cn=Smith\\, John,o=Acme");
+        assert_eq!(acc.rdn.1, "Smith, John");
+        focus.attributes.remove("name");
+        assert!(matches!(
+            desired_account(r, &focus),
+            Err(CoreError::MissingValue { .. })
+        ));
+    }
+
+    #[test]
+    fn disabled_focus_wants_no_account() {
+        let (cfg, mut focus) = setup();
+        focus.status = FocusStatus::Disabled;
+        assert!(wanted_resources(&cfg, &focus).is_empty());
+    }
+}
