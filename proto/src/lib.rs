@@ -1,10 +1,14 @@
-//! The protobuf schema of idsync's bus messages and of the IDM's gRPC API.
-
-#![allow(missing_docs, clippy::all, missing_debug_implementations)]
+//! The protobuf schema of idsync's bus messages and of the IDM's gRPC API,
+//! and the conversions between its messages and the domain types.
 
 /// Version of the bus message schema this build writes and understands.
 pub const SCHEMA_VERSION: u32 = 1;
 
+#[allow(missing_docs, clippy::all, clippy::unwrap_used, missing_debug_implementations)]
 pub mod v1 {
     tonic::include_proto!("idsync.v1");
 }
+
+mod convert;
+
+pub use convert::{check_version, ConvertError};

@@ -1,0 +1,15 @@
+//! Real throwaway servers (nats-server, slapd) on free loopback ports, for tests and the quick start.
+//!
+//! Every server binds only `127.0.0.1`, keeps its files in one directory
+//! (temporary unless the caller names one) and is killed when dropped.
+
+mod error;
+mod nats;
+mod process;
+mod slapd;
+mod wait;
+
+pub use error::TestkitError;
+pub use nats::NatsServer;
+pub use slapd::{Slapd, SlapdOptions};
+pub use wait::{eventually, free_port};
