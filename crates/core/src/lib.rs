@@ -7,6 +7,7 @@ pub mod inbound;
 pub mod mapping;
 pub mod model;
 pub mod outbound;
+pub mod secret;
 pub mod situation;
 
 pub use error::CoreError;
