@@ -1,1 +1,563 @@
-//! idsync-store
+//! The IDM's embedded on-disk store (redb): focus objects, shadows and the
+//! transactional outbox, with compare-and-swap commits.
+//!
+//! Every commit is one redb write transaction: its preconditions are checked,
+//! its writes applied and one outbox record per focus change appended, all or
+//! nothing. The outbox is drained to JetStream by the IDM service, so no
+//! committed change is lost between commit and publish.
+
+use std::path::Path;
+use std::sync::Arc;
+
+use prost::Message;
+use redb::{Database, ReadableDatabase, ReadableTable, TableDefinition};
+
+use idsync_proto::v1;
+
+const FOCUS: TableDefinition<&str, &[u8]> = TableDefinition::new("focus");
+/// `<kind>\0<name>` → focus id; names are unique per kind.
+const FOCUS_NAME: TableDefinition<&str, &str> = TableDefinition::new("focus_name");
+/// `<resource>\0<entry uuid>` → shadow.
+const SHADOW: TableDefinition<&str, &[u8]> = TableDefinition::new("shadow");
+/// outbox sequence → encoded `FocusChange`.
+const OUTBOX: TableDefinition<u64, &[u8]> = TableDefinition::new("outbox");
+const META: TableDefinition<&str, u64> = TableDefinition::new("meta");
+const NEXT_OUTBOX: &str = "next_outbox_seq";
+
+/// The IDM attribute that names a focus.
+const NAME: &str = "name";
+
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    #[error("store at {path}: {reason}")]
+    Open { path: String, reason: String },
+    #[error("store: {0}")]
+    Db(String),
+    #[error("store: a stored record does not decode: {0}")]
+    Corrupt(String),
+    /// A precondition of the commit did not hold: someone wrote first.
+    #[error("version conflict on {object}: expected version {expected}, found {found}")]
+    Conflict {
+        object: String,
+        expected: u64,
+        found: u64,
+    },
+    #[error("{kind} name {name:?} is already taken by {holder}")]
+    NameTaken {
+        kind: String,
+        name: String,
+        holder: String,
+    },
+    #[error("invalid operation {index}: {reason}")]
+    Invalid { index: usize, reason: String },
+}
+
+fn db<E: Into<redb::Error>>(e: E) -> StoreError {
+    StoreError::Db(e.into().to_string())
+}
+
+fn decode<M: Message + Default>(bytes: &[u8]) -> Result<M, StoreError> {
+    M::decode(bytes).map_err(|e| StoreError::Corrupt(e.to_string()))
+}
+
+fn shadow_key(resource: &str, entry_uuid: &str) -> String {
+    format!("{resource}\0{entry_uuid}")
+}
+
+fn name_key(kind: &str, name: &str) -> String {
+    format!("{kind}\0{name}")
+}
+
+fn focus_name(f: &v1::Focus) -> Option<&str> {
+    f.attributes
+        .get(NAME)
+        .and_then(|v| v.values.first())
+        .map(String::as_str)
+}
+
+/// Cheap to clone; all clones share one database.
+#[derive(Clone, Debug)]
+pub struct Store {
+    db: Arc<Database>,
+}
+
+impl Store {
+    /// Opens (or creates) the store in `dir`.
+    ///
+    /// # Errors
+    /// The directory cannot be created, or the database cannot be opened
+    /// (for example because another process holds it).
+    pub fn open(dir: &Path) -> Result<Self, StoreError> {
+        let open_err = |reason: String| StoreError::Open {
+            path: dir.display().to_string(),
+            reason,
+        };
+        std::fs::create_dir_all(dir).map_err(|e| open_err(e.to_string()))?;
+        let database =
+            Database::create(dir.join("idm.redb")).map_err(|e| open_err(e.to_string()))?;
+        let txn = database.begin_write().map_err(|e| open_err(e.to_string()))?;
+        {
+            txn.open_table(FOCUS).map_err(db)?;
+            txn.open_table(FOCUS_NAME).map_err(db)?;
+            txn.open_table(SHADOW).map_err(db)?;
+            txn.open_table(OUTBOX).map_err(db)?;
+            txn.open_table(META).map_err(db)?;
+        }
+        txn.commit().map_err(db)?;
+        Ok(Self {
+            db: Arc::new(database),
+        })
+    }
+
+    pub fn get_focus(&self, id: &str) -> Result<Option<v1::Focus>, StoreError> {
+        let txn = self.db.begin_read().map_err(db)?;
+        let table = txn.open_table(FOCUS).map_err(db)?;
+        table
+            .get(id)
+            .map_err(db)?
+            .map(|v| decode(v.value()))
+            .transpose()
+    }
+
+    /// Focus objects of `kind` whose `attribute` holds `value`. `name` is
+    /// answered from its unique index; other attributes by a scan.
+    pub fn find_focus(
+        &self,
+        kind: &str,
+        attribute: &str,
+        value: &str,
+    ) -> Result<Vec<v1::Focus>, StoreError> {
+        let txn = self.db.begin_read().map_err(db)?;
+        let focus = txn.open_table(FOCUS).map_err(db)?;
+        if attribute == NAME {
+            let names = txn.open_table(FOCUS_NAME).map_err(db)?;
+            let Some(id) = names.get(name_key(kind, value).as_str()).map_err(db)? else {
+                return Ok(Vec::new());
+            };
+            let id = id.value().to_owned();
+            return Ok(focus
+                .get(id.as_str())
+                .map_err(db)?
+                .map(|v| decode(v.value()))
+                .transpose()?
+                .into_iter()
+                .collect());
+        }
+        let mut out = Vec::new();
+        for row in focus.iter().map_err(db)? {
+            let (_, v) = row.map_err(db)?;
+            let f: v1::Focus = decode(v.value())?;
+            if f.kind == kind
+                && f
+                    .attributes
+                    .get(attribute)
+                    .is_some_and(|vals| vals.values.iter().any(|x| x == value))
+            {
+                out.push(f);
+            }
+        }
+        Ok(out)
+    }
+
+    /// Up to `limit` focus objects of `kind` (all kinds when empty) with ids after `after_id`.
+    pub fn list_focus(
+        &self,
+        kind: &str,
+        after_id: &str,
+        limit: usize,
+    ) -> Result<Vec<v1::Focus>, StoreError> {
+        let txn = self.db.begin_read().map_err(db)?;
+        let table = txn.open_table(FOCUS).map_err(db)?;
+        let mut out = Vec::new();
+        for row in table.range(after_id..).map_err(db)? {
+            let (k, v) = row.map_err(db)?;
+            if k.value() == after_id {
+                continue;
+            }
+            let f: v1::Focus = decode(v.value())?;
+            if kind.is_empty() || f.kind == kind {
+                out.push(f);
+                if out.len() >= limit {
+                    break;
+                }
+            }
+        }
+        Ok(out)
+    }
+
+    pub fn get_shadow(
+        &self,
+        resource: &str,
+        entry_uuid: &str,
+    ) -> Result<Option<v1::Shadow>, StoreError> {
+        let txn = self.db.begin_read().map_err(db)?;
+        let table = txn.open_table(SHADOW).map_err(db)?;
+        table
+            .get(shadow_key(resource, entry_uuid).as_str())
+            .map_err(db)?
+            .map(|v| decode(v.value()))
+            .transpose()
+    }
+
+    /// Up to `limit` shadows of `resource` with entry UUIDs after `after`.
+    pub fn list_shadows(
+        &self,
+        resource: &str,
+        after: &str,
+        limit: usize,
+    ) -> Result<Vec<v1::Shadow>, StoreError> {
+        let txn = self.db.begin_read().map_err(db)?;
+        let table = txn.open_table(SHADOW).map_err(db)?;
+        let start = shadow_key(resource, after);
+        let prefix = format!("{resource}\0");
+        let mut out = Vec::new();
+        for row in table.range(start.as_str()..).map_err(db)? {
+            let (k, v) = row.map_err(db)?;
+            if !k.value().starts_with(&prefix) {
+                break;
+            }
+            if k.value() == start {
+                continue;
+            }
+            out.push(decode(v.value())?);
+            if out.len() >= limit {
+                break;
+            }
+        }
+        Ok(out)
+    }
+
+    /// Applies `ops` atomically: every precondition holds and every write is
+    /// made, or nothing is. Returns the new version of each object written
+    /// (0 for deletions), in order.
+    ///
+    /// # Errors
+    /// [`StoreError::Conflict`] when a stored version differs from the one the
+    /// operation expects, [`StoreError::NameTaken`] when a focus would take
+    /// another's name, [`StoreError::Invalid`] for an operation without its object.
+    pub fn commit(&self, ops: &[v1::Operation], origin: &str) -> Result<Vec<u64>, StoreError> {
+        use v1::operation::Op;
+        let txn = self.db.begin_write().map_err(db)?;
+        let mut versions = Vec::with_capacity(ops.len());
+        {
+            let mut focus_t = txn.open_table(FOCUS).map_err(db)?;
+            let mut names = txn.open_table(FOCUS_NAME).map_err(db)?;
+            let mut shadows = txn.open_table(SHADOW).map_err(db)?;
+            let mut outbox = txn.open_table(OUTBOX).map_err(db)?;
+            let mut meta = txn.open_table(META).map_err(db)?;
+            let mut next_seq = meta
+                .get(NEXT_OUTBOX)
+                .map_err(db)?
+                .map_or(1, |v| v.value());
+
+            for (index, op) in ops.iter().enumerate() {
+                let invalid = |reason: &str| StoreError::Invalid {
+                    index,
+                    reason: reason.to_owned(),
+                };
+                match op.op.as_ref() {
+                    Some(Op::PutFocus(put)) => {
+                        let mut focus = put.focus.clone().ok_or_else(|| invalid("put_focus without a focus"))?;
+                        if focus.id.is_empty() || focus.kind.is_empty() {
+                            return Err(invalid("a focus needs an id and a kind"));
+                        }
+                        let current: Option<v1::Focus> = focus_t
+                            .get(focus.id.as_str())
+                            .map_err(db)?
+                            .map(|v| decode(v.value()))
+                            .transpose()?;
+                        let found = current.as_ref().map_or(0, |f| f.version);
+                        if found != put.expected_version {
+                            return Err(StoreError::Conflict {
+                                object: format!("focus {}", focus.id),
+                                expected: put.expected_version,
+                                found,
+                            });
+                        }
+                        let old_name = current.as_ref().and_then(focus_name).map(str::to_owned);
+                        let new_name = focus_name(&focus).map(str::to_owned);
+                        if old_name != new_name {
+                            if let Some(n) = &new_name {
+                                let key = name_key(&focus.kind, n);
+                                if let Some(holder) = names.get(key.as_str()).map_err(db)? {
+                                    if holder.value() != focus.id {
+                                        return Err(StoreError::NameTaken {
+                                            kind: focus.kind.clone(),
+                                            name: n.clone(),
+                                            holder: holder.value().to_owned(),
+                                        });
+                                    }
+                                }
+                                names.insert(key.as_str(), focus.id.as_str()).map_err(db)?;
+                            }
+                            if let Some(n) = &old_name {
+                                names.remove(name_key(&focus.kind, n).as_str()).map_err(db)?;
+                            }
+                        }
+                        focus.version = found + 1;
+                        focus_t
+                            .insert(focus.id.as_str(), focus.encode_to_vec().as_slice())
+                            .map_err(db)?;
+                        versions.push(focus.version);
+                        let change = v1::FocusChange {
+                            schema_version: idsync_proto::SCHEMA_VERSION,
+                            outbox_seq: next_seq,
+                            focus_id: focus.id.clone(),
+                            focus: Some(focus),
+                            deleted: false,
+                            origin_resource: origin.to_owned(),
+                        };
+                        outbox.insert(next_seq, change.encode_to_vec().as_slice()).map_err(db)?;
+                        next_seq += 1;
+                    }
+                    Some(Op::DeleteFocus(del)) => {
+                        let current: Option<v1::Focus> = focus_t
+                            .get(del.id.as_str())
+                            .map_err(db)?
+                            .map(|v| decode(v.value()))
+                            .transpose()?;
+                        let found = current.as_ref().map_or(0, |f| f.version);
+                        if found != del.expected_version || current.is_none() {
+                            return Err(StoreError::Conflict {
+                                object: format!("focus {}", del.id),
+                                expected: del.expected_version,
+                                found,
+                            });
+                        }
+                        let Some(last) = current else {
+                            return Err(invalid("unreachable: focus checked above"));
+                        };
+                        if let Some(n) = focus_name(&last) {
+                            names.remove(name_key(&last.kind, n).as_str()).map_err(db)?;
+                        }
+                        focus_t.remove(del.id.as_str()).map_err(db)?;
+                        versions.push(0);
+                        let change = v1::FocusChange {
+                            schema_version: idsync_proto::SCHEMA_VERSION,
+                            outbox_seq: next_seq,
+                            focus_id: del.id.clone(),
+                            focus: Some(last),
+                            deleted: true,
+                            origin_resource: origin.to_owned(),
+                        };
+                        outbox.insert(next_seq, change.encode_to_vec().as_slice()).map_err(db)?;
+                        next_seq += 1;
+                    }
+                    Some(Op::PutShadow(put)) => {
+                        let mut shadow = put.shadow.clone().ok_or_else(|| invalid("put_shadow without a shadow"))?;
+                        if shadow.resource.is_empty() || shadow.entry_uuid.is_empty() {
+                            return Err(invalid("a shadow needs a resource and an entry uuid"));
+                        }
+                        let key = shadow_key(&shadow.resource, &shadow.entry_uuid);
+                        let found = shadows
+                            .get(key.as_str())
+                            .map_err(db)?
+                            .map(|v| decode::<v1::Shadow>(v.value()))
+                            .transpose()?
+                            .map_or(0, |s| s.version);
+                        if found != put.expected_version {
+                            return Err(StoreError::Conflict {
+                                object: format!("shadow {}/{}", shadow.resource, shadow.entry_uuid),
+                                expected: put.expected_version,
+                                found,
+                            });
+                        }
+                        shadow.version = found + 1;
+                        shadows
+                            .insert(key.as_str(), shadow.encode_to_vec().as_slice())
+                            .map_err(db)?;
+                        versions.push(shadow.version);
+                    }
+                    Some(Op::DeleteShadow(del)) => {
+                        let k = del.key.as_ref().ok_or_else(|| invalid("delete_shadow without a key"))?;
+                        let key = shadow_key(&k.resource, &k.entry_uuid);
+                        let found = shadows
+                            .get(key.as_str())
+                            .map_err(db)?
+                            .map(|v| decode::<v1::Shadow>(v.value()))
+                            .transpose()?
+                            .map_or(0, |s| s.version);
+                        if found != del.expected_version || found == 0 {
+                            return Err(StoreError::Conflict {
+                                object: format!("shadow {}/{}", k.resource, k.entry_uuid),
+                                expected: del.expected_version,
+                                found,
+                            });
+                        }
+                        shadows.remove(key.as_str()).map_err(db)?;
+                        versions.push(0);
+                    }
+                    None => return Err(invalid("operation is empty")),
+                }
+            }
+            meta.insert(NEXT_OUTBOX, next_seq).map_err(db)?;
+        }
+        txn.commit().map_err(db)?;
+        Ok(versions)
+    }
+
+    /// The oldest `limit` outbox records, in commit order.
+    pub fn outbox_batch(&self, limit: usize) -> Result<Vec<(u64, Vec<u8>)>, StoreError> {
+        let txn = self.db.begin_read().map_err(db)?;
+        let table = txn.open_table(OUTBOX).map_err(db)?;
+        let mut out = Vec::new();
+        for row in table.iter().map_err(db)?.take(limit) {
+            let (k, v) = row.map_err(db)?;
+            out.push((k.value(), v.value().to_vec()));
+        }
+        Ok(out)
+    }
+
+    /// Removes outbox records up to and including `seq`, once published.
+    pub fn outbox_remove_through(&self, seq: u64) -> Result<(), StoreError> {
+        let txn = self.db.begin_write().map_err(db)?;
+        {
+            let mut table = txn.open_table(OUTBOX).map_err(db)?;
+            table.retain_in(..=seq, |_, _| false).map_err(db)?;
+        }
+        txn.commit().map_err(db)
+    }
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used, clippy::expect_used)]
+mod tests {
+    use super::*;
+    use v1::operation::Op;
+
+    fn user(id: &str, name: &str) -> v1::Focus {
+        v1::Focus {
+            id: id.into(),
+            kind: "user".into(),
+            attributes: [(
+                "name".to_owned(),
+                v1::Values {
+                    values: vec![name.into()],
+                },
+            )]
+            .into(),
+            ..Default::default()
+        }
+    }
+
+    fn put_focus(f: v1::Focus, expected: u64) -> v1::Operation {
+        v1::Operation {
+            op: Some(Op::PutFocus(v1::PutFocus {
+                focus: Some(f),
+                expected_version: expected,
+            })),
+        }
+    }
+
+    fn put_shadow(uuid: &str, expected: u64) -> v1::Operation {
+        v1::Operation {
+            op: Some(Op::PutShadow(v1::PutShadow {
+                shadow: Some(v1::Shadow {
+                    resource: "hr".into(),
+                    entry_uuid: uuid.into(),
+                    ..Default::default()
+                }),
+                expected_version: expected,
+            })),
+        }
+    }
+
+    #[test]
+    fn state_survives_reopen() {
+        let dir = tempfile::tempdir().unwrap();
+        {
+            let s = Store::open(dir.path()).unwrap();
+            s.commit(&[put_focus(user("f1", "jack"), 0), put_shadow("u1", 0)], "hr")
+                .unwrap();
+        }
+        let s = Store::open(dir.path()).unwrap();
+        assert_eq!(s.get_focus("f1").unwrap().unwrap().version, 1);
+        assert_eq!(s.get_shadow("hr", "u1").unwrap().unwrap().version, 1);
+        assert_eq!(s.find_focus("user", "name", "jack").unwrap().len(), 1);
+        assert_eq!(s.outbox_batch(10).unwrap().len(), 1);
+    }
+
+    #[test]
+    fn a_stale_version_fails_the_whole_commit() {
+        let dir = tempfile::tempdir().unwrap();
+        let s = Store::open(dir.path()).unwrap();
+        s.commit(&[put_focus(user("f1", "jack"), 0)], "").unwrap();
+        // Second writer read version 0 too: its commit must change nothing.
+        let err = s
+            .commit(&[put_shadow("u1", 0), put_focus(user("f1", "jack"), 0)], "")
+            .unwrap_err();
+        assert!(matches!(err, StoreError::Conflict { expected: 0, found: 1, .. }), "{err}");
+        assert!(s.get_shadow("hr", "u1").unwrap().is_none());
+        assert_eq!(s.outbox_batch(10).unwrap().len(), 1);
+    }
+
+    #[test]
+    fn two_creations_of_one_shadow_cannot_both_win() {
+        let dir = tempfile::tempdir().unwrap();
+        let s = Store::open(dir.path()).unwrap();
+        s.commit(&[put_shadow("u1", 0), put_focus(user("f1", "jack"), 0)], "")
+            .unwrap();
+        let err = s
+            .commit(&[put_shadow("u1", 0), put_focus(user("f2", "jack2"), 0)], "")
+            .unwrap_err();
+        assert!(matches!(err, StoreError::Conflict { .. }));
+        assert!(s.get_focus("f2").unwrap().is_none());
+    }
+
+    #[test]
+    fn names_are_unique_per_kind() {
+        let dir = tempfile::tempdir().unwrap();
+        let s = Store::open(dir.path()).unwrap();
+        s.commit(&[put_focus(user("f1", "jack"), 0)], "").unwrap();
+        let err = s.commit(&[put_focus(user("f2", "jack"), 0)], "").unwrap_err();
+        assert!(matches!(err, StoreError::NameTaken { ref holder, .. } if holder == "f1"), "{err}");
+        // Renaming frees the old name.
+        s.commit(&[put_focus(user("f1", "jacky"), 1)], "").unwrap();
+        s.commit(&[put_focus(user("f2", "jack"), 0)], "").unwrap();
+        assert_eq!(s.find_focus("user", "name", "jacky").unwrap()[0].id, "f1");
+    }
+
+    #[test]
+    fn delete_writes_a_tombstone_to_the_outbox() {
+        let dir = tempfile::tempdir().unwrap();
+        let s = Store::open(dir.path()).unwrap();
+        s.commit(&[put_focus(user("f1", "jack"), 0)], "").unwrap();
+        let del = v1::Operation {
+            op: Some(Op::DeleteFocus(v1::DeleteFocus {
+                id: "f1".into(),
+                expected_version: 1,
+            })),
+        };
+        s.commit(&[del], "hr").unwrap();
+        assert!(s.get_focus("f1").unwrap().is_none());
+        assert!(s.find_focus("user", "name", "jack").unwrap().is_empty());
+        let batch = s.outbox_batch(10).unwrap();
+        let last = v1::FocusChange::decode(batch[1].1.as_slice()).unwrap();
+        assert!(last.deleted);
+        assert_eq!(last.origin_resource, "hr");
+        s.outbox_remove_through(batch[1].0).unwrap();
+        assert!(s.outbox_batch(10).unwrap().is_empty());
+    }
+
+    #[test]
+    fn list_pages_in_id_order() {
+        let dir = tempfile::tempdir().unwrap();
+        let s = Store::open(dir.path()).unwrap();
+        for i in 0..5 {
+            s.commit(&[put_focus(user(&format!("f{i}"), &format!("n{i}")), 0)], "")
+                .unwrap();
+        }
+        let first = s.list_focus("user", "", 2).unwrap();
+        assert_eq!(first.iter().map(|f| f.id.as_str()).collect::<Vec<_>>(), ["f0", "f1"]);
+        let next = s.list_focus("user", "f1", 10).unwrap();
+        assert_eq!(next.len(), 3);
+    }
+
+    #[test]
+    fn a_second_open_of_the_same_store_is_refused_clearly() {
+        let dir = tempfile::tempdir().unwrap();
+        let _s = Store::open(dir.path()).unwrap();
+        let err = Store::open(dir.path()).unwrap_err().to_string();
+        assert!(err.contains(&dir.path().display().to_string()), "{err}");
+    }
+}
