@@ -1,1 +1,243 @@
-//! idsync-runtime
+//! What every idsync binary does the same way: load and check the
+//! configuration, resolve secrets, start tracing, and turn SIGINT/SIGTERM into
+//! one cancellation token. Written once so no service copies it.
+
+use std::future::Future;
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+use std::sync::Arc;
+
+use idsync_core::config::{Config, ResourceConfig};
+use idsync_core::secret::Secret;
+use tokio_util::sync::CancellationToken;
+
+/// Environment variable naming the configuration file.
+pub const CONFIG_ENV: &str = "IDSYNC_CONFIG";
+/// Overrides `nats.url`.
+pub const NATS_URL_ENV: &str = "IDSYNC_NATS_URL";
+/// Overrides `idm.url`.
+pub const IDM_URL_ENV: &str = "IDSYNC_IDM_URL";
+/// `json` for JSON logs (Kubernetes); anything else for human logs.
+pub const LOG_FORMAT_ENV: &str = "IDSYNC_LOG_FORMAT";
+
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("configuration {path}: cannot read: {reason}")]
+    Read { path: String, reason: String },
+    #[error("configuration {path}: {reason}")]
+    Parse { path: String, reason: String },
+    #[error("configuration {path} is invalid:\n{}", .problems.iter().map(|p| format!("  - {p}")).collect::<Vec<_>>().join("\n"))]
+    Invalid { path: String, problems: Vec<String> },
+    #[error("resource {resource:?}: bind password: {reason}")]
+    Secret { resource: String, reason: String },
+}
+
+/// Reads, parses and validates the configuration at `path`, then applies the
+/// environment overrides.
+///
+/// # Errors
+/// The file cannot be read, does not parse (the message names line and
+/// column), or fails validation (every problem is listed with its field path).
+pub fn load_config(path: &Path) -> Result<Config, ConfigError> {
+    let shown = path.display().to_string();
+    let text = std::fs::read_to_string(path).map_err(|e| ConfigError::Read {
+        path: shown.clone(),
+        reason: e.to_string(),
+    })?;
+    let mut config = parse_config(&text, &shown)?;
+    if let Ok(url) = std::env::var(NATS_URL_ENV) {
+        config.nats.url = url;
+    }
+    if let Ok(url) = std::env::var(IDM_URL_ENV) {
+        config.idm.url = url;
+    }
+    Ok(config)
+}
+
+/// Parses and validates configuration text; `origin` names it in errors.
+///
+/// # Errors
+/// As [`load_config`].
+pub fn parse_config(text: &str, origin: &str) -> Result<Config, ConfigError> {
+    let config: Config = toml::from_str(text).map_err(|e| ConfigError::Parse {
+        path: origin.to_owned(),
+        reason: e.to_string().trim_end().to_owned(),
+    })?;
+    let problems: Vec<String> = config.validate().iter().map(ToString::to_string).collect();
+    if !problems.is_empty() {
+        return Err(ConfigError::Invalid {
+            path: origin.to_owned(),
+            problems,
+        });
+    }
+    Ok(config)
+}
+
+/// The bind password of `resource`, from its file or environment variable.
+///
+/// # Errors
+/// Neither is configured, the file cannot be read, or the variable is unset.
+/// The message never contains the password.
+pub fn bind_password(resource: &ResourceConfig) -> Result<Secret, ConfigError> {
+    let err = |reason: String| ConfigError::Secret {
+        resource: resource.name.clone(),
+        reason,
+    };
+    if let Some(file) = &resource.bind_password_file {
+        let text = std::fs::read_to_string(file)
+            .map_err(|e| err(format!("cannot read bind_password_file {file}: {e}")))?;
+        return Ok(Secret::new(text.trim_end_matches(['\n', '\r'])));
+    }
+    if let Some(var) = &resource.bind_password_env {
+        return std::env::var(var)
+            .map(Secret::new)
+            .map_err(|_| err(format!("environment variable {var} (bind_password_env) is not set")));
+    }
+    Err(err(
+        "set bind_password_file or bind_password_env".to_owned(),
+    ))
+}
+
+/// Starts tracing: JSON when `IDSYNC_LOG_FORMAT=json`, human-readable
+/// otherwise; the filter comes from `RUST_LOG` (default `info`).
+pub fn init_tracing() {
+    use tracing_subscriber::EnvFilter;
+    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
+    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_target(false);
+    let json = std::env::var(LOG_FORMAT_ENV).is_ok_and(|v| v == "json");
+    // A second initialisation (tests, the all-in-one runner) is harmless.
+    let _ = if json {
+        builder.json().try_init()
+    } else {
+        builder.try_init()
+    };
+}
+
+/// A token cancelled at the first SIGINT or SIGTERM.
+pub fn shutdown_on_signal() -> CancellationToken {
+    let token = CancellationToken::new();
+    let child = token.clone();
+    tokio::spawn(async move {
+        wait_for_signal().await;
+        tracing::info!("shutdown requested; draining");
+        child.cancel();
+    });
+    token
+}
+
+async fn wait_for_signal() {
+    #[cfg(unix)]
+    {
+        use tokio::signal::unix::{signal, SignalKind};
+        match signal(SignalKind::terminate()) {
+            Ok(mut term) => {
+                tokio::select! {
+                    _ = tokio::signal::ctrl_c() => {}
+                    _ = term.recv() => {}
+                }
+            }
+            Err(_) => {
+                let _ = tokio::signal::ctrl_c().await;
+            }
+        }
+    }
+    #[cfg(not(unix))]
+    {
+        let _ = tokio::signal::ctrl_c().await;
+    }
+}
+
+/// The configuration path from `--config <path>` or `IDSYNC_CONFIG`.
+pub fn config_path_from_args() -> Option<PathBuf> {
+    let mut args = std::env::args().skip(1);
+    while let Some(a) = args.next() {
+        if a == "--config" {
+            return args.next().map(PathBuf::from);
+        }
+        if let Some(p) = a.strip_prefix("--config=") {
+            return Some(PathBuf::from(p));
+        }
+    }
+    std::env::var_os(CONFIG_ENV).map(PathBuf::from)
+}
+
+/// The whole `main` of a service binary: tracing, configuration, signals,
+/// then `run`; a failure becomes one line on stderr and exit code 1 (2 for
+/// a configuration problem).
+pub async fn service_main<F, Fut, E>(name: &str, run: F) -> ExitCode
+where
+    F: FnOnce(Arc<Config>, CancellationToken) -> Fut,
+    Fut: Future<Output = Result<(), E>>,
+    E: std::fmt::Display,
+{
+    init_tracing();
+    let Some(path) = config_path_from_args() else {
+        eprintln!("idsync-{name}: no configuration: pass --config <file> or set {CONFIG_ENV}");
+        return ExitCode::from(2);
+    };
+    let config = match load_config(&path) {
+        Ok(c) => Arc::new(c),
+        Err(e) => {
+            eprintln!("idsync-{name}: {e}");
+            return ExitCode::from(2);
+        }
+    };
+    let shutdown = shutdown_on_signal();
+    tracing::info!(service = name, config = %path.display(), "starting");
+    match run(config, shutdown).await {
+        Ok(()) => {
+            tracing::info!(service = name, "stopped");
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            tracing::error!(service = name, error = %e, "stopped on an error");
+            eprintln!("idsync-{name}: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used, clippy::expect_used)]
+mod tests {
+    use super::*;
+
+    const EXAMPLE: &str = include_str!("../../../deploy/local/idsync.toml");
+
+    #[test]
+    fn parse_errors_name_the_file_and_line() {
+        let text = EXAMPLE.replace("live_sync = true", "live_sync = yes");
+        let err = parse_config(&text, "idsync.toml").unwrap_err().to_string();
+        assert!(err.starts_with("configuration idsync.toml:"), "{err}");
+        assert!(err.contains("line"), "{err}");
+    }
+
+    #[test]
+    fn validation_problems_are_all_listed() {
+        let text = EXAMPLE
+            .replace("version = 1", "version = 9")
+            .replace("assignments = [\"acme\"]", "assignments = [\"nope\"]");
+        let err = parse_config(&text, "x.toml").unwrap_err().to_string();
+        assert!(err.contains("version: is 9"), "{err}");
+        assert!(err.contains("assignments[0]"), "{err}");
+    }
+
+    #[test]
+    fn password_from_file_is_trimmed_and_never_shown() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("pw");
+        std::fs::write(&file, "s3cret\n").unwrap();
+        let mut config = parse_config(EXAMPLE, "x").unwrap();
+        let r = &mut config.resources[0];
+        r.bind_password_env = None;
+        r.bind_password_file = Some(file.display().to_string());
+        assert_eq!(bind_password(r).unwrap().expose(), "s3cret");
+        r.bind_password_file = Some("/nonexistent/pw".into());
+        let err = bind_password(r).unwrap_err().to_string();
+        assert!(err.contains("/nonexistent/pw") && err.contains("\"hr\""), "{err}");
+        r.bind_password_file = None;
+        r.bind_password_env = Some("IDSYNC_TEST_SURELY_UNSET".into());
+        let err = bind_password(r).unwrap_err().to_string();
+        assert!(err.contains("IDSYNC_TEST_SURELY_UNSET"), "{err}");
+    }
+}
