@@ -4,11 +4,16 @@
 /// Version of the bus message schema this build writes and understands.
 pub const SCHEMA_VERSION: u32 = 1;
 
-#[allow(missing_docs, clippy::all, clippy::unwrap_used, missing_debug_implementations)]
+#[allow(
+    missing_docs,
+    clippy::all,
+    clippy::unwrap_used,
+    missing_debug_implementations
+)]
 pub mod v1 {
     tonic::include_proto!("idsync.v1");
 }
 
 mod convert;
 
-pub use convert::{check_version, ConvertError};
+pub use convert::{ConvertError, check_version};

@@ -1,1 +1,9 @@
-fn main() {}
+//! End-to-end scenarios: the whole pipeline on real servers (NATS JetStream,
+//! two OpenLDAP directories, the IDM over gRPC), as `idsync dev up` runs it.
+
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+
+mod poison;
+mod restart;
+mod seed_scenarios;
+mod support;

@@ -241,13 +241,13 @@ impl Config {
                 }
             }
             for (situation, reaction) in &r.reactions {
-                if let Some(t) = &reaction.template {
-                    if !template_names.contains(t.as_str()) {
-                        err(
-                            format!("{at}.reactions.{situation}.template"),
-                            format!("names template {t:?}, which is not defined"),
-                        );
-                    }
+                if let Some(t) = &reaction.template
+                    && !template_names.contains(t.as_str())
+                {
+                    err(
+                        format!("{at}.reactions.{situation}.template"),
+                        format!("names template {t:?}, which is not defined"),
+                    );
                 }
                 if !reaction.action.fits(*situation) {
                     err(
@@ -318,7 +318,7 @@ fn valid_name(name: &str) -> bool {
 }
 
 #[cfg(test)]
-#[allow(clippy::unwrap_used, clippy::expect_used)]
+#[allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 mod tests {
     use super::*;
 

@@ -48,12 +48,12 @@ pub fn plan(
     new_focus_id: &str,
 ) -> Result<Outcome, CoreError> {
     let resource = config.resource(&change.resource)?;
-    if let Some(shadow) = state.shadow {
-        if shadow.position >= change_seq {
-            return Ok(Outcome::Stale {
-                shadow_position: shadow.position,
-            });
-        }
+    if let Some(shadow) = state.shadow
+        && shadow.position >= change_seq
+    {
+        return Ok(Outcome::Stale {
+            shadow_position: shadow.position,
+        });
     }
     let Some(situation) = state.situation else {
         return Ok(Outcome::Ignored);
@@ -307,7 +307,7 @@ pub fn apply_template(template: &ObjectTemplate, before: &Attrs, focus: &mut Foc
 }
 
 #[cfg(test)]
-#[allow(clippy::unwrap_used, clippy::expect_used)]
+#[allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 mod tests {
     use super::*;
     use crate::model::ChangeKind;

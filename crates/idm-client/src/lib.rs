@@ -6,12 +6,12 @@
 use std::time::Duration;
 
 use idsync_core::config::Config;
-use idsync_core::model::{Focus, Op, Shadow, SourceChange, KIND_USER};
-use idsync_core::situation::{situation, Situation};
+use idsync_core::model::{Focus, KIND_USER, Op, Shadow, SourceChange};
+use idsync_core::situation::{Situation, situation};
 use idsync_proto::v1;
 use idsync_proto::v1::idm_client::IdmClient as Raw;
-use tonic::transport::{Channel, Endpoint};
 use tonic::Code;
+use tonic::transport::{Channel, Endpoint};
 
 #[derive(Debug, thiserror::Error)]
 pub enum IdmError {
@@ -40,9 +40,11 @@ impl From<tonic::Status> for IdmError {
         let message = s.message().to_owned();
         match s.code() {
             Code::Aborted => IdmError::Conflict(message),
-            Code::Unavailable | Code::DeadlineExceeded | Code::ResourceExhausted | Code::Cancelled | Code::Unknown => {
-                IdmError::Unavailable(message)
-            }
+            Code::Unavailable
+            | Code::DeadlineExceeded
+            | Code::ResourceExhausted
+            | Code::Cancelled
+            | Code::Unknown => IdmError::Unavailable(message),
             code => IdmError::Rejected { code, message },
         }
     }
@@ -82,7 +84,12 @@ impl IdmClient {
         }
     }
 
-    pub async fn find_focus(&self, kind: &str, attribute: &str, value: &str) -> Result<Vec<Focus>, IdmError> {
+    pub async fn find_focus(
+        &self,
+        kind: &str,
+        attribute: &str,
+        value: &str,
+    ) -> Result<Vec<Focus>, IdmError> {
         let req = v1::FindFocusRequest {
             kind: kind.to_owned(),
             attribute: attribute.to_owned(),
@@ -93,7 +100,12 @@ impl IdmClient {
     }
 
     /// Up to `limit` focus objects of `kind` after `after_id`, in id order.
-    pub async fn list_focus(&self, kind: &str, after_id: &str, limit: u32) -> Result<Vec<Focus>, IdmError> {
+    pub async fn list_focus(
+        &self,
+        kind: &str,
+        after_id: &str,
+        limit: u32,
+    ) -> Result<Vec<Focus>, IdmError> {
         let req = v1::ListFocusRequest {
             kind: kind.to_owned(),
             after_id: after_id.to_owned(),
@@ -116,7 +128,11 @@ impl IdmClient {
         }
     }
 
-    pub async fn get_shadow(&self, resource: &str, entry_uuid: &str) -> Result<Option<Shadow>, IdmError> {
+    pub async fn get_shadow(
+        &self,
+        resource: &str,
+        entry_uuid: &str,
+    ) -> Result<Option<Shadow>, IdmError> {
         let req = v1::ShadowKey {
             resource: resource.to_owned(),
             entry_uuid: entry_uuid.to_owned(),
@@ -172,19 +188,32 @@ pub struct Correlation {
 ///
 /// # Errors
 /// An IDM call failed, or the resource is not configured.
-pub async fn correlate(idm: &IdmClient, config: &Config, change: &SourceChange) -> Result<Correlation, CorrelateError> {
+pub async fn correlate(
+    idm: &IdmClient,
+    config: &Config,
+    change: &SourceChange,
+) -> Result<Correlation, CorrelateError> {
     let resource = config.resource(&change.resource)?;
     let shadow = idm.get_shadow(&change.resource, &change.entry_uuid).await?;
-    let owner = match shadow.as_ref().filter(|s| !s.dead).and_then(|s| s.focus_id.as_deref()) {
+    let owner = match shadow
+        .as_ref()
+        .filter(|s| !s.dead)
+        .and_then(|s| s.focus_id.as_deref())
+    {
         Some(id) => idm.get_focus(id).await?,
         None => None,
     };
     let mut candidates = Vec::new();
     if owner.is_none() && !change.is_delete() {
         for rule in &resource.correlation {
-            let values = idsync_core::inbound::utf8_values(change, &rule.source, &rule.focus_attribute)?;
-            let Some(value) = values.first() else { continue };
-            candidates = idm.find_focus(KIND_USER, &rule.focus_attribute, value).await?;
+            let values =
+                idsync_core::inbound::utf8_values(change, &rule.source, &rule.focus_attribute)?;
+            let Some(value) = values.first() else {
+                continue;
+            };
+            candidates = idm
+                .find_focus(KIND_USER, &rule.focus_attribute, value)
+                .await?;
             if !candidates.is_empty() {
                 break;
             }

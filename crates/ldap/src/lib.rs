@@ -1,1 +1,13 @@
-//! idsync-ldap
+//! LDAP adapter: an RFC 4533 syncrepl consumer for source directories and a
+//! bound connection for writing accounts to target directories (ldap3, async).
+
+mod connection;
+mod decode;
+mod directory;
+mod error;
+mod sync;
+
+pub use connection::Connection;
+pub use directory::{DirEntry, Directory};
+pub use error::LdapError;
+pub use sync::{EntryState, SyncMessage, SyncSession};

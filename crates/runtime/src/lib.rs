@@ -89,13 +89,13 @@ pub fn bind_password(resource: &ResourceConfig) -> Result<Secret, ConfigError> {
         return Ok(Secret::new(text.trim_end_matches(['\n', '\r'])));
     }
     if let Some(var) = &resource.bind_password_env {
-        return std::env::var(var)
-            .map(Secret::new)
-            .map_err(|_| err(format!("environment variable {var} (bind_password_env) is not set")));
+        return std::env::var(var).map(Secret::new).map_err(|_| {
+            err(format!(
+                "environment variable {var} (bind_password_env) is not set"
+            ))
+        });
     }
-    Err(err(
-        "set bind_password_file or bind_password_env".to_owned(),
-    ))
+    Err(err("set bind_password_file or bind_password_env".to_owned()))
 }
 
 /// Starts tracing: JSON when `IDSYNC_LOG_FORMAT=json`, human-readable
@@ -103,7 +103,9 @@ pub fn bind_password(resource: &ResourceConfig) -> Result<Secret, ConfigError> {
 pub fn init_tracing() {
     use tracing_subscriber::EnvFilter;
     let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
-    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_target(false);
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_target(false);
     let json = std::env::var(LOG_FORMAT_ENV).is_ok_and(|v| v == "json");
     // A second initialisation (tests, the all-in-one runner) is harmless.
     let _ = if json {
@@ -128,7 +130,7 @@ pub fn shutdown_on_signal() -> CancellationToken {
 async fn wait_for_signal() {
     #[cfg(unix)]
     {
-        use tokio::signal::unix::{signal, SignalKind};
+        use tokio::signal::unix::{SignalKind, signal};
         match signal(SignalKind::terminate()) {
             Ok(mut term) => {
                 tokio::select! {
@@ -198,7 +200,7 @@ where
 }
 
 #[cfg(test)]
-#[allow(clippy::unwrap_used, clippy::expect_used)]
+#[allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 mod tests {
     use super::*;
 
@@ -234,7 +236,10 @@ mod tests {
         assert_eq!(bind_password(r).unwrap().expose(), "s3cret");
         r.bind_password_file = Some("/nonexistent/pw".into());
         let err = bind_password(r).unwrap_err().to_string();
-        assert!(err.contains("/nonexistent/pw") && err.contains("\"hr\""), "{err}");
+        assert!(
+            err.contains("/nonexistent/pw") && err.contains("\"hr\""),
+            "{err}"
+        );
         r.bind_password_file = None;
         r.bind_password_env = Some("IDSYNC_TEST_SURELY_UNSET".into());
         let err = bind_password(r).unwrap_err().to_string();

@@ -23,6 +23,9 @@ const SHADOW: TableDefinition<&str, &[u8]> = TableDefinition::new("shadow");
 const OUTBOX: TableDefinition<u64, &[u8]> = TableDefinition::new("outbox");
 const META: TableDefinition<&str, u64> = TableDefinition::new("meta");
 const NEXT_OUTBOX: &str = "next_outbox_seq";
+/// Set once when the store is created; distinguishes this store's outbox
+/// sequence numbers from those of an earlier store on the same stream.
+const INSTANCE: &str = "instance";
 
 /// The IDM attribute that names a focus.
 const NAME: &str = "name";
@@ -79,6 +82,7 @@ fn focus_name(f: &v1::Focus) -> Option<&str> {
 #[derive(Clone, Debug)]
 pub struct Store {
     db: Arc<Database>,
+    instance: u64,
 }
 
 impl Store {
@@ -95,18 +99,38 @@ impl Store {
         std::fs::create_dir_all(dir).map_err(|e| open_err(e.to_string()))?;
         let database =
             Database::create(dir.join("idm.redb")).map_err(|e| open_err(e.to_string()))?;
-        let txn = database.begin_write().map_err(|e| open_err(e.to_string()))?;
+        let txn = database
+            .begin_write()
+            .map_err(|e| open_err(e.to_string()))?;
+        let instance;
         {
             txn.open_table(FOCUS).map_err(db)?;
             txn.open_table(FOCUS_NAME).map_err(db)?;
             txn.open_table(SHADOW).map_err(db)?;
             txn.open_table(OUTBOX).map_err(db)?;
-            txn.open_table(META).map_err(db)?;
+            let mut meta = txn.open_table(META).map_err(db)?;
+            let stored = meta.get(INSTANCE).map_err(db)?.map(|v| v.value());
+            instance = match stored {
+                Some(i) => i,
+                None => {
+                    let now = std::time::SystemTime::now()
+                        .duration_since(std::time::UNIX_EPOCH)
+                        .map_or(1, |d| d.as_nanos() as u64);
+                    meta.insert(INSTANCE, now).map_err(db)?;
+                    now
+                }
+            };
         }
         txn.commit().map_err(db)?;
         Ok(Self {
             db: Arc::new(database),
+            instance,
         })
+    }
+
+    /// Identifies this store for ever (its creation time in nanoseconds).
+    pub fn instance(&self) -> u64 {
+        self.instance
     }
 
     pub fn get_focus(&self, id: &str) -> Result<Option<v1::Focus>, StoreError> {
@@ -148,8 +172,7 @@ impl Store {
             let (_, v) = row.map_err(db)?;
             let f: v1::Focus = decode(v.value())?;
             if f.kind == kind
-                && f
-                    .attributes
+                && f.attributes
                     .get(attribute)
                     .is_some_and(|vals| vals.values.iter().any(|x| x == value))
             {
@@ -245,10 +268,13 @@ impl Store {
             let mut shadows = txn.open_table(SHADOW).map_err(db)?;
             let mut outbox = txn.open_table(OUTBOX).map_err(db)?;
             let mut meta = txn.open_table(META).map_err(db)?;
-            let mut next_seq = meta
-                .get(NEXT_OUTBOX)
-                .map_err(db)?
-                .map_or(1, |v| v.value());
+            // Version preconditions first, over all operations: a lost race
+            // is reported as a conflict, never as a side effect of it (such as
+            // a name taken by the winner).
+            for op in ops {
+                check_version(op, &focus_t, &shadows)?;
+            }
+            let mut next_seq = meta.get(NEXT_OUTBOX).map_err(db)?.map_or(1, |v| v.value());
 
             for (index, op) in ops.iter().enumerate() {
                 let invalid = |reason: &str| StoreError::Invalid {
@@ -257,7 +283,10 @@ impl Store {
                 };
                 match op.op.as_ref() {
                     Some(Op::PutFocus(put)) => {
-                        let mut focus = put.focus.clone().ok_or_else(|| invalid("put_focus without a focus"))?;
+                        let mut focus = put
+                            .focus
+                            .clone()
+                            .ok_or_else(|| invalid("put_focus without a focus"))?;
                         if focus.id.is_empty() || focus.kind.is_empty() {
                             return Err(invalid("a focus needs an id and a kind"));
                         }
@@ -279,19 +308,21 @@ impl Store {
                         if old_name != new_name {
                             if let Some(n) = &new_name {
                                 let key = name_key(&focus.kind, n);
-                                if let Some(holder) = names.get(key.as_str()).map_err(db)? {
-                                    if holder.value() != focus.id {
-                                        return Err(StoreError::NameTaken {
-                                            kind: focus.kind.clone(),
-                                            name: n.clone(),
-                                            holder: holder.value().to_owned(),
-                                        });
-                                    }
+                                if let Some(holder) = names.get(key.as_str()).map_err(db)?
+                                    && holder.value() != focus.id
+                                {
+                                    return Err(StoreError::NameTaken {
+                                        kind: focus.kind.clone(),
+                                        name: n.clone(),
+                                        holder: holder.value().to_owned(),
+                                    });
                                 }
                                 names.insert(key.as_str(), focus.id.as_str()).map_err(db)?;
                             }
                             if let Some(n) = &old_name {
-                                names.remove(name_key(&focus.kind, n).as_str()).map_err(db)?;
+                                names
+                                    .remove(name_key(&focus.kind, n).as_str())
+                                    .map_err(db)?;
                             }
                         }
                         focus.version = found + 1;
@@ -307,7 +338,9 @@ impl Store {
                             deleted: false,
                             origin_resource: origin.to_owned(),
                         };
-                        outbox.insert(next_seq, change.encode_to_vec().as_slice()).map_err(db)?;
+                        outbox
+                            .insert(next_seq, change.encode_to_vec().as_slice())
+                            .map_err(db)?;
                         next_seq += 1;
                     }
                     Some(Op::DeleteFocus(del)) => {
@@ -340,11 +373,16 @@ impl Store {
                             deleted: true,
                             origin_resource: origin.to_owned(),
                         };
-                        outbox.insert(next_seq, change.encode_to_vec().as_slice()).map_err(db)?;
+                        outbox
+                            .insert(next_seq, change.encode_to_vec().as_slice())
+                            .map_err(db)?;
                         next_seq += 1;
                     }
                     Some(Op::PutShadow(put)) => {
-                        let mut shadow = put.shadow.clone().ok_or_else(|| invalid("put_shadow without a shadow"))?;
+                        let mut shadow = put
+                            .shadow
+                            .clone()
+                            .ok_or_else(|| invalid("put_shadow without a shadow"))?;
                         if shadow.resource.is_empty() || shadow.entry_uuid.is_empty() {
                             return Err(invalid("a shadow needs a resource and an entry uuid"));
                         }
@@ -369,7 +407,10 @@ impl Store {
                         versions.push(shadow.version);
                     }
                     Some(Op::DeleteShadow(del)) => {
-                        let k = del.key.as_ref().ok_or_else(|| invalid("delete_shadow without a key"))?;
+                        let k = del
+                            .key
+                            .as_ref()
+                            .ok_or_else(|| invalid("delete_shadow without a key"))?;
                         let key = shadow_key(&k.resource, &k.entry_uuid);
                         let found = shadows
                             .get(key.as_str())
@@ -419,8 +460,80 @@ impl Store {
     }
 }
 
+fn check_version(
+    op: &v1::Operation,
+    focus_t: &redb::Table<&str, &[u8]>,
+    shadows: &redb::Table<&str, &[u8]>,
+) -> Result<(), StoreError> {
+    use v1::operation::Op;
+    let focus_version = |id: &str| -> Result<u64, StoreError> {
+        Ok(focus_t
+            .get(id)
+            .map_err(db)?
+            .map(|v| decode::<v1::Focus>(v.value()))
+            .transpose()?
+            .map_or(0, |f| f.version))
+    };
+    let shadow_version = |resource: &str, uuid: &str| -> Result<u64, StoreError> {
+        Ok(shadows
+            .get(shadow_key(resource, uuid).as_str())
+            .map_err(db)?
+            .map(|v| decode::<v1::Shadow>(v.value()))
+            .transpose()?
+            .map_or(0, |s| s.version))
+    };
+    let (object, expected, found) = match op.op.as_ref() {
+        Some(Op::PutFocus(p)) => {
+            let id = p.focus.as_ref().map(|f| f.id.as_str()).unwrap_or_default();
+            (
+                format!("focus {id}"),
+                p.expected_version,
+                focus_version(id)?,
+            )
+        }
+        Some(Op::DeleteFocus(d)) => (
+            format!("focus {}", d.id),
+            d.expected_version,
+            focus_version(&d.id)?,
+        ),
+        Some(Op::PutShadow(p)) => {
+            let (r, u) = p
+                .shadow
+                .as_ref()
+                .map(|s| (s.resource.as_str(), s.entry_uuid.as_str()))
+                .unwrap_or_default();
+            (
+                format!("shadow {r}/{u}"),
+                p.expected_version,
+                shadow_version(r, u)?,
+            )
+        }
+        Some(Op::DeleteShadow(d)) => {
+            let (r, u) = d
+                .key
+                .as_ref()
+                .map(|k| (k.resource.as_str(), k.entry_uuid.as_str()))
+                .unwrap_or_default();
+            (
+                format!("shadow {r}/{u}"),
+                d.expected_version,
+                shadow_version(r, u)?,
+            )
+        }
+        None => return Ok(()),
+    };
+    if expected != found {
+        return Err(StoreError::Conflict {
+            object,
+            expected,
+            found,
+        });
+    }
+    Ok(())
+}
+
 #[cfg(test)]
-#[allow(clippy::unwrap_used, clippy::expect_used)]
+#[allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 mod tests {
     use super::*;
     use v1::operation::Op;
@@ -467,8 +580,11 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         {
             let s = Store::open(dir.path()).unwrap();
-            s.commit(&[put_focus(user("f1", "jack"), 0), put_shadow("u1", 0)], "hr")
-                .unwrap();
+            s.commit(
+                &[put_focus(user("f1", "jack"), 0), put_shadow("u1", 0)],
+                "hr",
+            )
+            .unwrap();
         }
         let s = Store::open(dir.path()).unwrap();
         assert_eq!(s.get_focus("f1").unwrap().unwrap().version, 1);
@@ -486,7 +602,17 @@ mod tests {
         let err = s
             .commit(&[put_shadow("u1", 0), put_focus(user("f1", "jack"), 0)], "")
             .unwrap_err();
-        assert!(matches!(err, StoreError::Conflict { expected: 0, found: 1, .. }), "{err}");
+        assert!(
+            matches!(
+                err,
+                StoreError::Conflict {
+                    expected: 0,
+                    found: 1,
+                    ..
+                }
+            ),
+            "{err}"
+        );
         assert!(s.get_shadow("hr", "u1").unwrap().is_none());
         assert_eq!(s.outbox_batch(10).unwrap().len(), 1);
     }
@@ -498,10 +624,25 @@ mod tests {
         s.commit(&[put_shadow("u1", 0), put_focus(user("f1", "jack"), 0)], "")
             .unwrap();
         let err = s
-            .commit(&[put_shadow("u1", 0), put_focus(user("f2", "jack2"), 0)], "")
+            .commit(
+                &[put_shadow("u1", 0), put_focus(user("f2", "jack2"), 0)],
+                "",
+            )
             .unwrap_err();
         assert!(matches!(err, StoreError::Conflict { .. }));
         assert!(s.get_focus("f2").unwrap().is_none());
+    }
+
+    #[test]
+    fn a_lost_race_is_a_conflict_even_when_the_name_is_taken_too() {
+        let dir = tempfile::tempdir().unwrap();
+        let s = Store::open(dir.path()).unwrap();
+        s.commit(&[put_focus(user("f1", "jack"), 0), put_shadow("u1", 0)], "")
+            .unwrap();
+        let err = s
+            .commit(&[put_focus(user("f2", "jack"), 0), put_shadow("u1", 0)], "")
+            .unwrap_err();
+        assert!(matches!(err, StoreError::Conflict { .. }), "{err}");
     }
 
     #[test]
@@ -509,8 +650,13 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let s = Store::open(dir.path()).unwrap();
         s.commit(&[put_focus(user("f1", "jack"), 0)], "").unwrap();
-        let err = s.commit(&[put_focus(user("f2", "jack"), 0)], "").unwrap_err();
-        assert!(matches!(err, StoreError::NameTaken { ref holder, .. } if holder == "f1"), "{err}");
+        let err = s
+            .commit(&[put_focus(user("f2", "jack"), 0)], "")
+            .unwrap_err();
+        assert!(
+            matches!(err, StoreError::NameTaken { ref holder, .. } if holder == "f1"),
+            "{err}"
+        );
         // Renaming frees the old name.
         s.commit(&[put_focus(user("f1", "jacky"), 1)], "").unwrap();
         s.commit(&[put_focus(user("f2", "jack"), 0)], "").unwrap();
@@ -544,11 +690,17 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let s = Store::open(dir.path()).unwrap();
         for i in 0..5 {
-            s.commit(&[put_focus(user(&format!("f{i}"), &format!("n{i}")), 0)], "")
-                .unwrap();
+            s.commit(
+                &[put_focus(user(&format!("f{i}"), &format!("n{i}")), 0)],
+                "",
+            )
+            .unwrap();
         }
         let first = s.list_focus("user", "", 2).unwrap();
-        assert_eq!(first.iter().map(|f| f.id.as_str()).collect::<Vec<_>>(), ["f0", "f1"]);
+        assert_eq!(
+            first.iter().map(|f| f.id.as_str()).collect::<Vec<_>>(),
+            ["f0", "f1"]
+        );
         let next = s.list_focus("user", "f1", 10).unwrap();
         assert_eq!(next.len(), 3);
     }

@@ -1,1 +1,156 @@
-//! idsync-applier
+//! The applier: turns a decision into one atomic, conditional commit to the
+//! IDM — inbound mappings with strength, the object template, link and unlink.
+//! If the IDM moved on since the correlator looked, it reads again and decides
+//! again; a lost race does the same.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use idsync_bus::worker::{Handling, Message, Source, backoff, run_worker};
+use idsync_bus::{Bus, BusError, names};
+use idsync_core::config::Config;
+use idsync_core::inbound::{InboundState, Outcome, plan};
+use idsync_core::model::SourceChange;
+use idsync_core::situation::Situation;
+use idsync_idm_client::{CorrelateError, Correlation, IdmClient, IdmError, correlate};
+use idsync_proto::v1;
+use prost::Message as _;
+use tokio_util::sync::CancellationToken;
+
+pub const SERVICE: &str = "applier";
+
+/// Attempts at one decision before the message is retried later.
+const ATTEMPTS: usize = 5;
+
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error(transparent)]
+    Bus(#[from] BusError),
+    #[error(transparent)]
+    Idm(#[from] IdmError),
+}
+
+/// Consumes the decision stream until `shutdown`.
+///
+/// # Errors
+/// NATS cannot be reached at start, or the IDM URL is malformed.
+pub async fn run(config: Arc<Config>, shutdown: CancellationToken) -> Result<(), Error> {
+    let bus = Bus::connect(&config.nats.url).await?;
+    let idm = IdmClient::new(&config.idm.url)?;
+    let source = Source {
+        service: SERVICE,
+        stream: names::DECISIONS_STREAM,
+        durable: names::APPLIER,
+        filter_subject: None,
+    };
+    run_worker(&bus, source, shutdown, |msg| handle(&config, &idm, msg)).await?;
+    Ok(())
+}
+
+fn transient(msg: &Message, e: &dyn std::fmt::Display) -> Handling {
+    Handling::Retry {
+        delay: backoff(msg.delivered),
+        reason: e.to_string(),
+    }
+}
+
+#[tracing::instrument(skip_all, fields(seq = msg.stream_seq))]
+async fn handle(config: &Config, idm: &IdmClient, msg: Message) -> Handling {
+    let decision = match v1::Decision::decode(msg.payload.as_ref()) {
+        Ok(d) => d,
+        Err(e) => return Handling::Poison(format!("not a Decision: {e}")),
+    };
+    if let Err(e) = idsync_proto::check_version(decision.schema_version) {
+        return Handling::Poison(e.to_string());
+    }
+    let Some(event) = decision.change.clone() else {
+        return Handling::Poison("decision without its change event".into());
+    };
+    let change = match SourceChange::try_from(event) {
+        Ok(c) => c,
+        Err(e) => return Handling::Poison(e.to_string()),
+    };
+    let mut fresh_read = false;
+    for attempt in 1..=ATTEMPTS {
+        let state = if fresh_read {
+            correlate(idm, config, &change).await
+        } else {
+            as_decided(idm, config, &decision, &change).await
+        };
+        let state = match state {
+            Ok(s) => s,
+            Err(CorrelateError::Idm(e)) if e.is_transient() => return transient(&msg, &e),
+            Err(e) => return Handling::Poison(format!("entry {:?}: {e}", change.dn)),
+        };
+        let input = InboundState {
+            shadow: state.shadow.as_ref(),
+            focus: state.focus.as_ref(),
+            situation: state.situation,
+        };
+        let new_id = uuid::Uuid::new_v4().to_string();
+        let outcome = match plan(config, &change, decision.change_seq, input, &new_id) {
+            Ok(o) => o,
+            Err(e) => return Handling::Poison(format!("entry {:?}: {e}", change.dn)),
+        };
+        let (situation, reaction, ops) = match outcome {
+            Outcome::Stale { shadow_position } => {
+                tracing::debug!(
+                    shadow_position,
+                    "older than what the shadow holds; discarded"
+                );
+                return Handling::Done;
+            }
+            Outcome::Ignored => return Handling::Done,
+            Outcome::Commit {
+                situation,
+                reaction,
+                ops,
+            } => (situation, reaction, ops),
+        };
+        match idm.commit(ops, &change.resource).await {
+            Ok(_) => {
+                tracing::info!(resource = %change.resource, dn = %change.dn, %situation, %reaction, "applied");
+                return Handling::Done;
+            }
+            Err(IdmError::Conflict(reason)) => {
+                tracing::debug!(attempt, %reason, "lost a race; reading again");
+                fresh_read = true;
+                tokio::time::sleep(Duration::from_millis(5 * attempt as u64)).await;
+            }
+            Err(e) if e.is_transient() => return transient(&msg, &e),
+            Err(e) => {
+                return Handling::Poison(format!(
+                    "entry {:?} on {}: the IDM refused the commit: {e}",
+                    change.dn, change.resource
+                ));
+            }
+        }
+    }
+    transient(&msg, &"still losing races after several attempts")
+}
+
+/// The state the correlator decided on, if the IDM still holds exactly that;
+/// otherwise a fresh correlation.
+async fn as_decided(
+    idm: &IdmClient,
+    config: &Config,
+    decision: &v1::Decision,
+    change: &SourceChange,
+) -> Result<Correlation, CorrelateError> {
+    let shadow = idm.get_shadow(&change.resource, &change.entry_uuid).await?;
+    let focus = if decision.focus_id.is_empty() {
+        None
+    } else {
+        idm.get_focus(&decision.focus_id).await?
+    };
+    let unchanged = shadow.as_ref().map_or(0, |s| s.version) == decision.shadow_version
+        && focus.as_ref().map_or(0, |f| f.version) == decision.focus_version;
+    match Situation::parse(&decision.situation) {
+        Some(situation) if unchanged => Ok(Correlation {
+            situation: Some(situation),
+            shadow,
+            focus,
+        }),
+        _ => correlate(idm, config, change).await,
+    }
+}

@@ -1,1 +1,106 @@
-//! idsync-correlator
+//! The correlator: for each change event, finds the shadow and its owner or
+//! runs the correlation rules, decides the situation and the configured
+//! reaction, and publishes that decision for the applier.
+
+use std::sync::Arc;
+
+use idsync_bus::worker::{Handling, Message, Source, backoff, run_worker};
+use idsync_bus::{Bus, BusError, names};
+use idsync_core::config::Config;
+use idsync_core::model::SourceChange;
+use idsync_core::situation::reaction;
+use idsync_idm_client::{CorrelateError, IdmClient, IdmError, correlate};
+use idsync_proto::v1;
+use prost::Message as _;
+use tokio_util::sync::CancellationToken;
+
+pub const SERVICE: &str = "correlator";
+
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error(transparent)]
+    Bus(#[from] BusError),
+    #[error(transparent)]
+    Idm(#[from] IdmError),
+}
+
+/// Consumes the change stream until `shutdown`.
+///
+/// # Errors
+/// NATS cannot be reached at start, or the IDM URL is malformed.
+pub async fn run(config: Arc<Config>, shutdown: CancellationToken) -> Result<(), Error> {
+    let bus = Bus::connect(&config.nats.url).await?;
+    let idm = IdmClient::new(&config.idm.url)?;
+    let source = Source {
+        service: SERVICE,
+        stream: names::CHANGES_STREAM,
+        durable: names::CORRELATOR,
+        filter_subject: None,
+    };
+    run_worker(&bus, source, shutdown, |msg| {
+        handle(&config, &idm, &bus, msg)
+    })
+    .await?;
+    Ok(())
+}
+
+#[tracing::instrument(skip_all, fields(seq = msg.stream_seq))]
+async fn handle(config: &Config, idm: &IdmClient, bus: &Bus, msg: Message) -> Handling {
+    let event = match v1::ChangeEvent::decode(msg.payload.as_ref()) {
+        Ok(e) => e,
+        Err(e) => return Handling::Poison(format!("not a ChangeEvent: {e}")),
+    };
+    let change = match SourceChange::try_from(event.clone()) {
+        Ok(c) => c,
+        Err(e) => return Handling::Poison(e.to_string()),
+    };
+    let resource = match config.resource(&change.resource) {
+        Ok(r) => r,
+        Err(e) => return Handling::Poison(e.to_string()),
+    };
+    let correlation = match correlate(idm, config, &change).await {
+        Ok(c) => c,
+        Err(CorrelateError::Idm(e)) if e.is_transient() => {
+            return Handling::Retry {
+                delay: backoff(msg.delivered),
+                reason: e.to_string(),
+            };
+        }
+        Err(e) => return Handling::Poison(format!("entry {:?}: {e}", change.dn)),
+    };
+    let Some(situation) = correlation.situation else {
+        tracing::debug!(entry_uuid = %change.entry_uuid, "deletion of an entry never seen; nothing to do");
+        return Handling::Done;
+    };
+    let (action, _) = reaction(resource, situation);
+    tracing::info!(resource = %change.resource, dn = %change.dn, %situation, reaction = %action, "decided");
+    let decision = v1::Decision {
+        schema_version: idsync_proto::SCHEMA_VERSION,
+        change: Some(event),
+        change_seq: msg.stream_seq,
+        situation: situation.to_string(),
+        reaction: action.to_string(),
+        focus_id: correlation
+            .focus
+            .as_ref()
+            .map(|f| f.id.clone())
+            .unwrap_or_default(),
+        shadow_version: correlation.shadow.as_ref().map_or(0, |s| s.version),
+        focus_version: correlation.focus.as_ref().map_or(0, |f| f.version),
+    };
+    let subject = names::decision_subject(&change.resource);
+    match bus
+        .publish_and_wait(
+            &subject,
+            &format!("decision:{}", msg.stream_seq),
+            decision.encode_to_vec().into(),
+        )
+        .await
+    {
+        Ok(_) => Handling::Done,
+        Err(e) => Handling::Retry {
+            delay: backoff(msg.delivered),
+            reason: e.to_string(),
+        },
+    }
+}

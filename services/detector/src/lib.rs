@@ -1,1 +1,303 @@
-//! idsync-detector
+//! The detector: live sync (RFC 4533 refreshAndPersist) from each source
+//! resource, one `ChangeEvent` per entry on the change stream. The sync cookie
+//! is stored only after JetStream has acknowledged every event before it, so a
+//! restart resumes where it left off: nothing lost, nothing reloaded.
+
+use std::collections::VecDeque;
+use std::sync::Arc;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use idsync_bus::{Bus, BusError, PendingAck, names};
+use idsync_core::config::{Config, ResourceConfig};
+use idsync_ldap::{Connection, EntryState, LdapError, SyncMessage, SyncSession};
+use idsync_proto::v1;
+use prost::Message as _;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+pub const SERVICE: &str = "detector";
+
+/// Events published but not yet acknowledged, at most.
+const MAX_IN_FLIGHT: usize = 1024;
+
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error(transparent)]
+    Bus(#[from] BusError),
+    #[error(transparent)]
+    Config(#[from] idsync_runtime::ConfigError),
+    #[error("no resource has live_sync = true; nothing to detect")]
+    NothingToDo,
+}
+
+/// Runs live sync for every resource with `live_sync = true` until `shutdown`.
+///
+/// # Errors
+/// NATS cannot be reached at start, or a bind password cannot be read.
+pub async fn run(config: Arc<Config>, shutdown: CancellationToken) -> Result<(), Error> {
+    let bus = Bus::connect(&config.nats.url).await?;
+    let tracker = TaskTracker::new();
+    let mut any = false;
+    for resource in config.resources.iter().filter(|r| r.live_sync) {
+        any = true;
+        let connection = Connection {
+            url: resource.url.clone(),
+            bind_dn: resource.bind_dn.clone(),
+            password: idsync_runtime::bind_password(resource)?,
+        };
+        tracker.spawn(live_sync(
+            bus.clone(),
+            resource.clone(),
+            connection,
+            shutdown.clone(),
+        ));
+    }
+    tracker.close();
+    if !any {
+        return Err(Error::NothingToDo);
+    }
+    tracker.wait().await;
+    Ok(())
+}
+
+/// Keeps one resource's sync session going, reconnecting with backoff.
+async fn live_sync(
+    bus: Bus,
+    resource: ResourceConfig,
+    connection: Connection,
+    shutdown: CancellationToken,
+) {
+    let mut backoff = Duration::from_millis(250);
+    let mut reset_cookie = false;
+    loop {
+        let result = session(
+            &bus,
+            &resource,
+            &connection,
+            &shutdown,
+            &mut reset_cookie,
+            &mut backoff,
+        )
+        .await;
+        if shutdown.is_cancelled() {
+            return;
+        }
+        match result {
+            Ok(()) => tracing::info!(resource = %resource.name, "sync session ended; reconnecting"),
+            Err(SessionError::Ldap(LdapError::RefreshRequired)) => {
+                tracing::warn!(resource = %resource.name, "source asks for a full refresh; restarting without a cookie");
+                reset_cookie = true;
+                continue;
+            }
+            Err(e) => {
+                tracing::warn!(resource = %resource.name, error = %e, retry_in_ms = backoff.as_millis() as u64, "sync session failed")
+            }
+        }
+        tokio::select! {
+            biased;
+            _ = shutdown.cancelled() => return,
+            _ = tokio::time::sleep(backoff) => {}
+        }
+        backoff = (backoff * 2).min(Duration::from_secs(30));
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+enum SessionError {
+    #[error(transparent)]
+    Ldap(#[from] LdapError),
+    #[error(transparent)]
+    Bus(#[from] BusError),
+}
+
+/// Events published and the cookie that becomes safe once they are acked.
+struct Publisher<'a> {
+    bus: &'a Bus,
+    resource: &'a str,
+    subject: String,
+    in_flight: VecDeque<PendingAck>,
+    published: u64,
+}
+
+impl Publisher<'_> {
+    async fn publish(&mut self, event: v1::ChangeEvent) -> Result<(), BusError> {
+        if self.in_flight.len() >= MAX_IN_FLIGHT
+            && let Some(oldest) = self.in_flight.pop_front()
+        {
+            oldest.wait().await?;
+        }
+        let ack = self
+            .bus
+            .publish(&self.subject, &event.event_id, event.encode_to_vec().into())
+            .await?;
+        self.in_flight.push_back(ack);
+        self.published += 1;
+        Ok(())
+    }
+
+    /// Waits for every event to be stored, then stores `cookie`.
+    async fn commit(&mut self, cookie: Option<&[u8]>) -> Result<(), BusError> {
+        while let Some(ack) = self.in_flight.pop_front() {
+            ack.wait().await?;
+        }
+        if let Some(cookie) = cookie {
+            self.bus.store_cookie(self.resource, cookie).await?;
+        }
+        Ok(())
+    }
+}
+
+async fn session(
+    bus: &Bus,
+    resource: &ResourceConfig,
+    connection: &Connection,
+    shutdown: &CancellationToken,
+    reset_cookie: &mut bool,
+    backoff: &mut Duration,
+) -> Result<(), SessionError> {
+    let cookie = if *reset_cookie {
+        None
+    } else {
+        bus.load_cookie(&resource.name).await?
+    };
+    let resumed = cookie.is_some();
+    let mut sync = SyncSession::start(
+        connection,
+        &resource.base_dn,
+        &resource.filter,
+        cookie,
+        true,
+    )
+    .await?;
+    *reset_cookie = false;
+    tracing::info!(resource = %resource.name, resumed, "live sync started");
+    let mut out = Publisher {
+        bus,
+        resource: &resource.name,
+        subject: names::change_subject(&resource.name),
+        in_flight: VecDeque::new(),
+        published: 0,
+    };
+    loop {
+        let message = tokio::select! {
+            biased;
+            _ = shutdown.cancelled() => {
+                // Events already published are acked before we go; the cookie
+                // stays at the last point known to be safe.
+                out.commit(None).await?;
+                let _ = sync.close().await;
+                return Ok(());
+            }
+            m = sync.next() => m?,
+        };
+        let Some(message) = message else {
+            out.commit(None).await?;
+            return Ok(());
+        };
+        *backoff = Duration::from_millis(250);
+        match message {
+            SyncMessage::Entry {
+                entry_uuid,
+                dn,
+                state,
+                attributes,
+                csn,
+                cookie,
+            } => {
+                let event = change_event(
+                    &resource.name,
+                    entry_uuid,
+                    dn,
+                    state,
+                    attributes,
+                    csn,
+                    cookie.clone(),
+                );
+                tracing::debug!(resource = %resource.name, dn = %event.dn, ?state, "change");
+                out.publish(event).await?;
+                if cookie.is_some() {
+                    out.commit(cookie.as_deref()).await?;
+                }
+            }
+            SyncMessage::Deleted {
+                entry_uuids,
+                cookie,
+            } => {
+                for uuid in entry_uuids {
+                    let event = change_event(
+                        &resource.name,
+                        uuid,
+                        String::new(),
+                        EntryState::Delete,
+                        Vec::new(),
+                        None,
+                        cookie.clone(),
+                    );
+                    out.publish(event).await?;
+                }
+                out.commit(cookie.as_deref()).await?;
+            }
+            SyncMessage::Present {
+                entry_uuids,
+                cookie,
+            } => {
+                tracing::debug!(resource = %resource.name, present = entry_uuids.len(), "present phase ids");
+                out.commit(cookie.as_deref()).await?;
+            }
+            SyncMessage::RefreshDone { cookie, deletes } => {
+                out.commit(cookie.as_deref()).await?;
+                if !deletes && resumed {
+                    tracing::warn!(resource = %resource.name, "the source ended refresh with a present phase; deletions it implies are found by reconciliation, not live sync");
+                }
+                tracing::info!(resource = %resource.name, events = out.published, "refresh done; persisting");
+            }
+            SyncMessage::Cookie(cookie) => out.commit(Some(&cookie)).await?,
+        }
+    }
+}
+
+/// The event for one entry. Its id (also the JetStream message id) is the
+/// entry and its entryCSN, so the same state read twice is stored once.
+fn change_event(
+    resource: &str,
+    entry_uuid: String,
+    dn: String,
+    state: EntryState,
+    attributes: Vec<(String, Vec<Vec<u8>>)>,
+    csn: Option<String>,
+    cookie: Option<Vec<u8>>,
+) -> v1::ChangeEvent {
+    let delete = state == EntryState::Delete;
+    let event_id = match (&csn, delete) {
+        (_, true) => format!("{resource}:{entry_uuid}:delete"),
+        (Some(csn), false) => format!("{resource}:{entry_uuid}:{csn}"),
+        (None, false) => format!("{resource}:{entry_uuid}:{}", now_ms()),
+    };
+    v1::ChangeEvent {
+        schema_version: idsync_proto::SCHEMA_VERSION,
+        event_id,
+        resource: resource.to_owned(),
+        entry_uuid,
+        dn,
+        kind: if delete {
+            v1::ChangeKind::Delete
+        } else {
+            v1::ChangeKind::Upsert
+        } as i32,
+        attributes: attributes
+            .into_iter()
+            .map(|(name, values)| v1::Attribute { name, values })
+            .collect(),
+        position: Some(v1::SourcePosition {
+            csn: csn.unwrap_or_default(),
+            cookie: cookie.unwrap_or_default(),
+        }),
+        detected_at_ms: now_ms(),
+    }
+}
+
+fn now_ms() -> i64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as i64)
+}

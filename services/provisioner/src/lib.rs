@@ -1,1 +1,363 @@
-//! idsync-provisioner
+//! The provisioner: for each committed focus change, brings the focus's
+//! accounts on target resources in line with its assignments and the outbound
+//! mappings — create, modify, delete — and records shadows and links in the IDM.
+//!
+//! It works from the focus's current state in the IDM, not from the event, so
+//! changes delivered late, twice or out of order converge to the same result.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+
+use idsync_bus::worker::{Handling, Message, Source, backoff, run_worker};
+use idsync_bus::{Bus, BusError, names};
+use idsync_core::config::{Config, ResourceConfig};
+use idsync_core::model::{Focus, Link, Op, Shadow};
+use idsync_core::outbound::{account_modifications, desired_account, wanted_resources};
+use idsync_idm_client::{IdmClient, IdmError};
+use idsync_ldap::{Connection, Directory, LdapError};
+use idsync_proto::v1;
+use prost::Message as _;
+use tokio::sync::Mutex;
+use tokio_util::sync::CancellationToken;
+
+pub const SERVICE: &str = "provisioner";
+
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error(transparent)]
+    Bus(#[from] BusError),
+    #[error(transparent)]
+    Idm(#[from] IdmError),
+    #[error(transparent)]
+    Config(#[from] idsync_runtime::ConfigError),
+}
+
+/// Consumes the focus stream until `shutdown`.
+///
+/// # Errors
+/// NATS cannot be reached at start, the IDM URL is malformed, or a target's
+/// bind password cannot be read.
+pub async fn run(config: Arc<Config>, shutdown: CancellationToken) -> Result<(), Error> {
+    let bus = Bus::connect(&config.nats.url).await?;
+    let idm = IdmClient::new(&config.idm.url)?;
+    let mut connections = HashMap::new();
+    for r in config.resources.iter().filter(|r| r.dn_template.is_some()) {
+        let conn = Connection {
+            url: r.url.clone(),
+            bind_dn: r.bind_dn.clone(),
+            password: idsync_runtime::bind_password(r)?,
+        };
+        connections.insert(r.name.clone(), conn);
+    }
+    let targets = Targets {
+        connections,
+        open: Mutex::new(HashMap::new()),
+    };
+    let source = Source {
+        service: SERVICE,
+        stream: names::FOCUS_STREAM,
+        durable: names::PROVISIONER,
+        filter_subject: None,
+    };
+    run_worker(&bus, source, shutdown, |msg| {
+        handle(&config, &idm, &targets, msg)
+    })
+    .await?;
+    Ok(())
+}
+
+/// Connections to target directories, opened on first use and dropped after
+/// an error so that the next use reconnects.
+#[derive(Debug)]
+struct Targets {
+    connections: HashMap<String, Connection>,
+    open: Mutex<HashMap<String, Directory>>,
+}
+
+/// Why provisioning one account failed.
+#[derive(Debug, thiserror::Error)]
+enum Failure {
+    #[error("{0}")]
+    Transient(String),
+    #[error("{0}")]
+    Permanent(String),
+}
+
+impl From<IdmError> for Failure {
+    fn from(e: IdmError) -> Self {
+        if e.is_transient() {
+            Failure::Transient(e.to_string())
+        } else {
+            Failure::Permanent(e.to_string())
+        }
+    }
+}
+
+fn ldap_failure(resource: &str, e: LdapError) -> Failure {
+    let text = format!("resource {resource}: {e}");
+    match e {
+        LdapError::Connect { .. } | LdapError::Closed { .. } => Failure::Transient(text),
+        _ => Failure::Permanent(text),
+    }
+}
+
+#[tracing::instrument(skip_all, fields(seq = msg.stream_seq))]
+async fn handle(config: &Config, idm: &IdmClient, targets: &Targets, msg: Message) -> Handling {
+    let change = match v1::FocusChange::decode(msg.payload.as_ref()) {
+        Ok(c) => c,
+        Err(e) => return Handling::Poison(format!("not a FocusChange: {e}")),
+    };
+    if let Err(e) = idsync_proto::check_version(change.schema_version) {
+        return Handling::Poison(e.to_string());
+    }
+    let result = if change.deleted {
+        let last: Focus = change.focus.unwrap_or_default().into();
+        deprovision_all(config, idm, targets, &last).await
+    } else {
+        match idm.get_focus(&change.focus_id).await {
+            // Deleted since: its tombstone event deprovisions it.
+            Ok(None) => Ok(()),
+            Ok(Some(focus)) => provision(config, idm, targets, focus).await,
+            Err(e) => Err(e.into()),
+        }
+    };
+    match result {
+        Ok(()) => Handling::Done,
+        Err(Failure::Transient(reason)) => Handling::Retry {
+            delay: backoff(msg.delivered),
+            reason,
+        },
+        Err(Failure::Permanent(reason)) => {
+            Handling::Poison(format!("focus {}: {reason}", change.focus_id))
+        }
+    }
+}
+
+/// Creates, updates or removes the focus's account on every target resource.
+async fn provision(
+    config: &Config,
+    idm: &IdmClient,
+    targets: &Targets,
+    focus: Focus,
+) -> Result<(), Failure> {
+    let wanted: Vec<&str> = wanted_resources(config, &focus)
+        .iter()
+        .map(|r| r.name.as_str())
+        .collect();
+    for resource in config.resources.iter().filter(|r| r.dn_template.is_some()) {
+        let link = focus.link_to(&resource.name).cloned();
+        let want = wanted.contains(&resource.name.as_str());
+        match (want, link) {
+            (true, None) => create(idm, targets, resource, &focus).await?,
+            (true, Some(link)) => update(idm, targets, resource, &focus, &link).await?,
+            (false, Some(link)) => remove(idm, targets, resource, Some(&focus), &link).await?,
+            (false, None) => {}
+        }
+    }
+    Ok(())
+}
+
+/// Removes every account a deleted focus had on target resources.
+async fn deprovision_all(
+    config: &Config,
+    idm: &IdmClient,
+    targets: &Targets,
+    last: &Focus,
+) -> Result<(), Failure> {
+    for link in &last.links {
+        if let Ok(resource) = config.resource(&link.resource)
+            && resource.dn_template.is_some()
+        {
+            remove(idm, targets, resource, None, link).await?;
+        }
+    }
+    Ok(())
+}
+
+async fn with_dir<T>(
+    targets: &Targets,
+    resource: &ResourceConfig,
+    op: impl AsyncFnOnce(&mut Directory) -> Result<T, LdapError>,
+) -> Result<T, Failure> {
+    let mut open = targets.open.lock().await;
+    if !open.contains_key(&resource.name) {
+        let conn = targets.connections.get(&resource.name).ok_or_else(|| {
+            Failure::Permanent(format!("resource {} has no connection", resource.name))
+        })?;
+        let dir = Directory::connect(conn)
+            .await
+            .map_err(|e| ldap_failure(&resource.name, e))?;
+        open.insert(resource.name.clone(), dir);
+    }
+    let Some(dir) = open.get_mut(&resource.name) else {
+        return Err(Failure::Transient("connection vanished".into()));
+    };
+    let result = op(dir).await;
+    if matches!(
+        result,
+        Err(LdapError::Connect { .. } | LdapError::Closed { .. })
+    ) {
+        open.remove(&resource.name);
+    }
+    result.map_err(|e| ldap_failure(&resource.name, e))
+}
+
+async fn create(
+    idm: &IdmClient,
+    targets: &Targets,
+    resource: &ResourceConfig,
+    focus: &Focus,
+) -> Result<(), Failure> {
+    let account =
+        desired_account(resource, focus).map_err(|e| Failure::Permanent(e.to_string()))?;
+    let entry = with_dir(targets, resource, async |dir| {
+        match dir.add(&account.dn, &account.attributes).await {
+            Ok(()) => {}
+            // Discovery: the account is already there (made by us before a
+            // crash, or by someone else); take it over and bring it in line.
+            Err(LdapError::AlreadyExists { .. }) => {
+                tracing::info!(resource = %resource.name, dn = %account.dn, "account exists already; linking it");
+                if let Some(existing) = dir.read(&account.dn).await? {
+                    let mods = account_modifications(resource, focus, &account, &existing.attributes);
+                    if !mods.is_empty() {
+                        dir.replace(&account.dn, &mods).await?;
+                    }
+                }
+            }
+            Err(e) => return Err(e),
+        }
+        dir.read(&account.dn).await
+    })
+    .await?;
+    let Some(entry) = entry else {
+        return Err(Failure::Transient(format!(
+            "account {} vanished right after it was added",
+            account.dn
+        )));
+    };
+    tracing::info!(resource = %resource.name, dn = %entry.dn, focus = %focus.id, "account created");
+    let existing = idm.get_shadow(&resource.name, &entry.entry_uuid).await?;
+    let shadow = Shadow {
+        resource: resource.name.clone(),
+        entry_uuid: entry.entry_uuid.clone(),
+        dn: account.dn.clone(),
+        focus_id: Some(focus.id.clone()),
+        position: focus.version,
+        situation: "linked".into(),
+        ..existing.clone().unwrap_or_default()
+    };
+    let mut linked = focus.clone();
+    linked.set_link(Link {
+        resource: resource.name.clone(),
+        entry_uuid: entry.entry_uuid,
+        dn: account.dn,
+    });
+    let ops = vec![
+        Op::PutShadow {
+            expected_version: existing.map_or(0, |s| s.version),
+            shadow,
+        },
+        Op::PutFocus {
+            expected_version: focus.version,
+            focus: linked,
+        },
+    ];
+    commit(idm, ops, &resource.name).await
+}
+
+async fn update(
+    idm: &IdmClient,
+    targets: &Targets,
+    resource: &ResourceConfig,
+    focus: &Focus,
+    link: &Link,
+) -> Result<(), Failure> {
+    let account =
+        desired_account(resource, focus).map_err(|e| Failure::Permanent(e.to_string()))?;
+    if account.dn != link.dn {
+        tracing::warn!(resource = %resource.name, from = %link.dn, to = %account.dn, "account would be renamed; renames are not supported yet");
+    }
+    let changed = with_dir(targets, resource, async |dir| {
+        let Some(current) = dir.read(&link.dn).await? else {
+            return Ok(None);
+        };
+        let mods = account_modifications(resource, focus, &account, &current.attributes);
+        if !mods.is_empty() {
+            dir.replace(&link.dn, &mods).await?;
+        }
+        Ok(Some(mods.len()))
+    })
+    .await?;
+    match changed {
+        // The account was deleted behind our back: forget the link, create anew.
+        None => {
+            tracing::warn!(resource = %resource.name, dn = %link.dn, "linked account is gone; creating it again");
+            let mut unlinked = focus.clone();
+            unlinked.remove_link(&link.resource, &link.entry_uuid);
+            commit(
+                idm,
+                vec![Op::PutFocus {
+                    expected_version: focus.version,
+                    focus: unlinked,
+                }],
+                &resource.name,
+            )
+            .await
+        }
+        Some(0) => Ok(()),
+        Some(n) => {
+            tracing::info!(resource = %resource.name, dn = %link.dn, attributes = n, "account modified");
+            Ok(())
+        }
+    }
+}
+
+async fn remove(
+    idm: &IdmClient,
+    targets: &Targets,
+    resource: &ResourceConfig,
+    focus: Option<&Focus>,
+    link: &Link,
+) -> Result<(), Failure> {
+    with_dir(targets, resource, async |dir| {
+        match dir.delete(&link.dn).await {
+            Ok(()) | Err(LdapError::NoSuchObject { .. }) => Ok(()),
+            Err(e) => Err(e),
+        }
+    })
+    .await?;
+    tracing::info!(resource = %resource.name, dn = %link.dn, "account deleted");
+    let mut ops = Vec::new();
+    if let Some(shadow) = idm.get_shadow(&resource.name, &link.entry_uuid).await? {
+        ops.push(Op::DeleteShadow {
+            resource: resource.name.clone(),
+            entry_uuid: link.entry_uuid.clone(),
+            expected_version: shadow.version,
+        });
+    }
+    if let Some(focus) = focus {
+        let mut unlinked = focus.clone();
+        unlinked.remove_link(&link.resource, &link.entry_uuid);
+        ops.push(Op::PutFocus {
+            expected_version: focus.version,
+            focus: unlinked,
+        });
+    }
+    if ops.is_empty() {
+        return Ok(());
+    }
+    commit(idm, ops, &resource.name).await
+}
+
+/// A lost race means the focus changed meanwhile: its own change event will
+/// run provisioning again on the new state, but this one must be retried too,
+/// so that what it did on the target gets recorded.
+async fn commit(idm: &IdmClient, ops: Vec<Op>, origin: &str) -> Result<(), Failure> {
+    match idm.commit(ops, origin).await {
+        Ok(_) => Ok(()),
+        Err(IdmError::Conflict(reason)) => {
+            Err(Failure::Transient(format!("lost a race: {reason}")))
+        }
+        Err(e) => Err(e.into()),
+    }
+}

@@ -1,0 +1,238 @@
+//! A whole idsync deployment on one machine: NATS JetStream, a source and a
+//! target OpenLDAP, the IDM and the four services, wired by the example
+//! configuration. State lives in one directory and survives a restart.
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::{Context, Result};
+use idsync_core::config::Config;
+use idsync_testkit::{NatsServer, Slapd, SlapdOptions, free_port};
+use tokio::task::JoinHandle;
+use tokio_util::sync::CancellationToken;
+
+/// The example configuration the deployment runs.
+pub const EXAMPLE_CONFIG: &str = include_str!("../../deploy/local/idsync.toml");
+
+pub const SOURCE_SUFFIX: &str = "dc=example,dc=com";
+pub const PEOPLE: &str = "ou=people,dc=example,dc=com";
+pub const TARGET_SUFFIX: &str = "o=Acme";
+
+/// The source directory's first content: the example's jack.
+pub fn source_seed() -> String {
+    format!(
+        "dn: {SOURCE_SUFFIX}\nobjectClass: dcObject\nobjectClass: organization\ndc: example\no: Example\n\n\
+         dn: {PEOPLE}\nobjectClass: organizationalUnit\nou: people\n\n\
+         dn: uid=jack,{PEOPLE}\nobjectClass: inetOrgPerson\nuid: jack\ncn: Jack Sparrow\n\
+         givenName: Jack\nsn: Sparrow\n"
+    )
+}
+
+fn target_seed() -> String {
+    format!("dn: {TARGET_SUFFIX}\nobjectClass: organization\no: Acme\n")
+}
+
+/// The services, in start order.
+pub const SERVICES: [&str; 5] = ["idm", "detector", "correlator", "applier", "provisioner"];
+
+#[derive(Debug)]
+struct Running {
+    name: &'static str,
+    stop: CancellationToken,
+    task: JoinHandle<Result<(), String>>,
+}
+
+/// A running local deployment.
+#[derive(Debug)]
+pub struct Deployment {
+    pub dir: PathBuf,
+    pub nats: NatsServer,
+    pub source: Slapd,
+    pub target: Slapd,
+    pub config: Arc<Config>,
+    running: Vec<Running>,
+}
+
+impl Deployment {
+    /// Starts everything with its state in `dir` (created, or reused as left).
+    ///
+    /// # Errors
+    /// A server does not start, or the directory cannot be written.
+    pub async fn start(dir: &Path) -> Result<Self> {
+        std::fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
+        let dir = std::fs::canonicalize(dir)?;
+        let secrets = dir.join("secrets");
+        let hr_password = secret(&secrets.join("hr"))?;
+        let acme_password = secret(&secrets.join("acme"))?;
+
+        let nats = NatsServer::start_in(&dir.join("nats")).await?;
+        let source = Slapd::open_or_create(
+            &dir.join("source"),
+            SlapdOptions {
+                suffix: SOURCE_SUFFIX.into(),
+                admin_password: hr_password,
+                seed_ldif: source_seed(),
+                session_log: true,
+            },
+        )
+        .await?;
+        let target = Slapd::open_or_create(
+            &dir.join("target"),
+            SlapdOptions {
+                suffix: TARGET_SUFFIX.into(),
+                admin_password: acme_password,
+                seed_ldif: target_seed(),
+                session_log: false,
+            },
+        )
+        .await?;
+
+        let mut config = idsync_runtime::parse_config(EXAMPLE_CONFIG, "deploy/local/idsync.toml")?;
+        let idm_port = free_port()?;
+        config.nats.url = nats.url().to_owned();
+        config.idm.listen = format!("127.0.0.1:{idm_port}");
+        config.idm.url = format!("http://127.0.0.1:{idm_port}");
+        config.idm.data_dir = dir.join("idm").display().to_string();
+        for r in &mut config.resources {
+            let server = if r.name == "hr" { &source } else { &target };
+            r.url = server.url().to_owned();
+            r.bind_password_env = None;
+            r.bind_password_file = Some(secrets.join(&r.name).display().to_string());
+        }
+        let text = toml_string(&config)?;
+        std::fs::write(dir.join("idsync.toml"), text)?;
+        std::fs::write(
+            dir.join("env"),
+            format!(
+                "export IDSYNC_CONFIG={}\nexport IDSYNC_IDM_URL={}\nexport IDSYNC_NATS_URL={}\n\
+                 export SOURCE_URL={}\nexport TARGET_URL={}\n",
+                dir.join("idsync.toml").display(),
+                config.idm.url,
+                config.nats.url,
+                source.url(),
+                target.url()
+            ),
+        )?;
+
+        let mut deployment = Self {
+            dir,
+            nats,
+            source,
+            target,
+            config: Arc::new(config),
+            running: Vec::new(),
+        };
+        for name in SERVICES {
+            deployment.start_service(name)?;
+        }
+        Ok(deployment)
+    }
+
+    /// Starts one service (in this process) by name.
+    ///
+    /// # Errors
+    /// An unknown name.
+    pub fn start_service(&mut self, name: &str) -> Result<()> {
+        let name: &'static str = SERVICES
+            .into_iter()
+            .find(|s| *s == name)
+            .with_context(|| format!("no service {name:?}; services are {SERVICES:?}"))?;
+        let stop = CancellationToken::new();
+        let config = self.config.clone();
+        let token = stop.clone();
+        let task = tokio::spawn(async move {
+            let result = match name {
+                "idm" => idsync_idm::run(config, token)
+                    .await
+                    .map_err(|e| e.to_string()),
+                "detector" => idsync_detector::run(config, token)
+                    .await
+                    .map_err(|e| e.to_string()),
+                "correlator" => idsync_correlator::run(config, token)
+                    .await
+                    .map_err(|e| e.to_string()),
+                "applier" => idsync_applier::run(config, token)
+                    .await
+                    .map_err(|e| e.to_string()),
+                _ => idsync_provisioner::run(config, token)
+                    .await
+                    .map_err(|e| e.to_string()),
+            };
+            if let Err(e) = &result {
+                tracing::error!(service = name, error = %e, "service stopped on an error");
+            }
+            result
+        });
+        self.running.push(Running { name, stop, task });
+        Ok(())
+    }
+
+    /// Stops one service and waits until it has drained.
+    ///
+    /// # Errors
+    /// The service had failed.
+    pub async fn stop_service(&mut self, name: &str) -> Result<()> {
+        let Some(i) = self.running.iter().position(|r| r.name == name) else {
+            anyhow::bail!("service {name:?} is not running");
+        };
+        let r = self.running.remove(i);
+        stop(r).await
+    }
+
+    /// Stops the services (last started first), then the servers.
+    ///
+    /// # Errors
+    /// A service or server did not stop cleanly.
+    pub async fn shutdown(mut self) -> Result<()> {
+        let mut first_error = Ok(());
+        while let Some(r) = self.running.pop() {
+            if let Err(e) = stop(r).await {
+                first_error = first_error.and(Err(e));
+            }
+        }
+        self.source.stop().await?;
+        self.target.stop().await?;
+        self.nats.stop().await?;
+        first_error
+    }
+}
+
+async fn stop(r: Running) -> Result<()> {
+    r.stop.cancel();
+    match tokio::time::timeout(Duration::from_secs(15), r.task).await {
+        Ok(Ok(Ok(()))) => Ok(()),
+        Ok(Ok(Err(e))) => anyhow::bail!("{} failed: {e}", r.name),
+        Ok(Err(e)) => anyhow::bail!("{} panicked: {e}", r.name),
+        Err(_) => anyhow::bail!("{} did not stop within 15 s", r.name),
+    }
+}
+
+/// Reads the password in `path`, creating a random one (mode 0600) first.
+fn secret(path: &Path) -> Result<String> {
+    if let Ok(existing) = std::fs::read_to_string(path) {
+        return Ok(existing);
+    }
+    if let Some(parent) = path.parent() {
+        std::fs::create_dir_all(parent)?;
+    }
+    let password = uuid::Uuid::new_v4().simple().to_string();
+    std::fs::write(path, &password).with_context(|| format!("cannot write {}", path.display()))?;
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))?;
+    }
+    Ok(password)
+}
+
+fn toml_string(config: &Config) -> Result<String> {
+    Ok(format!(
+        "# Written by `idsync dev up` from deploy/local/idsync.toml with this run's addresses.\n{}",
+        toml_ser(config)?
+    ))
+}
+
+fn toml_ser(config: &Config) -> Result<String> {
+    toml::to_string(config).context("cannot write the configuration as TOML")
+}

@@ -1,0 +1,197 @@
+//! `idsync`: the operator's command line.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use anyhow::{Context, Result};
+use clap::{Parser, Subcommand};
+use idsync::dev::Deployment;
+use idsync_core::model::{Focus, FocusStatus};
+use idsync_idm_client::IdmClient;
+
+#[derive(Debug, Parser)]
+#[command(
+    name = "idsync",
+    version,
+    about = "Identity synchronisation: the operator's tool"
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Users in the IDM.
+    Users {
+        #[command(subcommand)]
+        command: UsersCommand,
+    },
+    /// Configuration files.
+    Config {
+        #[command(subcommand)]
+        command: ConfigCommand,
+    },
+    /// A local all-in-one deployment for trying idsync out.
+    Dev {
+        #[command(subcommand)]
+        command: DevCommand,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+enum UsersCommand {
+    /// Lists users with their links to accounts.
+    List {
+        /// The IDM's gRPC URL.
+        #[arg(long, env = "IDSYNC_IDM_URL", default_value = "http://127.0.0.1:50051")]
+        idm: String,
+        /// One JSON document, for scripts.
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+enum ConfigCommand {
+    /// Checks a configuration without running it; lists every problem.
+    Check { file: PathBuf },
+}
+
+#[derive(Debug, Subcommand)]
+enum DevCommand {
+    /// Starts NATS, a source and a target OpenLDAP, the IDM and the four
+    /// services, runs them until Ctrl-C, then stops everything.
+    Up {
+        /// Where state lives; reused if it exists.
+        #[arg(long, default_value = ".idsync-local")]
+        dir: PathBuf,
+    },
+}
+
+#[tokio::main]
+async fn main() -> ExitCode {
+    let cli = Cli::parse();
+    match run(cli).await {
+        Ok(code) => code,
+        Err(e) => {
+            eprintln!("idsync: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+async fn run(cli: Cli) -> Result<ExitCode> {
+    match cli.command {
+        Command::Users {
+            command: UsersCommand::List { idm, json },
+        } => {
+            let client = IdmClient::new(&idm)?;
+            let users = client
+                .all_focus("user")
+                .await
+                .with_context(|| format!("cannot list users from the IDM at {idm}"))?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&users_json(&users))?);
+            } else {
+                print_users(&users);
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Config {
+            command: ConfigCommand::Check { file },
+        } => match idsync_runtime::load_config(&file) {
+            Ok(c) => {
+                println!(
+                    "{}: valid ({} resources, {} templates)",
+                    file.display(),
+                    c.resources.len(),
+                    c.templates.len()
+                );
+                Ok(ExitCode::SUCCESS)
+            }
+            Err(e) => {
+                eprintln!("{e}");
+                Ok(ExitCode::from(2))
+            }
+        },
+        Command::Dev {
+            command: DevCommand::Up { dir },
+        } => dev_up(dir).await,
+    }
+}
+
+async fn dev_up(dir: PathBuf) -> Result<ExitCode> {
+    idsync_runtime::init_tracing();
+    let shutdown = idsync_runtime::shutdown_on_signal();
+    let deployment = Deployment::start(&dir).await?;
+    let d = &deployment.dir;
+    println!(
+        "\nidsync is running (state in {dir}).\n\n\
+         \x20 NATS           {nats}\n\
+         \x20 source LDAP    {src}  (cn=admin,dc=example,dc=com, password in {dir}/secrets/hr)\n\
+         \x20 target LDAP    {tgt}  (cn=admin,o=Acme, password in {dir}/secrets/acme)\n\
+         \x20 IDM (gRPC)     {idm}\n\
+         \x20 configuration  {dir}/idsync.toml\n\n\
+         In another terminal:  source {dir}/env && target/debug/idsync users list\n\
+         Press Ctrl-C to stop everything.\n",
+        dir = d.display(),
+        nats = deployment.nats.url(),
+        src = deployment.source.url(),
+        tgt = deployment.target.url(),
+        idm = deployment.config.idm.url,
+    );
+    shutdown.cancelled().await;
+    deployment.shutdown().await?;
+    println!("idsync stopped; state kept in {}", dir.display());
+    Ok(ExitCode::SUCCESS)
+}
+
+fn status(f: &Focus) -> &'static str {
+    match f.status {
+        FocusStatus::Enabled => "enabled",
+        FocusStatus::Disabled => "disabled",
+    }
+}
+
+fn print_users(users: &[Focus]) {
+    if users.is_empty() {
+        println!("no users");
+        return;
+    }
+    for u in users {
+        println!(
+            "{name}  ({status}, id {id}, version {v})",
+            name = u.first("name").unwrap_or("<no name>"),
+            status = status(u),
+            id = u.id,
+            v = u.version
+        );
+        for (attr, values) in &u.attributes {
+            if attr != "name" {
+                println!("    {attr}: {}", values.join(" | "));
+            }
+        }
+        for l in &u.links {
+            println!("    -> {}: {}  [{}]", l.resource, l.dn, l.entry_uuid);
+        }
+    }
+}
+
+fn users_json(users: &[Focus]) -> serde_json::Value {
+    serde_json::Value::Array(
+        users
+            .iter()
+            .map(|u| {
+                serde_json::json!({
+                    "id": u.id,
+                    "version": u.version,
+                    "status": status(u),
+                    "attributes": u.attributes,
+                    "assignments": u.assignments.iter().map(|a| serde_json::json!({"resource": a.resource, "source": a.source})).collect::<Vec<_>>(),
+                    "links": u.links.iter().map(|l| serde_json::json!({"resource": l.resource, "dn": l.dn, "entry_uuid": l.entry_uuid})).collect::<Vec<_>>(),
+                })
+            })
+            .collect(),
+    )
+}

@@ -1,0 +1,109 @@
+//! The one consume loop every worker service shares: pull a message, hand it
+//! to the service, then ack, retry later, or park it as a dead letter —
+//! and stop cleanly when asked.
+
+use std::future::Future;
+use std::time::Duration;
+
+use bytes::Bytes;
+use tokio_util::sync::CancellationToken;
+
+use crate::{Bus, BusError};
+
+/// What a service made of one message.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Handling {
+    /// Effects are durable: acknowledge.
+    Done,
+    /// A transient failure (a server is down, a race was lost): deliver again after `delay`.
+    Retry { delay: Duration, reason: String },
+    /// The message can never succeed as it is: park it with the reason.
+    Poison(String),
+}
+
+/// A delivered message, as the service's handler sees it.
+#[derive(Debug, Clone)]
+pub struct Message {
+    pub subject: String,
+    pub payload: Bytes,
+    /// Position in its stream.
+    pub stream_seq: u64,
+    /// How many times it has been delivered, this time included.
+    pub delivered: u64,
+}
+
+/// Where a worker reads from.
+#[derive(Debug, Clone, Copy)]
+pub struct Source<'a> {
+    /// Service name, used for the dead-letter subject and in logs.
+    pub service: &'a str,
+    pub stream: &'a str,
+    /// Durable consumer shared by all replicas of the service.
+    pub durable: &'a str,
+    pub filter_subject: Option<&'a str>,
+}
+
+/// Consumes `source` until `shutdown`, handling one message at a time. The
+/// message being handled when shutdown comes is finished first.
+///
+/// # Errors
+/// The consumer cannot be created, or acknowledging fails for good.
+pub async fn run_worker<H, Fut>(
+    bus: &Bus,
+    source: Source<'_>,
+    shutdown: CancellationToken,
+    mut handle: H,
+) -> Result<(), BusError>
+where
+    H: FnMut(Message) -> Fut,
+    Fut: Future<Output = Handling>,
+{
+    let mut deliveries = bus
+        .consume(source.stream, source.durable, source.filter_subject)
+        .await?;
+    loop {
+        let next = tokio::select! {
+            biased;
+            _ = shutdown.cancelled() => return Ok(()),
+            next = deliveries.next() => next,
+        };
+        let delivery = match next {
+            Some(Ok(d)) => d,
+            Some(Err(e)) => {
+                tracing::warn!(service = source.service, error = %e, "receiving failed; continuing");
+                tokio::time::sleep(Duration::from_millis(200)).await;
+                continue;
+            }
+            None => {
+                return Err(BusError::ConsumerEnded {
+                    stream: source.stream.to_owned(),
+                    durable: source.durable.to_owned(),
+                });
+            }
+        };
+        let message = Message {
+            subject: delivery.subject().to_owned(),
+            payload: Bytes::copy_from_slice(delivery.payload()),
+            stream_seq: delivery.stream_seq(),
+            delivered: delivery.delivered(),
+        };
+        let seq = message.stream_seq;
+        match handle(message).await {
+            Handling::Done => delivery.ack().await?,
+            Handling::Retry { delay, reason } => {
+                tracing::warn!(service = source.service, seq, %reason, retry_in_ms = delay.as_millis() as u64, "will retry");
+                delivery.nak(delay).await?;
+            }
+            Handling::Poison(reason) => {
+                tracing::error!(service = source.service, seq, %reason, "parked in the dead-letter stream");
+                bus.dead_letter(source.service, delivery, &reason).await?;
+            }
+        }
+    }
+}
+
+/// Backoff for the `delivered`-th attempt: 200 ms doubling up to 30 s.
+pub fn backoff(delivered: u64) -> Duration {
+    let exp = delivered.saturating_sub(1).min(8) as u32;
+    (Duration::from_millis(200) * 2u32.pow(exp)).min(Duration::from_secs(30))
+}

@@ -1,0 +1,111 @@
+//! The midPoint example's scenarios, live: modification, creation, deletion.
+
+use idsync_core::model::Focus;
+
+use crate::support::*;
+
+fn full_name(u: &Focus) -> Option<&str> {
+    u.first("fullName")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn modification_of_cn_reaches_the_idm_and_the_target() {
+    let env = start().await;
+    // The initial sync imports jack and gives him his acme account.
+    let jack = env
+        .user_where("jack", "imported and linked to hr and acme", |u| {
+            links_to(u, "hr") && links_to(u, "acme")
+        })
+        .await;
+    assert_eq!(full_name(&jack), Some("Jack Sparrow"));
+    env.target_where("cn=jack,o=Acme", "cn from fullName", |e| {
+        e.is_some_and(|e| {
+            e["cn"] == set(&["jack", "Jack Sparrow"])
+                && e["description"] == set(&["Created by IDM"])
+        })
+    })
+    .await;
+
+    set_cn(&env.deployment.source, "jack", "cpt. Jack Sparrow").await;
+
+    let jack = env
+        .user_where("jack", "fullName changed", |u| {
+            full_name(u) == Some("cpt. Jack Sparrow")
+        })
+        .await;
+    assert_eq!(jack.first("givenName"), Some("Jack"));
+    assert_eq!(jack.first("familyName"), Some("Sparrow"));
+    env.target_where("cn=jack,o=Acme", "cn follows fullName", |e| {
+        e.is_some_and(|e| e["cn"] == set(&["jack", "cpt. Jack Sparrow"]))
+    })
+    .await;
+    env.deployment.shutdown().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn creation_then_deletion_of_an_account() {
+    let env = start().await;
+    env.user_where("jack", "imported", |u| links_to(u, "acme"))
+        .await;
+
+    add_person(&env.deployment.source, "will", "Will", "Turner").await;
+
+    let will = env
+        .user_where("will", "created and linked to both accounts", |u| {
+            links_to(u, "hr") && links_to(u, "acme")
+        })
+        .await;
+    assert_eq!(will.first("givenName"), Some("Will"));
+    assert_eq!(will.first("familyName"), Some("Turner"));
+    assert_eq!(full_name(&will), Some("Will Turner"));
+    assert!(
+        will.has_assignment("acme"),
+        "the template's assignment: {will:?}"
+    );
+    let hr_link = will.link_to("hr").unwrap();
+    assert_eq!(hr_link.dn, person_dn("will"));
+    let shadow = env
+        .idm
+        .get_shadow("hr", &hr_link.entry_uuid)
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(
+        shadow.situation, "unmatched",
+        "will was new: situation unmatched, reaction add_focus"
+    );
+    let account = env
+        .target_where("cn=will,o=Acme", "account constructed", |e| e.is_some())
+        .await
+        .unwrap();
+    assert_eq!(account["cn"], set(&["will", "Will Turner"]));
+    assert_eq!(account["sn"], set(&["Turner"]));
+    assert_eq!(account["givenname"], set(&["Will"]));
+    let acme = env
+        .idm
+        .get_shadow("acme", &will.link_to("acme").unwrap().entry_uuid)
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(acme.focus_id.as_deref(), Some(will.id.as_str()));
+
+    // Deletion: the example configures delete_focus; the account goes with the user.
+    delete_person(&env.deployment.source, "will").await;
+    env.user_gone("will").await;
+    env.target_where("cn=will,o=Acme", "account deleted", |e| e.is_none())
+        .await;
+    let shadow = env
+        .idm
+        .get_shadow("hr", &hr_link.entry_uuid)
+        .await
+        .unwrap()
+        .unwrap();
+    assert!(
+        shadow.dead && shadow.focus_id.is_none(),
+        "a tombstone stays: {shadow:?}"
+    );
+    // jack is untouched.
+    env.user_where("jack", "still there", |u| links_to(u, "acme"))
+        .await;
+    env.deployment.shutdown().await.unwrap();
+}
