@@ -141,29 +141,33 @@ impl Deployment {
         let stop = CancellationToken::new();
         let config = self.config.clone();
         let token = stop.clone();
-        let task = tokio::spawn(async move {
-            let result = match name {
-                "idm" => idsync_idm::run(config, token)
-                    .await
-                    .map_err(|e| e.to_string()),
-                "detector" => idsync_detector::run(config, token)
-                    .await
-                    .map_err(|e| e.to_string()),
-                "correlator" => idsync_correlator::run(config, token)
-                    .await
-                    .map_err(|e| e.to_string()),
-                "applier" => idsync_applier::run(config, token)
-                    .await
-                    .map_err(|e| e.to_string()),
-                _ => idsync_provisioner::run(config, token)
-                    .await
-                    .map_err(|e| e.to_string()),
-            };
-            if let Err(e) = &result {
-                tracing::error!(service = name, error = %e, "service stopped on an error");
-            }
-            result
-        });
+        let span = tracing::info_span!("service", name);
+        let task = tokio::spawn(tracing::Instrument::instrument(
+            async move {
+                let result = match name {
+                    "idm" => idsync_idm::run(config, token)
+                        .await
+                        .map_err(|e| e.to_string()),
+                    "detector" => idsync_detector::run(config, token)
+                        .await
+                        .map_err(|e| e.to_string()),
+                    "correlator" => idsync_correlator::run(config, token)
+                        .await
+                        .map_err(|e| e.to_string()),
+                    "applier" => idsync_applier::run(config, token)
+                        .await
+                        .map_err(|e| e.to_string()),
+                    _ => idsync_provisioner::run(config, token)
+                        .await
+                        .map_err(|e| e.to_string()),
+                };
+                if let Err(e) = &result {
+                    tracing::error!(service = name, error = %e, "service stopped on an error");
+                }
+                result
+            },
+            span,
+        ));
         self.running.push(Running { name, stop, task });
         Ok(())
     }

@@ -172,6 +172,9 @@ fn print_users(users: &[Focus]) {
                 println!("    {attr}: {}", values.join(" | "));
             }
         }
+        for a in &u.assignments {
+            println!("    assigned: {} ({})", a.resource, a.source);
+        }
         for l in &u.links {
             println!("    -> {}: {}  [{}]", l.resource, l.dn, l.entry_uuid);
         }

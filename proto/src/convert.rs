@@ -110,6 +110,7 @@ impl From<v1::Shadow> for Shadow {
             attributes: attrs_from(s.attributes.into_iter().collect()),
             situation: s.situation,
             dead: s.dead,
+            csn: s.csn,
         }
     }
 }
@@ -126,6 +127,7 @@ impl From<Shadow> for v1::Shadow {
             attributes: attrs_to(s.attributes),
             situation: s.situation,
             dead: s.dead,
+            csn: s.csn,
         }
     }
 }
@@ -206,7 +208,9 @@ impl TryFrom<v1::ChangeEvent> for SourceChange {
                 });
             }
         };
+        let csn = e.position.map(|p| p.csn).filter(|c| !c.is_empty());
         Ok(SourceChange {
+            csn,
             resource: e.resource,
             entry_uuid: e.entry_uuid,
             dn: e.dn,

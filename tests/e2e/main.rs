@@ -3,6 +3,7 @@
 
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
+mod failures;
 mod poison;
 mod restart;
 mod seed_scenarios;

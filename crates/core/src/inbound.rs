@@ -49,7 +49,7 @@ pub fn plan(
 ) -> Result<Outcome, CoreError> {
     let resource = config.resource(&change.resource)?;
     if let Some(shadow) = state.shadow
-        && shadow.position >= change_seq
+        && is_stale(shadow, change, change_seq)
     {
         return Ok(Outcome::Stale {
             shadow_position: shadow.position,
@@ -156,6 +156,19 @@ pub fn plan(
     })
 }
 
+/// Whether `shadow` already reflects `change` or something newer: a position
+/// at or past the change's, or — for an event published again later, which
+/// gets a new position — a source CSN at or past the change's.
+fn is_stale(shadow: &Shadow, change: &SourceChange, change_seq: u64) -> bool {
+    if shadow.position >= change_seq {
+        return true;
+    }
+    match change.csn.as_deref() {
+        Some(csn) if !shadow.csn.is_empty() => csn <= shadow.csn.as_str(),
+        _ => false,
+    }
+}
+
 fn next_shadow(
     change: &SourceChange,
     change_seq: u64,
@@ -171,6 +184,9 @@ fn next_shadow(
         shadow.dn = change.dn.clone();
     }
     shadow.position = change_seq;
+    if let Some(csn) = &change.csn {
+        shadow.csn = csn.clone();
+    }
     shadow.situation = situation.to_string();
     shadow.dead = change.is_delete();
     if shadow.dead {
@@ -326,6 +342,7 @@ mod tests {
             entry_uuid: format!("uuid-{uid}"),
             dn: format!("uid={uid},ou=people,dc=example,dc=com"),
             kind: ChangeKind::Upsert { attributes: attrs },
+            csn: Some(format!("20260101000000.000000Z#000000#000#{uid}")),
         }
     }
 
@@ -404,7 +421,8 @@ mod tests {
         let (mut focus, mut shadow) = unmatched_will();
         focus.version = 1;
         shadow.version = 1;
-        let change = entry("will", "cpt. Will Turner", "Will", "Turner");
+        let mut change = entry("will", "cpt. Will Turner", "Will", "Turner");
+        change.csn = Some("20260105000000.000000Z#000000#000#000000".into());
         let state = InboundState {
             shadow: Some(&shadow),
             focus: Some(&focus),
@@ -437,7 +455,19 @@ mod tests {
         let (mut focus, mut shadow) = unmatched_will();
         focus.version = 1;
         shadow.version = 1;
-        let change = entry("will", "Will Turner", "Will", "Turner");
+        let mut change = entry("will", "Will Turner", "Will", "Turner");
+        // The same state read again (same CSN) is stale ...
+        let same = InboundState {
+            shadow: Some(&shadow),
+            focus: Some(&focus),
+            situation: Some(Situation::Linked),
+        };
+        assert!(matches!(
+            plan(&cfg, &change, 9, same, "unused"),
+            Ok(Outcome::Stale { .. })
+        ));
+        // ... a later change that leaves mapped values alone moves only the shadow.
+        change.csn = Some("20260105000000.000000Z#000000#000#000000".into());
         let state = InboundState {
             shadow: Some(&shadow),
             focus: Some(&focus),
@@ -467,6 +497,32 @@ mod tests {
     }
 
     #[test]
+    fn an_old_state_published_again_is_stale_by_its_csn() {
+        let cfg = config();
+        let (_, mut shadow) = unmatched_will();
+        shadow.csn = "20260102000000.000000Z#000000#000#000000".into();
+        let mut change = entry("will", "Old", "Will", "Turner");
+        let linked = InboundState {
+            shadow: Some(&shadow),
+            focus: None,
+            situation: Some(Situation::Linked),
+        };
+        assert!(matches!(
+            plan(&cfg, &change, 99, linked, "x"),
+            Ok(Outcome::Stale { .. })
+        ));
+        change.csn = Some("20260103000000.000000Z#000000#000#000000".into());
+        let unmatched = InboundState {
+            situation: Some(Situation::Unmatched),
+            ..linked
+        };
+        assert!(matches!(
+            plan(&cfg, &change, 99, unmatched, "x"),
+            Ok(Outcome::Commit { .. })
+        ));
+    }
+
+    #[test]
     fn deletion_deletes_the_focus_and_keeps_a_dead_shadow() {
         let cfg = config();
         let (mut focus, mut shadow) = unmatched_will();
@@ -475,6 +531,7 @@ mod tests {
         let change = SourceChange {
             kind: ChangeKind::Delete,
             dn: String::new(),
+            csn: None,
             ..entry("will", "", "", "")
         };
         let state = InboundState {

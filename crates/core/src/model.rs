@@ -90,6 +90,8 @@ pub struct Shadow {
     pub attributes: Attrs,
     pub situation: String,
     pub dead: bool,
+    /// CSN of the last change applied, when the source gives one.
+    pub csn: String,
 }
 
 /// An entry as a source resource reports it: whole state or tombstone.
@@ -99,6 +101,9 @@ pub struct SourceChange {
     pub entry_uuid: String,
     pub dn: String,
     pub kind: ChangeKind,
+    /// The entry's change sequence number in the source (OpenLDAP's
+    /// entryCSN), when known. CSNs of one source order its changes.
+    pub csn: Option<String>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]

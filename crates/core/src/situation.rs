@@ -166,6 +166,7 @@ mod tests {
             resource: "hr".into(),
             entry_uuid: "u1".into(),
             dn: "uid=jack".into(),
+            csn: None,
             kind: if delete {
                 ChangeKind::Delete
             } else {

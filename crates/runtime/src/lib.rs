@@ -17,6 +17,8 @@ pub const CONFIG_ENV: &str = "IDSYNC_CONFIG";
 pub const NATS_URL_ENV: &str = "IDSYNC_NATS_URL";
 /// Overrides `idm.url`.
 pub const IDM_URL_ENV: &str = "IDSYNC_IDM_URL";
+/// Log filter when `RUST_LOG` is unset: the NATS client's connection chatter is left out.
+pub const DEFAULT_LOG_FILTER: &str = "info,async_nats=warn";
 /// `json` for JSON logs (Kubernetes); anything else for human logs.
 pub const LOG_FORMAT_ENV: &str = "IDSYNC_LOG_FORMAT";
 
@@ -102,7 +104,8 @@ pub fn bind_password(resource: &ResourceConfig) -> Result<Secret, ConfigError> {
 /// otherwise; the filter comes from `RUST_LOG` (default `info`).
 pub fn init_tracing() {
     use tracing_subscriber::EnvFilter;
-    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
+    let filter =
+        EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(DEFAULT_LOG_FILTER));
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_target(false);
@@ -186,7 +189,8 @@ where
     };
     let shutdown = shutdown_on_signal();
     tracing::info!(service = name, config = %path.display(), "starting");
-    match run(config, shutdown).await {
+    let span = tracing::info_span!("service", name);
+    match tracing::Instrument::instrument(run(config, shutdown), span).await {
         Ok(()) => {
             tracing::info!(service = name, "stopped");
             ExitCode::SUCCESS
