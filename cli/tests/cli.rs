@@ -1,0 +1,74 @@
+//! The `idsync` binary as an operator runs it: exit codes and messages.
+
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+
+use std::process::{Command, Output};
+
+fn idsync(args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_idsync"))
+        .args(args)
+        .env_remove("IDSYNC_IDM_URL")
+        .output()
+        .unwrap()
+}
+
+fn text(o: &Output) -> String {
+    format!(
+        "{}{}",
+        String::from_utf8_lossy(&o.stdout),
+        String::from_utf8_lossy(&o.stderr)
+    )
+}
+
+#[test]
+fn config_check_accepts_the_example() {
+    let example = concat!(env!("CARGO_MANIFEST_DIR"), "/../deploy/local/idsync.toml");
+    let out = idsync(&["config", "check", example]);
+    assert!(out.status.success(), "{}", text(&out));
+    assert!(
+        text(&out).contains("valid (2 resources, 1 templates)"),
+        "{}",
+        text(&out)
+    );
+}
+
+#[test]
+fn config_check_lists_every_problem_and_exits_2() {
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("bad.toml");
+    let example = include_str!("../../deploy/local/idsync.toml");
+    let bad = example
+        .replace("template = \"default-user\"", "template = \"nope\"")
+        .replace("target = \"description\"", "target = \"\"");
+    std::fs::write(&file, bad).unwrap();
+    let out = idsync(&["config", "check", file.to_str().unwrap()]);
+    assert_eq!(out.status.code(), Some(2), "{}", text(&out));
+    let t = text(&out);
+    assert!(t.contains("bad.toml is invalid"), "{t}");
+    assert!(
+        t.contains("reactions.unmatched.template: names template \"nope\""),
+        "{t}"
+    );
+    assert!(t.contains("outbound[3]: target is empty"), "{t}");
+}
+
+#[test]
+fn config_check_names_the_line_of_a_syntax_error() {
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("broken.toml");
+    std::fs::write(&file, "version = 1\n[nats\nurl = 1\n").unwrap();
+    let out = idsync(&["config", "check", file.to_str().unwrap()]);
+    assert_eq!(out.status.code(), Some(2));
+    let t = text(&out);
+    assert!(t.contains("broken.toml") && t.contains("line 2"), "{t}");
+}
+
+#[test]
+fn users_list_names_an_unreachable_idm() {
+    let port = idsync_testkit::free_port().unwrap();
+    let url = format!("http://127.0.0.1:{port}");
+    let out = idsync(&["users", "list", "--idm", &url]);
+    assert!(!out.status.success());
+    let t = text(&out);
+    assert!(t.contains(&url) && t.contains("unavailable"), "{t}");
+}
