@@ -88,6 +88,9 @@ impl Deployment {
         )
         .await?;
 
+        // Declare the streams once, before five services look for them at once.
+        idsync_bus::Bus::connect(nats.url()).await?;
+
         let mut config = idsync_runtime::parse_config(EXAMPLE_CONFIG, "deploy/local/idsync.toml")?;
         let idm_port = free_port()?;
         config.nats.url = nats.url().to_owned();

@@ -18,7 +18,19 @@ pub struct Env {
     _dir: tempfile::TempDir,
 }
 
+/// Logs of the services go to the test's captured output (shown on failure).
+fn init_tracing() {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info,async_nats=warn"));
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_test_writer()
+        .with_ansi(false)
+        .try_init();
+}
+
 pub async fn start() -> Env {
+    init_tracing();
     let dir = tempfile::tempdir().unwrap();
     let deployment = Deployment::start(dir.path()).await.unwrap();
     let idm = IdmClient::new(&deployment.config.idm.url).unwrap();

@@ -421,11 +421,31 @@ fn stream_configs() -> [stream::Config; 4] {
     ]
 }
 
+fn stream_not_found(e: &jetstream::context::GetStreamError) -> bool {
+    matches!(
+        e.kind(),
+        jetstream::context::GetStreamErrorKind::JetStream(j)
+            if j.error_code() == jetstream::ErrorCode::STREAM_NOT_FOUND
+    )
+}
+
 async fn declare_stream(js: &jetstream::Context, config: stream::Config) -> Result<(), BusError> {
     let mut attempt = 1;
     loop {
-        match js.create_or_update_stream(config.clone()).await {
-            Ok(_) => return Ok(()),
+        // Look before creating: services that start after the first find the
+        // stream and send no create at all. (nats-server 2.9 can leave
+        // concurrent creates of one stream unanswered.)
+        let declared = match js.get_stream(&config.name).await {
+            Ok(_) => Ok(()),
+            Err(e) if stream_not_found(&e) => js
+                .create_stream(config.clone())
+                .await
+                .map(drop)
+                .map_err(|e| e.to_string()),
+            Err(e) => Err(e.to_string()),
+        };
+        match declared {
+            Ok(()) => return Ok(()),
             // Another service may have created it between our update and create.
             Err(e) if attempt < DECLARE_ATTEMPTS => {
                 tracing::debug!(stream = %config.name, attempt, error = %e, "declaring stream failed, retrying");
@@ -433,8 +453,8 @@ async fn declare_stream(js: &jetstream::Context, config: stream::Config) -> Resu
             Err(e) => {
                 return Err(BusError::Stream {
                     stream: config.name,
-                    operation: "create or update",
-                    source: Box::new(e),
+                    operation: "look up or create",
+                    source: e.into(),
                 });
             }
         }

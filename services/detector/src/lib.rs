@@ -35,6 +35,7 @@ pub enum Error {
 /// # Errors
 /// NATS cannot be reached at start, or a bind password cannot be read.
 pub async fn run(config: Arc<Config>, shutdown: CancellationToken) -> Result<(), Error> {
+    tracing::debug!(url = %config.nats.url, "connecting to NATS");
     let bus = Bus::connect(&config.nats.url).await?;
     let tracker = TaskTracker::new();
     let mut any = false;
