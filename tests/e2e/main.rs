@@ -7,4 +7,5 @@ mod failures;
 mod poison;
 mod restart;
 mod seed_scenarios;
+mod situations;
 mod support;
