@@ -556,6 +556,206 @@ mod tests {
         assert_eq!(s.dn, shadow.dn, "a tombstone keeps the DN it had");
     }
 
+    /// Every reaction, in every situation it fits: which writes it plans.
+    #[test]
+    fn reaction_table() {
+        use crate::config::ReactionConfig;
+        let (mut owner, mut shadow) = unmatched_will();
+        owner.version = 4;
+        shadow.version = 2;
+        let upsert = {
+            let mut c = entry("will", "cpt. Will Turner", "Will", "Turner");
+            c.csn = Some("20270101000000.000000Z#000000#000#000000".into());
+            c
+        };
+        let delete = SourceChange {
+            kind: ChangeKind::Delete,
+            csn: None,
+            ..upsert.clone()
+        };
+        // (situation, reaction, with shadow, with focus, expected op kinds, focus status, shadow linked, shadow dead)
+        type Row = (
+            Situation,
+            Reaction,
+            bool,
+            bool,
+            &'static [&'static str],
+            Option<FocusStatus>,
+            bool,
+            bool,
+        );
+        let table: &[Row] = &[
+            (
+                Situation::Linked,
+                Reaction::Synchronize,
+                true,
+                true,
+                &["put_focus", "put_shadow"],
+                Some(FocusStatus::Enabled),
+                true,
+                false,
+            ),
+            (
+                Situation::Linked,
+                Reaction::Unlink,
+                true,
+                true,
+                &["put_focus", "put_shadow"],
+                Some(FocusStatus::Enabled),
+                false,
+                false,
+            ),
+            (
+                Situation::Linked,
+                Reaction::Nothing,
+                true,
+                true,
+                &["put_shadow"],
+                None,
+                true,
+                false,
+            ),
+            (
+                Situation::Unlinked,
+                Reaction::Link,
+                false,
+                true,
+                &["put_focus", "put_shadow"],
+                Some(FocusStatus::Enabled),
+                true,
+                false,
+            ),
+            (
+                Situation::Unlinked,
+                Reaction::Nothing,
+                false,
+                true,
+                &["put_shadow"],
+                None,
+                false,
+                false,
+            ),
+            (
+                Situation::Unmatched,
+                Reaction::AddFocus,
+                false,
+                false,
+                &["put_focus", "put_shadow"],
+                Some(FocusStatus::Enabled),
+                true,
+                false,
+            ),
+            (
+                Situation::Unmatched,
+                Reaction::Nothing,
+                false,
+                false,
+                &["put_shadow"],
+                None,
+                false,
+                false,
+            ),
+            (
+                Situation::Disputed,
+                Reaction::Nothing,
+                false,
+                false,
+                &["put_shadow"],
+                None,
+                false,
+                false,
+            ),
+            (
+                Situation::Deleted,
+                Reaction::DeleteFocus,
+                true,
+                true,
+                &["delete_focus", "put_shadow"],
+                None,
+                false,
+                true,
+            ),
+            (
+                Situation::Deleted,
+                Reaction::InactivateFocus,
+                true,
+                true,
+                &["put_focus", "put_shadow"],
+                Some(FocusStatus::Disabled),
+                false,
+                true,
+            ),
+            (
+                Situation::Deleted,
+                Reaction::Unlink,
+                true,
+                true,
+                &["put_focus", "put_shadow"],
+                Some(FocusStatus::Enabled),
+                false,
+                true,
+            ),
+            (
+                Situation::Deleted,
+                Reaction::Nothing,
+                true,
+                true,
+                &["put_shadow"],
+                None,
+                true,
+                true,
+            ),
+        ];
+        for &(situation, reaction, with_shadow, with_focus, kinds, status, linked, dead) in table {
+            let mut cfg = config();
+            cfg.resources[0].reactions.insert(
+                situation,
+                ReactionConfig {
+                    action: reaction,
+                    template: None,
+                },
+            );
+            let state = InboundState {
+                shadow: with_shadow.then_some(&shadow),
+                focus: with_focus.then_some(&owner),
+                situation: Some(situation),
+            };
+            let change = if situation == Situation::Deleted {
+                &delete
+            } else {
+                &upsert
+            };
+            let what = format!("{situation} → {reaction}");
+            let (s, r, ops) = commit(plan(&cfg, change, 50, state, "new-id").unwrap());
+            assert_eq!((s, r), (situation, reaction), "{what}");
+            let got: Vec<&str> = ops
+                .iter()
+                .map(|op| match op {
+                    Op::PutFocus { .. } => "put_focus",
+                    Op::DeleteFocus { .. } => "delete_focus",
+                    Op::PutShadow { .. } => "put_shadow",
+                    Op::DeleteShadow { .. } => "delete_shadow",
+                })
+                .collect();
+            assert_eq!(got, kinds, "{what}");
+            for op in &ops {
+                match op {
+                    Op::PutFocus { focus, .. } => {
+                        assert_eq!(Some(focus.status), status, "{what}");
+                        assert_eq!(focus.link_to("hr").is_some(), linked, "{what}: focus link");
+                    }
+                    Op::PutShadow { shadow: sh, .. } => {
+                        assert_eq!(sh.focus_id.is_some(), linked, "{what}: shadow link");
+                        assert_eq!(sh.dead, dead, "{what}");
+                        assert_eq!(sh.situation, situation.as_str(), "{what}");
+                        assert_eq!(sh.position, 50, "{what}");
+                    }
+                    _ => {}
+                }
+            }
+        }
+    }
+
     #[test]
     fn non_utf8_mapped_value_is_refused_naming_the_attribute() {
         let cfg = config();

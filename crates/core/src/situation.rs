@@ -216,6 +216,31 @@ mod tests {
         assert_eq!(situation(&del, Some(&shadow(false, true)), false, 0), None);
     }
 
+    proptest::proptest! {
+        /// Invariants of the situation table over every combination of inputs.
+        #[test]
+        fn situation_invariants(delete in proptest::bool::ANY, has_shadow in proptest::bool::ANY,
+                                linked in proptest::bool::ANY, dead in proptest::bool::ANY,
+                                owner in proptest::bool::ANY, candidates in 0usize..4) {
+            let c = change(delete);
+            let s = shadow(linked, dead);
+            let got = situation(&c, has_shadow.then_some(&s), owner, candidates);
+            let live = has_shadow && !dead;
+            // Deleted exactly for the deletion of something we hold.
+            proptest::prop_assert_eq!(got == Some(Situation::Deleted), delete && live);
+            proptest::prop_assert_eq!(got.is_none(), delete && !live);
+            // Linked only through a live link to an existing owner.
+            if got == Some(Situation::Linked) {
+                proptest::prop_assert!(live && linked && owner);
+            }
+            // Without a live owner, correlation alone decides an upsert.
+            if !delete && !(live && linked && owner) {
+                let want = match candidates { 0 => Situation::Unmatched, 1 => Situation::Unlinked, _ => Situation::Disputed };
+                proptest::prop_assert_eq!(got, Some(want));
+            }
+        }
+    }
+
     #[test]
     fn names_round_trip() {
         for s in Situation::ALL {
