@@ -234,7 +234,8 @@ mod tests {
                 proptest::prop_assert!(live && linked && owner);
             }
             // Without a live owner, correlation alone decides an upsert.
-            if !delete && !(live && linked && owner) {
+            let owned = live && linked && owner;
+            if !delete && !owned {
                 let want = match candidates { 0 => Situation::Unmatched, 1 => Situation::Unlinked, _ => Situation::Disputed };
                 proptest::prop_assert_eq!(got, Some(want));
             }
