@@ -65,7 +65,17 @@ pub fn parse_config(text: &str, origin: &str) -> Result<Config, ConfigError> {
         path: origin.to_owned(),
         reason: e.to_string().trim_end().to_owned(),
     })?;
-    let problems: Vec<String> = config.validate().iter().map(ToString::to_string).collect();
+    let problems: Vec<String> = config
+        .validate()
+        .iter()
+        .map(|e| match e {
+            idsync_core::CoreError::Config { path, reason } => match line_of(text, path) {
+                Some(line) => format!("line {line}: {path}: {reason}"),
+                None => format!("{path}: {reason}"),
+            },
+            other => other.to_string(),
+        })
+        .collect();
     if !problems.is_empty() {
         return Err(ConfigError::Invalid {
             path: origin.to_owned(),
@@ -73,6 +83,46 @@ pub fn parse_config(text: &str, origin: &str) -> Result<Config, ConfigError> {
         });
     }
     Ok(config)
+}
+
+/// The line (1-based) where the field at `path` is written, or the nearest
+/// enclosing field that is written: `path` as the validation reports it,
+/// such as `resources[0] (hr).reactions.unmatched.template`.
+fn line_of(text: &str, path: &str) -> Option<usize> {
+    use toml::de::{DeTable, DeValue};
+    let doc = DeTable::parse(text).ok()?;
+    let mut table: &DeTable = doc.get_ref();
+    let mut found: Option<std::ops::Range<usize>> = None;
+    for segment in path.split('.') {
+        // "resources[0] (hr)" → key "resources", index 0.
+        let segment = segment.split(" (").next().unwrap_or(segment);
+        let (key, index) = match segment.split_once('[') {
+            Some((k, rest)) => (k, rest.trim_end_matches(']').parse::<usize>().ok()),
+            None => (segment, None),
+        };
+        let Some((k, value)) = table.iter().find(|(k, _)| k.get_ref() == key) else {
+            break;
+        };
+        found = Some(k.span());
+        let value = match (index, value.get_ref()) {
+            (Some(i), DeValue::Array(items)) => match items.get(i) {
+                Some(item) => {
+                    if !item.span().is_empty() {
+                        found = Some(item.span());
+                    }
+                    item
+                }
+                None => break,
+            },
+            _ => value,
+        };
+        match value.get_ref() {
+            DeValue::Table(t) => table = t,
+            _ => break,
+        }
+    }
+    let start = found?.start;
+    Some(text.get(..start)?.matches('\n').count() + 1)
 }
 
 /// The bind password of `resource`, from its file or environment variable.
@@ -226,6 +276,39 @@ mod tests {
         let err = parse_config(&text, "x.toml").unwrap_err().to_string();
         assert!(err.contains("version: is 9"), "{err}");
         assert!(err.contains("assignments[0]"), "{err}");
+    }
+
+    #[test]
+    fn validation_problems_name_their_line() {
+        let text = EXAMPLE.replace(
+            "unmatched = { action = \"add_focus\", template = \"default-user\" }",
+            "unmatched = { action = \"add_focus\", template = \"nope\" }",
+        );
+        let line = text
+            .lines()
+            .position(|l| l.contains("template = \"nope\""))
+            .unwrap()
+            + 1;
+        let err = parse_config(&text, "x.toml").unwrap_err().to_string();
+        assert!(
+            err.contains(&format!("line {line}: resources[0] (hr).reactions.unmatched.template: names template \"nope\"")),
+            "{err}"
+        );
+        // A problem in the second [[resources]] points into that table.
+        let text = EXAMPLE.replace(
+            "dn_template = \"cn={name},o=Acme\"",
+            "dn_template = \"cn={name,o=Acme\"",
+        );
+        let line = text
+            .lines()
+            .position(|l| l.contains("cn={name,o=Acme"))
+            .unwrap()
+            + 1;
+        let err = parse_config(&text, "x.toml").unwrap_err().to_string();
+        assert!(
+            err.contains(&format!("line {line}: resources[1] (acme).dn_template")),
+            "{err}"
+        );
     }
 
     #[test]
