@@ -56,6 +56,8 @@ enum UsersCommand {
 enum ConfigCommand {
     /// Checks a configuration without running it; lists every problem.
     Check { file: PathBuf },
+    /// Prints the configuration's JSON Schema.
+    Schema,
 }
 
 #[derive(Debug, Subcommand)]
@@ -115,6 +117,12 @@ async fn run(cli: Cli) -> Result<ExitCode> {
                 Ok(ExitCode::from(2))
             }
         },
+        Command::Config {
+            command: ConfigCommand::Schema,
+        } => {
+            print!("{}", idsync_core::config::Config::json_schema());
+            Ok(ExitCode::SUCCESS)
+        }
         Command::Dev {
             command: DevCommand::Up { dir },
         } => dev_up(dir).await,

@@ -12,10 +12,10 @@ use crate::situation::{Reaction, Situation};
 /// The configuration schema version this build reads.
 pub const CONFIG_VERSION: u32 = 1;
 
-#[derive(Debug, Clone, Deserialize, Serialize, PartialEq)]
+#[derive(Debug, Clone, Deserialize, Serialize, PartialEq, schemars::JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct Config {
-    /// Must equal [`CONFIG_VERSION`].
+    /// Configuration schema version; this build reads 1.
     pub version: u32,
     pub nats: NatsConfig,
     pub idm: IdmConfig,
@@ -25,14 +25,14 @@ pub struct Config {
     pub templates: Vec<ObjectTemplate>,
 }
 
-#[derive(Debug, Clone, Deserialize, Serialize, PartialEq)]
+#[derive(Debug, Clone, Deserialize, Serialize, PartialEq, schemars::JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct NatsConfig {
     /// For example `nats://127.0.0.1:4222`.
     pub url: String,
 }
 
-#[derive(Debug, Clone, Deserialize, Serialize, PartialEq)]
+#[derive(Debug, Clone, Deserialize, Serialize, PartialEq, schemars::JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct IdmConfig {
     /// Where services reach the IDM's gRPC API, for example `http://127.0.0.1:50051`.
@@ -54,7 +54,7 @@ fn default_idm_data_dir() -> String {
 }
 
 /// One LDAP directory that idsync reads from, writes to, or both.
-#[derive(Debug, Clone, Deserialize, Serialize, PartialEq)]
+#[derive(Debug, Clone, Deserialize, Serialize, PartialEq, schemars::JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct ResourceConfig {
     pub name: String,
@@ -95,7 +95,9 @@ fn default_filter() -> String {
 }
 
 /// midPoint's mapping strength.
-#[derive(Debug, Clone, Copy, Default, Deserialize, Serialize, PartialEq, Eq)]
+#[derive(
+    Debug, Clone, Copy, Default, Deserialize, Serialize, PartialEq, Eq, schemars::JsonSchema,
+)]
 #[serde(rename_all = "lowercase")]
 pub enum Strength {
     /// Only where the target has no value.
@@ -109,7 +111,7 @@ pub enum Strength {
 
 /// A mapping: exactly one of `source` (as-is), `value` (a literal) or
 /// `template` (`"{givenName} {familyName}"`) gives the values for `target`.
-#[derive(Debug, Clone, Deserialize, Serialize, PartialEq)]
+#[derive(Debug, Clone, Deserialize, Serialize, PartialEq, schemars::JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct Mapping {
     pub source: Option<String>,
@@ -121,14 +123,14 @@ pub struct Mapping {
 }
 
 /// Focus attribute `focus_attribute` must equal the entry's `source` attribute.
-#[derive(Debug, Clone, Deserialize, Serialize, PartialEq)]
+#[derive(Debug, Clone, Deserialize, Serialize, PartialEq, schemars::JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct CorrelationRule {
     pub focus_attribute: String,
     pub source: String,
 }
 
-#[derive(Debug, Clone, Deserialize, Serialize, PartialEq)]
+#[derive(Debug, Clone, Deserialize, Serialize, PartialEq, schemars::JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct ReactionConfig {
     pub action: Reaction,
@@ -138,7 +140,7 @@ pub struct ReactionConfig {
 
 /// midPoint's object template: mappings evaluated on the focus itself, and
 /// assignments given to every focus it is applied to.
-#[derive(Debug, Clone, Deserialize, Serialize, PartialEq)]
+#[derive(Debug, Clone, Deserialize, Serialize, PartialEq, schemars::JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct ObjectTemplate {
     pub name: String,
@@ -150,6 +152,12 @@ pub struct ObjectTemplate {
 }
 
 impl Config {
+    /// The JSON Schema of the configuration, from these types and their docs.
+    pub fn json_schema() -> String {
+        let schema = schemars::schema_for!(Config);
+        serde_json::to_string_pretty(&schema).unwrap_or_default() + "\n"
+    }
+
     pub fn resource(&self, name: &str) -> Result<&ResourceConfig, CoreError> {
         self.resources
             .iter()
@@ -357,6 +365,46 @@ mod tests {
                 .iter()
                 .any(|e| e.contains("reactions.unmatched.template"))
         );
+    }
+
+    #[test]
+    fn published_schema_matches_the_types() {
+        let published = include_str!("../../../docs/config.schema.json");
+        assert!(
+            published == Config::json_schema(),
+            "docs/config.schema.json is out of date: run `cargo run -p idsync -- config schema > docs/config.schema.json`"
+        );
+    }
+
+    #[test]
+    fn every_field_is_in_the_reference() {
+        let reference = include_str!("../../../docs/configuration.md");
+        let schema: serde_json::Value = serde_json::from_str(&Config::json_schema()).unwrap();
+        let mut fields = Vec::new();
+        collect_properties(&schema, &mut fields);
+        let missing: Vec<_> = fields
+            .iter()
+            .filter(|f| !reference.contains(&format!("| `{f}` |")))
+            .collect();
+        assert!(
+            missing.is_empty(),
+            "docs/configuration.md does not describe {missing:?}"
+        );
+    }
+
+    fn collect_properties(v: &serde_json::Value, out: &mut Vec<String>) {
+        match v {
+            serde_json::Value::Object(map) => {
+                if let Some(serde_json::Value::Object(props)) = map.get("properties") {
+                    out.extend(props.keys().cloned());
+                }
+                map.values().for_each(|v| collect_properties(v, out));
+            }
+            serde_json::Value::Array(items) => {
+                items.iter().for_each(|v| collect_properties(v, out))
+            }
+            _ => {}
+        }
     }
 
     #[test]

@@ -8,7 +8,19 @@ use serde::{Deserialize, Serialize};
 use crate::config::ResourceConfig;
 use crate::model::{Shadow, SourceChange};
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Deserialize, Serialize)]
+#[derive(
+    Debug,
+    Clone,
+    Copy,
+    PartialEq,
+    Eq,
+    PartialOrd,
+    Ord,
+    Hash,
+    Deserialize,
+    Serialize,
+    schemars::JsonSchema,
+)]
 #[serde(rename_all = "snake_case")]
 pub enum Situation {
     /// The entry has a shadow linked to a focus.
@@ -53,7 +65,7 @@ impl fmt::Display for Situation {
     }
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize, schemars::JsonSchema)]
 #[serde(rename_all = "snake_case")]
 pub enum Reaction {
     /// Apply inbound mappings to the owner.
