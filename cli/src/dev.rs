@@ -60,6 +60,16 @@ impl Deployment {
     /// # Errors
     /// A server does not start, or the directory cannot be written.
     pub async fn start(dir: &Path) -> Result<Self> {
+        Self::start_with(dir, EXAMPLE_CONFIG).await
+    }
+
+    /// As [`Deployment::start`], running `config_text` (TOML) instead of the
+    /// example; its URLs, passwords and IDM address are replaced by the
+    /// deployment's own, for the resources named `hr` (source) and `acme` (target).
+    ///
+    /// # Errors
+    /// As [`Deployment::start`], and an invalid configuration.
+    pub async fn start_with(dir: &Path, config_text: &str) -> Result<Self> {
         std::fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
         let dir = std::fs::canonicalize(dir)?;
         let secrets = dir.join("secrets");
@@ -91,7 +101,7 @@ impl Deployment {
         // Declare the streams once, before five services look for them at once.
         idsync_bus::Bus::connect(nats.url()).await?;
 
-        let mut config = idsync_runtime::parse_config(EXAMPLE_CONFIG, "deploy/local/idsync.toml")?;
+        let mut config = idsync_runtime::parse_config(config_text, "deploy/local/idsync.toml")?;
         let idm_port = free_port()?;
         config.nats.url = nats.url().to_owned();
         config.idm.listen = format!("127.0.0.1:{idm_port}");

@@ -5,6 +5,7 @@ use std::process::ExitCode;
 
 use anyhow::{Context, Result};
 use clap::{Parser, Subcommand};
+use idsync::cases;
 use idsync::dev::Deployment;
 use idsync_core::model::{Focus, FocusStatus};
 use idsync_idm_client::IdmClient;
@@ -26,6 +27,11 @@ enum Command {
     Users {
         #[command(subcommand)]
         command: UsersCommand,
+    },
+    /// Correlation cases: disputed entries waiting for a decision.
+    Cases {
+        #[command(subcommand)]
+        command: CasesCommand,
     },
     /// Configuration files.
     Config {
@@ -49,6 +55,37 @@ enum UsersCommand {
         /// One JSON document, for scripts.
         #[arg(long)]
         json: bool,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+enum CasesCommand {
+    /// Lists open cases with the users correlation proposed.
+    List {
+        #[arg(long, env = "IDSYNC_IDM_URL", default_value = "http://127.0.0.1:50051")]
+        idm: String,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Resolves a case: link the entry to a user, or create a new user.
+    Resolve {
+        /// The resource of the entry.
+        resource: String,
+        /// The entry's UUID (as `cases list` shows it).
+        entry_uuid: String,
+        /// Link the entry to this user (name or id).
+        #[arg(long, conflicts_with = "create", required_unless_present = "create")]
+        link: Option<String>,
+        /// Create a new user from the entry.
+        #[arg(long)]
+        create: bool,
+        #[arg(long, env = "IDSYNC_IDM_URL", default_value = "http://127.0.0.1:50051")]
+        idm: String,
+        #[arg(long, env = "IDSYNC_NATS_URL", default_value = "nats://127.0.0.1:4222")]
+        nats: String,
+        /// How long to wait for the result.
+        #[arg(long, default_value_t = 30)]
+        wait_seconds: u64,
     },
 }
 
@@ -97,6 +134,67 @@ async fn run(cli: Cli) -> Result<ExitCode> {
                 println!("{}", serde_json::to_string_pretty(&users_json(&users))?);
             } else {
                 print_users(&users);
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Cases {
+            command: CasesCommand::List { idm, json },
+        } => {
+            let client = IdmClient::new(&idm)?;
+            let cases = cases::list(&client)
+                .await
+                .with_context(|| format!("cannot list cases from the IDM at {idm}"))?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&cases_json(&cases))?);
+            } else if cases.is_empty() {
+                println!("no open cases");
+            } else {
+                for c in &cases {
+                    println!(
+                        "{}  {}  [{}]",
+                        c.shadow.resource, c.shadow.dn, c.shadow.entry_uuid
+                    );
+                    for f in &c.candidates {
+                        println!(
+                            "    candidate: {} (id {})",
+                            f.first("name").unwrap_or("<no name>"),
+                            f.id
+                        );
+                    }
+                }
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Cases {
+            command:
+                CasesCommand::Resolve {
+                    resource,
+                    entry_uuid,
+                    link,
+                    create: _,
+                    idm,
+                    nats,
+                    wait_seconds,
+                },
+        } => {
+            let client = IdmClient::new(&idm)?;
+            let bus = idsync_bus::Bus::connect(&nats).await?;
+            let resolution = match link {
+                Some(user) => cases::Resolution::Link(user),
+                None => cases::Resolution::Create,
+            };
+            let shadow = cases::resolve(
+                &client,
+                &bus,
+                &resource,
+                &entry_uuid,
+                resolution,
+                std::time::Duration::from_secs(wait_seconds),
+            )
+            .await?;
+            match &shadow.focus_id {
+                Some(id) => println!("{}: now linked to user {id}", shadow.dn),
+                None => println!("{}: situation {}", shadow.dn, shadow.situation),
             }
             Ok(ExitCode::SUCCESS)
         }
@@ -201,6 +299,22 @@ fn users_json(users: &[Focus]) -> serde_json::Value {
                     "attributes": u.attributes,
                     "assignments": u.assignments.iter().map(|a| serde_json::json!({"resource": a.resource, "source": a.source})).collect::<Vec<_>>(),
                     "links": u.links.iter().map(|l| serde_json::json!({"resource": l.resource, "dn": l.dn, "entry_uuid": l.entry_uuid})).collect::<Vec<_>>(),
+                })
+            })
+            .collect(),
+    )
+}
+
+fn cases_json(cases: &[cases::Case]) -> serde_json::Value {
+    serde_json::Value::Array(
+        cases
+            .iter()
+            .map(|c| {
+                serde_json::json!({
+                    "resource": c.shadow.resource,
+                    "dn": c.shadow.dn,
+                    "entry_uuid": c.shadow.entry_uuid,
+                    "candidates": c.candidates.iter().map(|f| serde_json::json!({"id": f.id, "name": f.first("name")})).collect::<Vec<_>>(),
                 })
             })
             .collect(),

@@ -111,6 +111,7 @@ impl From<v1::Shadow> for Shadow {
             situation: s.situation,
             dead: s.dead,
             csn: s.csn,
+            candidates: s.candidates,
         }
     }
 }
@@ -128,6 +129,7 @@ impl From<Shadow> for v1::Shadow {
             situation: s.situation,
             dead: s.dead,
             csn: s.csn,
+            candidates: s.candidates,
         }
     }
 }

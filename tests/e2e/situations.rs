@@ -104,3 +104,131 @@ async fn a_second_account_for_an_owned_user_is_disputed_and_changes_nothing() {
     assert_eq!(after.links, jack.links);
     env.deployment.shutdown().await.unwrap();
 }
+
+/// The example plus a second, ambiguous correlation rule (by family name).
+fn config_with_family_name_rule() -> String {
+    let example = idsync::dev::EXAMPLE_CONFIG;
+    let rule = "[[resources.correlation]]\nfocus_attribute = \"name\"\nsource = \"uid\"\n";
+    assert!(example.contains(rule));
+    example.replace(
+        rule,
+        &format!(
+            "{rule}\n[[resources.correlation]]\nfocus_attribute = \"familyName\"\nsource = \"sn\"\n"
+        ),
+    )
+}
+
+fn turner(id: &str, name: &str) -> Op {
+    let mut f = admin_user(id, name, "A Turner");
+    f.attributes
+        .insert("familyName".into(), vec!["Turner".into()]);
+    Op::PutFocus {
+        focus: f,
+        expected_version: 0,
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_operator_resolves_disputed_cases_by_link_and_by_creation() {
+    use idsync::cases::{self, Resolution};
+    let dir = tempfile::tempdir().unwrap();
+    let deployment =
+        idsync::dev::Deployment::start_with(dir.path(), &config_with_family_name_rule())
+            .await
+            .unwrap();
+    let idm = idsync_idm_client::IdmClient::new(&deployment.config.idm.url).unwrap();
+    let bus = idsync_bus::Bus::connect(deployment.nats.url())
+        .await
+        .unwrap();
+    idm.commit(vec![turner("t1", "wturner"), turner("t2", "bturner")], "")
+        .await
+        .unwrap();
+
+    add_person(&deployment.source, "will", "Will", "Turner").await;
+    let open = idsync_testkit::eventually("a case for will", WAIT, || {
+        let idm = idm.clone();
+        async move {
+            let open = cases::list(&idm).await.map_err(|e| e.to_string())?;
+            Ok((!open.is_empty()).then_some(open))
+        }
+    })
+    .await
+    .unwrap();
+    assert_eq!(open.len(), 1);
+    let case = &open[0];
+    assert_eq!(case.shadow.dn, person_dn("will"));
+    let mut names: Vec<_> = case
+        .candidates
+        .iter()
+        .filter_map(|f| f.first("name"))
+        .collect();
+    names.sort_unstable();
+    assert_eq!(names, ["bturner", "wturner"]);
+    // Nothing changed while the case is open.
+    assert!(idm.get_focus("t1").await.unwrap().unwrap().links.is_empty());
+
+    // Link it to wturner. The strong name mapping renames the user to the uid.
+    let wait = std::time::Duration::from_secs(30);
+    let uuid = case.shadow.entry_uuid.clone();
+    let shadow = cases::resolve(
+        &idm,
+        &bus,
+        "hr",
+        &uuid,
+        Resolution::Link("wturner".into()),
+        wait,
+    )
+    .await
+    .unwrap();
+    assert_eq!(shadow.focus_id.as_deref(), Some("t1"));
+    let t1 = idm.get_focus("t1").await.unwrap().unwrap();
+    assert_eq!(t1.first("name"), Some("will"));
+    assert_eq!(t1.first("fullName"), Some("Will Turner"));
+    assert!(links_to(&t1, "hr"));
+
+    // A second dispute, resolved by creating a new user (with the template's acme account).
+    add_person(&deployment.source, "elizabeth", "Elizabeth", "Turner").await;
+    let case = idsync_testkit::eventually("a case for elizabeth", WAIT, || {
+        let idm = idm.clone();
+        async move {
+            let open = cases::list(&idm).await.map_err(|e| e.to_string())?;
+            Ok(open.into_iter().next())
+        }
+    })
+    .await
+    .unwrap();
+    cases::resolve(
+        &idm,
+        &bus,
+        "hr",
+        &case.shadow.entry_uuid,
+        Resolution::Create,
+        wait,
+    )
+    .await
+    .unwrap();
+    let env_idm = idm.clone();
+    idsync_testkit::eventually("elizabeth created and provisioned", WAIT, || {
+        let idm = env_idm.clone();
+        async move {
+            let found = idm
+                .find_focus("user", "name", "elizabeth")
+                .await
+                .map_err(|e| e.to_string())?;
+            Ok(found
+                .into_iter()
+                .find(|u| links_to(u, "hr") && links_to(u, "acme")))
+        }
+    })
+    .await
+    .unwrap();
+    assert!(cases::list(&idm).await.unwrap().is_empty());
+
+    // Resolving what is not an open case says so.
+    let err = cases::resolve(&idm, &bus, "hr", &uuid, Resolution::Create, wait)
+        .await
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("is not an open case"), "{err}");
+    deployment.shutdown().await.unwrap();
+}

@@ -12,12 +12,18 @@ use crate::model::{
 use crate::situation::{Reaction, Situation, reaction};
 
 /// What the IDM held when the change was looked at.
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone, Copy, Default)]
 pub struct InboundState<'a> {
     pub shadow: Option<&'a Shadow>,
-    /// The shadow's owner when linked, else the single correlation candidate.
+    /// The shadow's owner when linked, else the single correlation candidate
+    /// (or the user an operator chose).
     pub focus: Option<&'a Focus>,
     pub situation: Option<Situation>,
+    /// Ids of the correlation candidates, recorded on a disputed shadow.
+    pub candidates: &'a [String],
+    /// An operator's resolution of a disputed case, applied instead of the
+    /// configured reaction, to the change the case was opened for.
+    pub resolution: Option<Reaction>,
 }
 
 /// What applying a change comes to.
@@ -48,8 +54,15 @@ pub fn plan(
     new_focus_id: &str,
 ) -> Result<Outcome, CoreError> {
     let resource = config.resource(&change.resource)?;
+    // A resolution re-applies the change its case was opened for, which the
+    // shadow already holds; anything newer still makes it stale.
+    let stale = match (state.shadow, state.resolution) {
+        (Some(shadow), Some(_)) => shadow.position > change_seq,
+        (Some(shadow), None) => is_stale(shadow, change, change_seq),
+        (None, _) => false,
+    };
     if let Some(shadow) = state.shadow
-        && is_stale(shadow, change, change_seq)
+        && stale
     {
         return Ok(Outcome::Stale {
             shadow_position: shadow.position,
@@ -58,7 +71,8 @@ pub fn plan(
     let Some(situation) = state.situation else {
         return Ok(Outcome::Ignored);
     };
-    let (reaction, template_name) = reaction(resource, situation);
+    let (configured, template_name) = reaction(resource, situation);
+    let reaction = state.resolution.unwrap_or(configured);
     let template = match template_name {
         Some(name) => Some(config.template(name).ok_or_else(|| CoreError::Config {
             path: format!(
@@ -74,6 +88,11 @@ pub fn plan(
     if !change.is_delete() {
         shadow.attributes = snapshot(resource, change)?;
     }
+    shadow.candidates = if situation == Situation::Disputed {
+        state.candidates.to_vec()
+    } else {
+        Vec::new()
+    };
     let previous = state.shadow.filter(|s| !s.dead).map(|s| &s.attributes);
     let mut ops = Vec::new();
     let need_focus = || CoreError::NoFocus {
@@ -364,6 +383,7 @@ mod tests {
             shadow: None,
             focus: None,
             situation: Some(Situation::Unmatched),
+            ..Default::default()
         };
         let (_, reaction, ops) = commit(plan(&cfg, &change, 7, state, "f-will").unwrap());
         assert_eq!(reaction, Reaction::AddFocus);
@@ -407,6 +427,7 @@ mod tests {
             shadow: None,
             focus: None,
             situation: Some(Situation::Unmatched),
+            ..Default::default()
         };
         let (_, _, ops) = commit(plan(&cfg, &change, 1, state, "f").unwrap());
         let Op::PutFocus { focus, .. } = &ops[0] else {
@@ -427,6 +448,7 @@ mod tests {
             shadow: Some(&shadow),
             focus: Some(&focus),
             situation: Some(Situation::Linked),
+            ..Default::default()
         };
         let (_, reaction, ops) = commit(plan(&cfg, &change, 9, state, "unused").unwrap());
         assert_eq!(reaction, Reaction::Synchronize);
@@ -461,6 +483,7 @@ mod tests {
             shadow: Some(&shadow),
             focus: Some(&focus),
             situation: Some(Situation::Linked),
+            ..Default::default()
         };
         assert!(matches!(
             plan(&cfg, &change, 9, same, "unused"),
@@ -472,6 +495,7 @@ mod tests {
             shadow: Some(&shadow),
             focus: Some(&focus),
             situation: Some(Situation::Linked),
+            ..Default::default()
         };
         let (_, _, ops) = commit(plan(&cfg, &change, 9, state, "unused").unwrap());
         assert!(matches!(&ops[..], [Op::PutShadow { .. }]), "{ops:#?}");
@@ -487,6 +511,7 @@ mod tests {
             shadow: Some(&shadow),
             focus: None,
             situation: Some(Situation::Linked),
+            ..Default::default()
         };
         assert_eq!(
             plan(&cfg, &change, 9, state, "x").unwrap(),
@@ -506,6 +531,7 @@ mod tests {
             shadow: Some(&shadow),
             focus: None,
             situation: Some(Situation::Linked),
+            ..Default::default()
         };
         assert!(matches!(
             plan(&cfg, &change, 99, linked, "x"),
@@ -538,6 +564,7 @@ mod tests {
             shadow: Some(&shadow),
             focus: Some(&focus),
             situation: Some(Situation::Deleted),
+            ..Default::default()
         };
         let (_, reaction, ops) = commit(plan(&cfg, &change, 11, state, "x").unwrap());
         assert_eq!(reaction, Reaction::DeleteFocus);
@@ -719,6 +746,7 @@ mod tests {
                 shadow: with_shadow.then_some(&shadow),
                 focus: with_focus.then_some(&owner),
                 situation: Some(situation),
+                ..Default::default()
             };
             let change = if situation == Situation::Deleted {
                 &delete
@@ -767,6 +795,7 @@ mod tests {
             shadow: None,
             focus: None,
             situation: Some(Situation::Unmatched),
+            ..Default::default()
         };
         let err = plan(&cfg, &change, 1, state, "f").unwrap_err();
         assert!(

@@ -92,6 +92,8 @@ pub struct Shadow {
     pub dead: bool,
     /// CSN of the last change applied, when the source gives one.
     pub csn: String,
+    /// Focus ids correlation found, while the situation is disputed.
+    pub candidates: Vec<String>,
 }
 
 /// An entry as a source resource reports it: whole state or tombstone.

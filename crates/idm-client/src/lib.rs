@@ -161,6 +161,13 @@ impl IdmClient {
         }
     }
 
+    /// Open correlation cases (disputed, unlinked, live shadows).
+    pub async fn list_cases(&self) -> Result<Vec<Shadow>, IdmError> {
+        let req = v1::ListCasesRequest { limit: 10_000 };
+        let list = self.raw.clone().list_cases(req).await?.into_inner();
+        Ok(list.items.into_iter().map(Shadow::from).collect())
+    }
+
     /// Commits `ops` atomically; returns the new versions in order.
     ///
     /// # Errors
@@ -181,6 +188,8 @@ pub struct Correlation {
     pub shadow: Option<Shadow>,
     /// The owner when linked, else the single candidate.
     pub focus: Option<Focus>,
+    /// Ids of the focus objects correlation found (when not linked).
+    pub candidates: Vec<String>,
 }
 
 /// Reads the shadow and its owner, runs the resource's correlation rules in
@@ -229,11 +238,13 @@ pub async fn correlate(
     {
         situation = Some(Situation::Disputed);
     }
+    let candidate_ids = candidates.iter().map(|f| f.id.clone()).collect();
     let focus = owner.or_else(|| (candidates.len() == 1).then(|| candidates.remove(0)));
     Ok(Correlation {
         situation,
         shadow,
         focus,
+        candidates: candidate_ids,
     })
 }
 

@@ -250,6 +250,24 @@ impl Store {
         Ok(out)
     }
 
+    /// Up to `limit` open correlation cases: live, unlinked, disputed shadows.
+    pub fn list_cases(&self, limit: usize) -> Result<Vec<v1::Shadow>, StoreError> {
+        let txn = self.db.begin_read().map_err(db)?;
+        let table = txn.open_table(SHADOW).map_err(db)?;
+        let mut out = Vec::new();
+        for row in table.iter().map_err(db)? {
+            let (_, v) = row.map_err(db)?;
+            let s: v1::Shadow = decode(v.value())?;
+            if s.situation == "disputed" && !s.dead && s.focus_id.is_empty() {
+                out.push(s);
+                if out.len() >= limit {
+                    break;
+                }
+            }
+        }
+        Ok(out)
+    }
+
     /// Applies `ops` atomically: every precondition holds and every write is
     /// made, or nothing is. Returns the new version of each object written
     /// (0 for deletions), in order.

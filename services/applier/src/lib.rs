@@ -11,7 +11,7 @@ use idsync_bus::{Bus, BusError, names};
 use idsync_core::config::Config;
 use idsync_core::inbound::{InboundState, Outcome, plan};
 use idsync_core::model::SourceChange;
-use idsync_core::situation::Situation;
+use idsync_core::situation::{Reaction, Situation};
 use idsync_idm_client::{CorrelateError, Correlation, IdmClient, IdmError, correlate};
 use idsync_proto::v1;
 use prost::Message as _;
@@ -70,6 +70,9 @@ async fn handle(config: &Config, idm: &IdmClient, msg: Message) -> Handling {
         Ok(c) => c,
         Err(e) => return Handling::Poison(e.to_string()),
     };
+    if !decision.resolution.is_empty() {
+        return resolve(config, idm, &decision, &change, &msg).await;
+    }
     let mut fresh_read = false;
     for attempt in 1..=ATTEMPTS {
         let state = if fresh_read {
@@ -86,6 +89,8 @@ async fn handle(config: &Config, idm: &IdmClient, msg: Message) -> Handling {
             shadow: state.shadow.as_ref(),
             focus: state.focus.as_ref(),
             situation: state.situation,
+            candidates: &state.candidates,
+            ..Default::default()
         };
         let new_id = uuid::Uuid::new_v4().to_string();
         let outcome = match plan(config, &change, decision.change_seq, input, &new_id) {
@@ -146,11 +151,92 @@ async fn as_decided(
     let unchanged = shadow.as_ref().map_or(0, |s| s.version) == decision.shadow_version
         && focus.as_ref().map_or(0, |f| f.version) == decision.focus_version;
     match Situation::parse(&decision.situation) {
-        Some(situation) if unchanged => Ok(Correlation {
+        // A dispute's candidates are not in the decision: read them again.
+        Some(situation) if unchanged && situation != Situation::Disputed => Ok(Correlation {
             situation: Some(situation),
             shadow,
             focus,
+            candidates: Vec::new(),
         }),
         _ => correlate(idm, config, change).await,
+    }
+}
+
+/// Applies an operator's resolution of a disputed case: link the entry to the
+/// chosen user, or create a new one. The case must be as the operator saw it;
+/// if a newer change arrived meanwhile, correlation has already looked again
+/// and the resolution is dropped.
+async fn resolve(
+    config: &Config,
+    idm: &IdmClient,
+    decision: &v1::Decision,
+    change: &SourceChange,
+    msg: &Message,
+) -> Handling {
+    let reaction = match Reaction::parse(&decision.resolution) {
+        Some(r @ (Reaction::Link | Reaction::AddFocus)) => r,
+        _ => {
+            return Handling::Poison(format!(
+                "unknown resolution {:?}; use link or add_focus",
+                decision.resolution
+            ));
+        }
+    };
+    let shadow = match idm.get_shadow(&change.resource, &change.entry_uuid).await {
+        Ok(s) => s,
+        Err(e) if e.is_transient() => return transient(msg, &e),
+        Err(e) => return Handling::Poison(e.to_string()),
+    };
+    if shadow.as_ref().map_or(0, |s| s.version) != decision.shadow_version {
+        tracing::warn!(resource = %change.resource, dn = %change.dn, "the case changed after it was resolved; resolution dropped");
+        return Handling::Done;
+    }
+    let focus = if reaction == Reaction::Link {
+        match idm.get_focus(&decision.focus_id).await {
+            Ok(Some(f)) => Some(f),
+            Ok(None) => {
+                return Handling::Poison(format!(
+                    "resolution links to user {}, which does not exist",
+                    decision.focus_id
+                ));
+            }
+            Err(e) if e.is_transient() => return transient(msg, &e),
+            Err(e) => return Handling::Poison(e.to_string()),
+        }
+    } else {
+        None
+    };
+    let situation = if reaction == Reaction::Link {
+        Situation::Unlinked
+    } else {
+        Situation::Unmatched
+    };
+    let input = InboundState {
+        shadow: shadow.as_ref(),
+        focus: focus.as_ref(),
+        situation: Some(situation),
+        resolution: Some(reaction),
+        ..Default::default()
+    };
+    let new_id = uuid::Uuid::new_v4().to_string();
+    let ops = match plan(config, change, decision.change_seq, input, &new_id) {
+        Ok(Outcome::Commit { ops, .. }) => ops,
+        Ok(_) => return Handling::Done,
+        Err(e) => return Handling::Poison(format!("entry {:?}: {e}", change.dn)),
+    };
+    match idm.commit(ops, &change.resource).await {
+        Ok(_) => {
+            tracing::info!(resource = %change.resource, dn = %change.dn, %reaction, "disputed case resolved");
+            Handling::Done
+        }
+        Err(IdmError::Conflict(reason)) => {
+            tracing::warn!(%reason, "the case changed while its resolution was applied; resolution dropped");
+            Handling::Done
+        }
+        Err(e) if e.is_transient() => transient(msg, &e),
+        Err(e) => Handling::Poison(format!(
+            "entry {:?} on {}: the IDM refused the resolution: {e}",
+            change.dn, change.resource
+        )),
     }
 }

@@ -87,6 +87,7 @@ async fn handle(config: &Config, idm: &IdmClient, bus: &Bus, msg: Message) -> Ha
             .unwrap_or_default(),
         shadow_version: correlation.shadow.as_ref().map_or(0, |s| s.version),
         focus_version: correlation.focus.as_ref().map_or(0, |f| f.version),
+        resolution: String::new(),
     };
     let subject = names::decision_subject(&change.resource);
     match bus

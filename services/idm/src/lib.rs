@@ -183,6 +183,15 @@ impl Idm for IdmService {
         Ok(Response::new(v1::ShadowList { items }))
     }
 
+    async fn list_cases(
+        &self,
+        req: Request<v1::ListCasesRequest>,
+    ) -> Result<Response<v1::ShadowList>, Status> {
+        let limit = (req.into_inner().limit as usize).clamp(1, 10_000);
+        let items = self.blocking(move |s| s.list_cases(limit)).await?;
+        Ok(Response::new(v1::ShadowList { items }))
+    }
+
     async fn commit(
         &self,
         req: Request<v1::CommitRequest>,
