@@ -108,14 +108,10 @@ async fn a_second_account_for_an_owned_user_is_disputed_and_changes_nothing() {
 /// The example plus a second, ambiguous correlation rule (by family name).
 fn config_with_family_name_rule() -> String {
     let example = idsync::dev::EXAMPLE_CONFIG;
-    let rule = "[[resources.correlation]]\nfocus_attribute = \"name\"\nsource = \"uid\"\n";
+    let rule = "[[resources.correlation]]\nconditions = [{ focus_attribute = \"name\", source = \"uid\" }]\n";
     assert!(example.contains(rule));
-    example.replace(
-        rule,
-        &format!(
-            "{rule}\n[[resources.correlation]]\nfocus_attribute = \"familyName\"\nsource = \"sn\"\n"
-        ),
-    )
+    let second = "[[resources.correlation]]\nconditions = [{ focus_attribute = \"familyName\", source = \"sn\" }]\n";
+    example.replace(rule, &format!("{rule}\n{second}"))
 }
 
 fn turner(id: &str, name: &str) -> Op {

@@ -122,10 +122,21 @@ pub struct Mapping {
     pub strength: Strength,
 }
 
-/// Focus attribute `focus_attribute` must equal the entry's `source` attribute.
+/// One correlation rule: a query for focus objects whose attributes equal the
+/// entry's. All `conditions` must hold. When the query finds several
+/// candidates, the `confirmation` conditions (if any) narrow them down.
 #[derive(Debug, Clone, Deserialize, Serialize, PartialEq, schemars::JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct CorrelationRule {
+    pub conditions: Vec<Condition>,
+    #[serde(default)]
+    pub confirmation: Vec<Condition>,
+}
+
+/// Focus attribute `focus_attribute` holds the first value of the entry's `source` attribute.
+#[derive(Debug, Clone, Deserialize, Serialize, PartialEq, schemars::JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct Condition {
     pub focus_attribute: String,
     pub source: String,
 }
@@ -245,6 +256,14 @@ impl Config {
                     err(
                         format!("{at}.object_classes"),
                         "a resource with outbound mappings needs object_classes".into(),
+                    );
+                }
+            }
+            for (j, rule) in r.correlation.iter().enumerate() {
+                if rule.conditions.is_empty() {
+                    err(
+                        format!("{at}.correlation[{j}].conditions"),
+                        "a rule needs at least one condition".into(),
                     );
                 }
             }

@@ -240,7 +240,8 @@ fn snapshot(resource: &ResourceConfig, change: &SourceChange) -> Result<Attrs, C
         resource
             .correlation
             .iter()
-            .map(|r| r.source.to_ascii_lowercase()),
+            .flat_map(|r| r.conditions.iter().chain(&r.confirmation))
+            .map(|c| c.source.to_ascii_lowercase()),
     );
     let mut out = Attrs::new();
     for name in names {

@@ -2,6 +2,7 @@
 //! plans they produce. Pure functions over values; no I/O, no clock, no random ids.
 
 pub mod config;
+pub mod correlation;
 pub mod error;
 pub mod inbound;
 pub mod mapping;

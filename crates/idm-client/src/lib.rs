@@ -215,14 +215,18 @@ pub async fn correlate(
     let mut candidates = Vec::new();
     if owner.is_none() && !change.is_delete() {
         for rule in &resource.correlation {
-            let values =
-                idsync_core::inbound::utf8_values(change, &rule.source, &rule.focus_attribute)?;
-            let Some(value) = values.first() else {
+            let Some(first) = idsync_core::correlation::query(
+                change,
+                &rule.conditions[..1.min(rule.conditions.len())],
+            )?
+            else {
                 continue;
             };
-            candidates = idm
-                .find_focus(KIND_USER, &rule.focus_attribute, value)
-                .await?;
+            let Some((attribute, value)) = first.first() else {
+                continue;
+            };
+            let found = idm.find_focus(KIND_USER, attribute, value).await?;
+            candidates = idsync_core::correlation::narrow(rule, change, found)?;
             if !candidates.is_empty() {
                 break;
             }

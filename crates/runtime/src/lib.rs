@@ -311,6 +311,100 @@ mod tests {
         );
     }
 
+    /// One case per class of configuration error, with the exact message.
+    #[test]
+    fn each_class_of_error_has_its_message() {
+        let cases: &[(&str, &str, &str)] = &[
+            (
+                "version = 1",
+                "version = 2",
+                "version: is 2, this build reads version 1",
+            ),
+            (
+                "dn_template = \"cn={name},o=Acme\"",
+                "dn_template = \"cn={name,o=Acme\"",
+                "resources[1] (acme).dn_template: template \"cn={name,o=Acme\": ',' cannot be part of an attribute name",
+            ),
+            (
+                "template = \"{givenName} {familyName}\"",
+                "template = \"{givenName} {familyName\"",
+                "templates[0] (default-user).mappings[0]: template \"{givenName} {familyName\": a '{' is never closed",
+            ),
+            (
+                "template = \"default-user\" }",
+                "template = \"nope\" }",
+                "resources[0] (hr).reactions.unmatched.template: names template \"nope\", which is not defined",
+            ),
+            (
+                "linked = { action = \"synchronize\" }",
+                "linked = { action = \"add_focus\" }",
+                "resources[0] (hr).reactions.linked.action: add_focus does not apply to situation linked",
+            ),
+            (
+                "source = \"uid\"\ntarget = \"name\"",
+                "source = \"uid\"\nvalue = \"x\"\ntarget = \"name\"",
+                "resources[0] (hr).inbound[0]: exactly one of source, value or template must be set",
+            ),
+            (
+                "conditions = [{ focus_attribute = \"name\", source = \"uid\" }]",
+                "conditions = []",
+                "resources[0] (hr).correlation[0].conditions: a rule needs at least one condition",
+            ),
+            (
+                "assignments = [\"acme\"]",
+                "assignments = [\"ad\"]",
+                "templates[0] (default-user).assignments[0]: names resource \"ad\", which is not defined",
+            ),
+            (
+                "name = \"acme\"",
+                "name = \"hr\"",
+                "resources: two resources have the same name",
+            ),
+            (
+                "name = \"acme\"",
+                "name = \"ac me\"",
+                "resources[1] (ac me).name: must be letters, digits, '-' or '_' (it names NATS subjects)",
+            ),
+            (
+                "url = \"ldap://127.0.0.1:390\"",
+                "url = \"http://127.0.0.1:390\"",
+                "resources[1] (acme).url: \"http://127.0.0.1:390\" is not an ldap:// URL",
+            ),
+            (
+                "bind_password_env = \"IDSYNC_HR_PASSWORD\"",
+                "bind_password_env = \"IDSYNC_HR_PASSWORD\"\nbind_password_file = \"/x\"",
+                "resources[0] (hr).bind_password_file: set bind_password_file or bind_password_env, not both",
+            ),
+            (
+                "object_classes = [\"inetOrgPerson\"]",
+                "object_classes = []",
+                "resources[1] (acme).object_classes: a resource with outbound mappings needs object_classes",
+            ),
+            (
+                "[nats]",
+                "[nats]\nurll = \"x\"",
+                "unknown field `urll`, expected `url`",
+            ),
+            (
+                "live_sync = true",
+                "live_sync = \"yes\"",
+                "invalid type: string \"yes\", expected a boolean",
+            ),
+            (
+                "strength = \"strong\"",
+                "strength = \"strongest\"",
+                "unknown variant `strongest`, expected one of `weak`, `normal`, `strong`",
+            ),
+        ];
+        for (from, to, want) in cases {
+            assert!(EXAMPLE.contains(from), "the example has no {from:?}");
+            let text = EXAMPLE.replacen(from, to, 1);
+            let err = parse_config(&text, "x.toml").unwrap_err().to_string();
+            assert!(err.contains(want), "{to:?}: expected {want:?} in:\n{err}");
+            assert!(err.contains("line "), "{to:?}: no line in:\n{err}");
+        }
+    }
+
     #[test]
     fn password_from_file_is_trimmed_and_never_shown() {
         let dir = tempfile::tempdir().unwrap();
