@@ -120,6 +120,24 @@ pub struct Mapping {
     pub target: String,
     #[serde(default)]
     pub strength: Strength,
+    /// Which values of the target the mapping owns.
+    #[serde(default)]
+    pub range: Range,
+}
+
+/// The values of its target that a mapping owns, and may therefore remove.
+#[derive(
+    Debug, Clone, Copy, Default, Deserialize, Serialize, PartialEq, Eq, schemars::JsonSchema,
+)]
+#[serde(rename_all = "lowercase")]
+pub enum Range {
+    /// All of them: the mapping's output replaces the target's values.
+    #[default]
+    All,
+    /// Only those it produced: when its output changes, the values it
+    /// produced before are removed and the new ones added; values from
+    /// anywhere else stay (multi-valued attributes fed by several sources).
+    Mapped,
 }
 
 /// One correlation rule: a query for focus objects whose attributes equal the
@@ -238,6 +256,14 @@ impl Config {
                     if let Err(reason) = m.check() {
                         err(format!("{at}.{kind}[{j}]"), reason);
                     }
+                }
+            }
+            for (j, m) in r.outbound.iter().enumerate() {
+                if m.range == Range::Mapped {
+                    err(
+                        format!("{at}.outbound[{j}].range"),
+                        "range = \"mapped\" is not supported on outbound mappings yet".into(),
+                    );
                 }
             }
             if !r.outbound.is_empty() {

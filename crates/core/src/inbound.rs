@@ -5,7 +5,7 @@ use std::collections::BTreeSet;
 
 use crate::CoreError;
 use crate::config::{Config, Mapping, ObjectTemplate, ResourceConfig};
-use crate::mapping::{apply, evaluate};
+use crate::mapping::{apply_mapping, evaluate};
 use crate::model::{
     Assignment, Attrs, Focus, FocusStatus, KIND_USER, Link, Op, Shadow, SourceChange,
 };
@@ -302,13 +302,17 @@ fn apply_inbound(
                 .map(|(_, v)| v.clone())
                 .unwrap_or_default()
         };
-        apply(
-            m.strength,
-            &m.target,
-            evaluate(m, &lookup),
-            changed,
-            focus_attrs,
-        );
+        let old_lookup = |name: &str| {
+            previous
+                .and_then(|p| p.get(&name.to_ascii_lowercase()).cloned())
+                .unwrap_or_default()
+        };
+        let old_output = if previous.is_some() {
+            evaluate(m, &old_lookup)
+        } else {
+            Vec::new()
+        };
+        apply_mapping(m, &old_output, evaluate(m, &lookup), changed, focus_attrs);
     }
     Ok(())
 }
@@ -324,9 +328,11 @@ pub fn apply_template(template: &ObjectTemplate, before: &Attrs, focus: &mut Foc
             .any(|s| before.get(s) != focus.attributes.get(s));
         let current = focus.attributes.clone();
         let lookup = |name: &str| current.get(name).cloned().unwrap_or_default();
-        apply(
-            m.strength,
-            &m.target,
+        let old_lookup = |name: &str| before.get(name).cloned().unwrap_or_default();
+        let old_output = evaluate(m, &old_lookup);
+        apply_mapping(
+            m,
+            &old_output,
             evaluate(m, &lookup),
             changed,
             &mut focus.attributes,
@@ -500,6 +506,46 @@ mod tests {
         };
         let (_, _, ops) = commit(plan(&cfg, &change, 9, state, "unused").unwrap());
         assert!(matches!(&ops[..], [Op::PutShadow { .. }]), "{ops:#?}");
+    }
+
+    #[test]
+    fn a_mapped_range_replaces_only_what_the_source_gave() {
+        use crate::config::{Mapping, Range, Strength};
+        let mut cfg = config();
+        cfg.resources[0].inbound.push(Mapping {
+            source: Some("mail".into()),
+            value: None,
+            template: None,
+            target: "emails".into(),
+            strength: Strength::Normal,
+            range: Range::Mapped,
+        });
+        let (mut focus, mut shadow) = unmatched_will();
+        focus.version = 1;
+        shadow.version = 1;
+        shadow
+            .attributes
+            .insert("mail".into(), vec!["will@hr".into()]);
+        focus.attributes.insert(
+            "emails".into(),
+            vec!["will@hr".into(), "captain@idm".into()],
+        );
+        let mut change = entry("will", "Will Turner", "Will", "Turner");
+        change.csn = Some("20270101000000.000000Z#000000#000#000000".into());
+        if let ChangeKind::Upsert { attributes } = &mut change.kind {
+            attributes.insert("mail".into(), vec![b"turner@hr".to_vec()]);
+        }
+        let state = InboundState {
+            shadow: Some(&shadow),
+            focus: Some(&focus),
+            situation: Some(Situation::Linked),
+            ..Default::default()
+        };
+        let (_, _, ops) = commit(plan(&cfg, &change, 9, state, "x").unwrap());
+        let Op::PutFocus { focus: next, .. } = &ops[0] else {
+            panic!("{ops:#?}")
+        };
+        assert_eq!(next.attributes["emails"], vec!["captain@idm", "turner@hr"]);
     }
 
     #[test]

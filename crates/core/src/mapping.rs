@@ -3,7 +3,7 @@
 
 use std::fmt;
 
-use crate::config::{Mapping, Strength};
+use crate::config::{Mapping, Range, Strength};
 use crate::model::Attrs;
 
 /// A string template with `{attribute}` placeholders; `{{` and `}}` are literal braces.
@@ -180,6 +180,76 @@ pub fn apply(
     true
 }
 
+/// As [`apply`], for a mapping whose range is [`Range::Mapped`]: it removes
+/// only values of `old_output` (what it produced from the previous state of
+/// its sources) that it no longer produces, and adds what it produces now.
+pub fn apply_mapped_range(
+    strength: Strength,
+    name: &str,
+    old_output: &[String],
+    output: Vec<String>,
+    sources_changed: bool,
+    target: &mut Attrs,
+) -> bool {
+    let current = target.get(name).cloned().unwrap_or_default();
+    let write = match strength {
+        Strength::Strong => true,
+        Strength::Normal => sources_changed,
+        Strength::Weak => current.is_empty() && !output.is_empty(),
+    };
+    if !write {
+        return false;
+    }
+    let dropped: Vec<&String> = old_output.iter().filter(|v| !output.contains(v)).collect();
+    let mut next: Vec<String> = current
+        .iter()
+        .filter(|v| !dropped.contains(v))
+        .cloned()
+        .collect();
+    for v in output {
+        if !next.contains(&v) {
+            next.push(v);
+        }
+    }
+    if next == current {
+        return false;
+    }
+    if next.is_empty() {
+        target.remove(name);
+    } else {
+        target.insert(name.to_owned(), next);
+    }
+    true
+}
+
+/// Applies `mapping` by its range: `old_output` is what it produced from the
+/// previous state of its sources (used only by [`Range::Mapped`]).
+pub fn apply_mapping(
+    mapping: &Mapping,
+    old_output: &[String],
+    output: Vec<String>,
+    sources_changed: bool,
+    target: &mut Attrs,
+) -> bool {
+    match mapping.range {
+        Range::All => apply(
+            mapping.strength,
+            &mapping.target,
+            output,
+            sources_changed,
+            target,
+        ),
+        Range::Mapped => apply_mapped_range(
+            mapping.strength,
+            &mapping.target,
+            old_output,
+            output,
+            sources_changed,
+            target,
+        ),
+    }
+}
+
 /// Removes repeated values, keeping the first occurrence of each.
 pub fn dedup_in_order(values: &mut Vec<String>) {
     let mut seen = std::collections::BTreeSet::new();
@@ -218,6 +288,7 @@ mod tests {
             template: None,
             target: "fullName".into(),
             strength,
+            range: Range::All,
         }
     }
 
@@ -322,7 +393,52 @@ mod tests {
         assert_eq!(escape_dn_value("#x"), "\\#x");
     }
 
+    #[test]
+    fn mapped_range_keeps_foreign_values() {
+        let mut t = Attrs::from([(
+            "mail".to_owned(),
+            vec!["own@hr".to_owned(), "local@idm".to_owned()],
+        )]);
+        let changed = apply_mapped_range(
+            Strength::Normal,
+            "mail",
+            &["own@hr".into()],
+            vec!["new@hr".into()],
+            true,
+            &mut t,
+        );
+        assert!(changed);
+        assert_eq!(t["mail"], vec!["local@idm", "new@hr"]);
+    }
+
     proptest! {
+        /// A mapping with the mapped range never removes a value it did not produce.
+        #[test]
+        fn mapped_range_removes_only_its_own(foreign in proptest::collection::vec("f[a-z]{1,3}", 0..4),
+                                             old in proptest::collection::vec("m[a-z]{1,3}", 0..4),
+                                             new in proptest::collection::vec("m[a-z]{1,3}", 0..4),
+                                             changed in any::<bool>(), s in 0u8..3) {
+            let strength = [Strength::Weak, Strength::Normal, Strength::Strong][s as usize];
+            let mut current = foreign.clone();
+            current.extend(old.iter().cloned());
+            let mut t = Attrs::from([("a".to_owned(), current.clone())]);
+            let wrote = apply_mapped_range(strength, "a", &old, new.clone(), changed, &mut t);
+            let after = t.get("a").cloned().unwrap_or_default();
+            for f in &foreign {
+                prop_assert!(after.contains(f), "{f} was removed");
+            }
+            if wrote {
+                for v in &new {
+                    prop_assert!(after.contains(v));
+                }
+                for v in old.iter().filter(|v| !new.contains(v) && !foreign.contains(v)) {
+                    prop_assert!(!after.contains(v), "{v} should be gone");
+                }
+            } else {
+                prop_assert_eq!(after, current);
+            }
+        }
+
         /// Applying the same mapping output twice changes nothing the second time.
         #[test]
         fn apply_is_idempotent(values in proptest::collection::vec("[a-z]{0,4}", 0..4),
