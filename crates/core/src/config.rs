@@ -109,14 +109,16 @@ pub enum Strength {
     Strong,
 }
 
-/// A mapping: exactly one of `source` (as-is), `value` (a literal) or
-/// `template` (`"{givenName} {familyName}"`) gives the values for `target`.
+/// A mapping: exactly one of `source` (as-is), `value` (a literal),
+/// `template` (`"{givenName} {familyName}"`) or `expression` (CEL,
+/// `"givenName + ' ' + familyName"`) gives the values for `target`.
 #[derive(Debug, Clone, Deserialize, Serialize, PartialEq, schemars::JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct Mapping {
     pub source: Option<String>,
     pub value: Option<String>,
     pub template: Option<String>,
+    pub expression: Option<String>,
     pub target: String,
     #[serde(default)]
     pub strength: Strength,
@@ -335,12 +337,16 @@ impl Config {
 
 impl Mapping {
     fn check(&self) -> Result<(), String> {
-        let given = [&self.source, &self.value, &self.template]
+        let given = [&self.source, &self.value, &self.template, &self.expression]
             .iter()
             .filter(|x| x.is_some())
             .count();
         if given != 1 {
-            return Err("exactly one of source, value or template must be set".into());
+            return Err("exactly one of source, value, template or expression must be set".into());
+        }
+        if let Some(e) = &self.expression {
+            crate::expression::Expression::compile(e)
+                .map_err(|reason| format!("expression {e:?} {reason}"))?;
         }
         if self.target.is_empty() {
             return Err("target is empty".into());
@@ -355,6 +361,11 @@ impl Mapping {
     pub fn sources(&self) -> Vec<String> {
         if let Some(s) = &self.source {
             return vec![s.clone()];
+        }
+        if let Some(e) = &self.expression {
+            return crate::expression::Expression::compile(e)
+                .map(|e| e.variables().to_vec())
+                .unwrap_or_default();
         }
         match self.template.as_deref().map(Template::parse) {
             Some(Ok(t)) => t.variables().map(str::to_owned).collect(),

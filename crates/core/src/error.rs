@@ -19,6 +19,12 @@ pub enum CoreError {
     MissingValue { template: String, attribute: String },
     #[error("template {template:?}: {reason}")]
     BadTemplate { template: String, reason: String },
+    #[error("mapping to {target:?}: expression {expression:?}: {reason}")]
+    Expression {
+        target: String,
+        expression: String,
+        reason: String,
+    },
     #[error("reaction {reaction} needs a focus but none was found")]
     NoFocus { reaction: String },
 }

@@ -4,10 +4,12 @@
 use std::collections::BTreeSet;
 
 use crate::CoreError;
-use crate::config::{Config, Mapping, ObjectTemplate, ResourceConfig};
+use std::collections::HashMap;
+
+use crate::config::{Config, Mapping, ObjectTemplate, Range, ResourceConfig};
 use crate::mapping::{apply_mapping, evaluate};
 use crate::model::{
-    Assignment, Attrs, Focus, FocusStatus, KIND_USER, Link, Op, Shadow, SourceChange,
+    Assignment, Attrs, ChangeKind, Focus, FocusStatus, KIND_USER, Link, Op, Shadow, SourceChange,
 };
 use crate::situation::{Reaction, Situation, reaction};
 
@@ -111,7 +113,7 @@ pub fn plan(
             };
             apply_inbound(resource, change, previous, &mut next.attributes)?;
             if let Some(t) = template {
-                apply_template(t, &focus.attributes, &mut next);
+                apply_template(t, &focus.attributes, &mut next)?;
             }
             next.set_link(link(change, state.shadow));
             shadow.focus_id = Some(next.id.clone());
@@ -130,7 +132,7 @@ pub fn plan(
             };
             apply_inbound(resource, change, None, &mut focus.attributes)?;
             if let Some(t) = template {
-                apply_template(t, &Attrs::new(), &mut focus);
+                apply_template(t, &Attrs::new(), &mut focus)?;
             }
             focus.set_link(link(change, state.shadow));
             shadow.focus_id = Some(focus.id.clone());
@@ -283,18 +285,21 @@ fn apply_inbound(
     previous: Option<&Attrs>,
     focus_attrs: &mut Attrs,
 ) -> Result<(), CoreError> {
+    let all = || text_attributes(change);
     for m in &resource.inbound {
         let sources = m.sources();
         let mut values = Vec::new();
         for s in &sources {
             values.push((s.clone(), utf8_values(change, s, &m.target)?));
         }
-        let changed = previous.is_none_or(|prev| {
-            values.iter().any(|(s, v)| {
-                prev.get(&s.to_ascii_lowercase())
-                    .map_or(!v.is_empty(), |p| p != v)
-            })
-        });
+        // An expression over `all` may read anything: it counts as changed.
+        let changed = reads_all(m)
+            || previous.is_none_or(|prev| {
+                values.iter().any(|(s, v)| {
+                    prev.get(&s.to_ascii_lowercase())
+                        .map_or(!v.is_empty(), |p| p != v)
+                })
+            });
         let lookup = |name: &str| {
             values
                 .iter()
@@ -307,36 +312,76 @@ fn apply_inbound(
                 .and_then(|p| p.get(&name.to_ascii_lowercase()).cloned())
                 .unwrap_or_default()
         };
-        let old_output = if previous.is_some() {
-            evaluate(m, &old_lookup)
-        } else {
-            Vec::new()
+        // What the mapping produced before only matters to a mapped range; an
+        // expression that fails on the old state produced nothing then.
+        let old_output = match previous {
+            Some(prev) if m.range == Range::Mapped => {
+                let prev_all = || prev.iter().map(|(k, v)| (k.clone(), v.clone())).collect();
+                evaluate(m, &old_lookup, &prev_all).unwrap_or_default()
+            }
+            _ => Vec::new(),
         };
-        apply_mapping(m, &old_output, evaluate(m, &lookup), changed, focus_attrs);
+        let output = evaluate(m, &lookup, &all)?;
+        apply_mapping(m, &old_output, output, changed, focus_attrs);
     }
     Ok(())
+}
+
+fn reads_all(m: &Mapping) -> bool {
+    m.expression
+        .as_deref()
+        .and_then(|e| crate::expression::Expression::compile(e).ok())
+        .is_some_and(|e| e.reads_all())
+}
+
+/// Every attribute of `change` whose values are all UTF-8, for expressions.
+fn text_attributes(change: &SourceChange) -> HashMap<String, Vec<String>> {
+    let ChangeKind::Upsert { attributes } = &change.kind else {
+        return HashMap::new();
+    };
+    attributes
+        .iter()
+        .filter_map(|(k, vals)| {
+            let texts: Result<Vec<String>, _> =
+                vals.iter().map(|v| String::from_utf8(v.clone())).collect();
+            texts.ok().map(|t| (k.clone(), t))
+        })
+        .collect()
 }
 
 /// Applies an object template's mappings (focus → focus) and assignments.
 /// `before` is the focus's attributes before this change, to tell which
 /// sources changed.
-pub fn apply_template(template: &ObjectTemplate, before: &Attrs, focus: &mut Focus) {
+///
+/// # Errors
+/// An expression that fails.
+pub fn apply_template(
+    template: &ObjectTemplate,
+    before: &Attrs,
+    focus: &mut Focus,
+) -> Result<(), CoreError> {
     for m in &template.mappings {
-        let changed = m
-            .sources()
-            .iter()
-            .any(|s| before.get(s) != focus.attributes.get(s));
+        let changed = reads_all(m)
+            || m.sources()
+                .iter()
+                .any(|s| before.get(s) != focus.attributes.get(s));
         let current = focus.attributes.clone();
         let lookup = |name: &str| current.get(name).cloned().unwrap_or_default();
+        let all = || {
+            current
+                .iter()
+                .map(|(k, v)| (k.clone(), v.clone()))
+                .collect()
+        };
         let old_lookup = |name: &str| before.get(name).cloned().unwrap_or_default();
-        let old_output = evaluate(m, &old_lookup);
-        apply_mapping(
-            m,
-            &old_output,
-            evaluate(m, &lookup),
-            changed,
-            &mut focus.attributes,
-        );
+        let old_all = || before.iter().map(|(k, v)| (k.clone(), v.clone())).collect();
+        let old_output = if m.range == Range::Mapped {
+            evaluate(m, &old_lookup, &old_all).unwrap_or_default()
+        } else {
+            Vec::new()
+        };
+        let output = evaluate(m, &lookup, &all)?;
+        apply_mapping(m, &old_output, output, changed, &mut focus.attributes);
     }
     for resource in &template.assignments {
         if !focus.has_assignment(resource) {
@@ -346,6 +391,7 @@ pub fn apply_template(template: &ObjectTemplate, before: &Attrs, focus: &mut Foc
             });
         }
     }
+    Ok(())
 }
 
 #[cfg(test)]
@@ -516,6 +562,7 @@ mod tests {
             source: Some("mail".into()),
             value: None,
             template: None,
+            expression: None,
             target: "emails".into(),
             strength: Strength::Normal,
             range: Range::Mapped,

@@ -4,6 +4,7 @@
 pub mod config;
 pub mod correlation;
 pub mod error;
+pub mod expression;
 pub mod inbound;
 pub mod mapping;
 pub mod model;

@@ -3,7 +3,11 @@
 
 use std::fmt;
 
+use std::collections::HashMap;
+
+use crate::CoreError;
 use crate::config::{Mapping, Range, Strength};
+use crate::expression::Expression;
 use crate::model::Attrs;
 
 /// A string template with `{attribute}` placeholders; `{{` and `}}` are literal braces.
@@ -121,15 +125,36 @@ impl Template {
     }
 }
 
-/// The values `mapping` produces; `lookup` gives the values of a source attribute.
+/// The values `mapping` produces; `lookup` gives the values of a source
+/// attribute and `all` every attribute (for expressions that read `all`).
 /// A template with a missing source produces nothing.
-pub fn evaluate(mapping: &Mapping, lookup: &dyn Fn(&str) -> Vec<String>) -> Vec<String> {
+///
+/// # Errors
+/// An expression that fails to compile or to run.
+pub fn evaluate(
+    mapping: &Mapping,
+    lookup: &dyn Fn(&str) -> Vec<String>,
+    all: &dyn Fn() -> HashMap<String, Vec<String>>,
+) -> Result<Vec<String>, CoreError> {
     if let Some(source) = &mapping.source {
-        return lookup(source);
+        return Ok(lookup(source));
     }
     if let Some(value) = &mapping.value {
-        return vec![value.clone()];
+        return Ok(vec![value.clone()]);
     }
+    if let Some(text) = &mapping.expression {
+        let fail = |reason: String| CoreError::Expression {
+            target: mapping.target.clone(),
+            expression: text.clone(),
+            reason,
+        };
+        let e = Expression::compile(text).map_err(fail)?;
+        return e.eval(lookup, all).map_err(fail);
+    }
+    Ok(evaluate_template(mapping, lookup))
+}
+
+fn evaluate_template(mapping: &Mapping, lookup: &dyn Fn(&str) -> Vec<String>) -> Vec<String> {
     let Some(Ok(template)) = mapping.template.as_deref().map(Template::parse) else {
         return Vec::new();
     };
@@ -286,6 +311,7 @@ mod tests {
             source: Some("cn".into()),
             value: None,
             template: None,
+            expression: None,
             target: "fullName".into(),
             strength,
             range: Range::All,
@@ -373,17 +399,35 @@ mod tests {
             _ => vec![],
         };
         assert_eq!(
-            evaluate(&mapping(Strength::Normal), &look),
+            evaluate(&mapping(Strength::Normal), &look, &HashMap::new).unwrap(),
             vec!["Jack Sparrow"]
         );
         let mut lit = mapping(Strength::Normal);
         lit.source = None;
         lit.value = Some("Created by IDM".into());
-        assert_eq!(evaluate(&lit, &look), vec!["Created by IDM"]);
+        assert_eq!(
+            evaluate(&lit, &look, &HashMap::new).unwrap(),
+            vec!["Created by IDM"]
+        );
         let mut tpl = mapping(Strength::Normal);
         tpl.source = None;
         tpl.template = Some("{cn}/{missing}".into());
-        assert!(evaluate(&tpl, &look).is_empty());
+        assert!(evaluate(&tpl, &look, &HashMap::new).unwrap().is_empty());
+        let mut expr = mapping(Strength::Normal);
+        expr.source = None;
+        expr.expression = Some("cn + '!'".into());
+        assert_eq!(
+            evaluate(&expr, &look, &HashMap::new).unwrap(),
+            vec!["Jack Sparrow!"]
+        );
+        expr.expression = Some("missing + '!'".into());
+        let err = evaluate(&expr, &look, &HashMap::new)
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.starts_with("mapping to \"fullName\": expression \"missing + '!'\""),
+            "{err}"
+        );
     }
 
     #[test]

@@ -16,6 +16,8 @@ pub struct Account {
     /// The naming attribute and its value, which must stay in the entry.
     pub rdn: (String, String),
     pub attributes: Attrs,
+    /// The strongest strength of the mappings that feed each mapped attribute.
+    pub strengths: BTreeMap<String, Strength>,
 }
 
 /// Resources on which `focus` should have an account: those it is assigned to,
@@ -69,8 +71,10 @@ pub fn desired_account(resource: &ResourceConfig, focus: &Focus) -> Result<Accou
     let rdn = (rdn_attr.trim().to_ascii_lowercase(), rdn_value);
 
     let mut attributes = Attrs::new();
+    let mut strengths = BTreeMap::new();
     attributes.insert("objectclass".into(), resource.object_classes.clone());
-    for (name, (_, values)) in mapped_values(resource, focus) {
+    for (name, (strength, values)) in mapped_values(resource, focus)? {
+        strengths.insert(name.clone(), strength);
         if !values.is_empty() {
             attributes.insert(name, values);
         }
@@ -80,29 +84,25 @@ pub fn desired_account(resource: &ResourceConfig, focus: &Focus) -> Result<Accou
         dn,
         rdn,
         attributes,
+        strengths,
     })
 }
 
 /// Replace-modifications (attribute, new values; empty = remove) that bring
 /// `current` (the account as read, lower-cased names) in line with `desired`,
 /// by each mapping's strength. Weak mappings only fill empty attributes.
-pub fn modifications(
-    resource: &ResourceConfig,
-    focus: &Focus,
-    desired: &Account,
-    current: &Attrs,
-) -> Vec<(String, Vec<String>)> {
+pub fn modifications(desired: &Account, current: &Attrs) -> Vec<(String, Vec<String>)> {
     let mut out = Vec::new();
-    for (name, (strength, _)) in mapped_values(resource, focus) {
-        let want = desired.attributes.get(&name).cloned().unwrap_or_default();
-        let have = current.get(&name).cloned().unwrap_or_default();
+    for (name, strength) in &desired.strengths {
+        let want = desired.attributes.get(name).cloned().unwrap_or_default();
+        let have = current.get(name).cloned().unwrap_or_default();
         let differs = want.iter().collect::<BTreeSet<_>>() != have.iter().collect::<BTreeSet<_>>();
         let write = match strength {
             Strength::Weak => have.is_empty() && !want.is_empty(),
             Strength::Normal | Strength::Strong => differs,
         };
         if write {
-            out.push((name, want));
+            out.push((name.clone(), want));
         }
     }
     out
@@ -113,18 +113,26 @@ pub fn modifications(
 fn mapped_values(
     resource: &ResourceConfig,
     focus: &Focus,
-) -> BTreeMap<String, (Strength, Vec<String>)> {
+) -> Result<BTreeMap<String, (Strength, Vec<String>)>, CoreError> {
     let lookup = |name: &str| focus.attributes.get(name).cloned().unwrap_or_default();
+    let all = || {
+        focus
+            .attributes
+            .iter()
+            .map(|(k, v)| (k.clone(), v.clone()))
+            .collect()
+    };
     let mut out: BTreeMap<String, (Strength, Vec<String>)> = BTreeMap::new();
     for m in &resource.outbound {
+        let values = evaluate(m, &lookup, &all)?;
         let entry = out
             .entry(m.target.to_ascii_lowercase())
             .or_insert((m.strength, Vec::new()));
         entry.0 = stronger(entry.0, m.strength);
-        entry.1.extend(evaluate(m, &lookup));
+        entry.1.extend(values);
         dedup_in_order(&mut entry.1);
     }
-    out
+    Ok(out)
 }
 
 fn stronger(a: Strength, b: Strength) -> Strength {
@@ -145,13 +153,8 @@ fn keep_rdn(rdn: &(String, String), attributes: &mut Attrs) {
 }
 
 /// As [`modifications`], with the RDN value kept in the naming attribute.
-pub fn account_modifications(
-    resource: &ResourceConfig,
-    focus: &Focus,
-    desired: &Account,
-    current: &Attrs,
-) -> Vec<(String, Vec<String>)> {
-    let mut mods = modifications(resource, focus, desired, current);
+pub fn account_modifications(desired: &Account, current: &Attrs) -> Vec<(String, Vec<String>)> {
+    let mut mods = modifications(desired, current);
     for (name, values) in &mut mods {
         if *name == desired.rdn.0 {
             let mut attrs = Attrs::from([(name.clone(), std::mem::take(values))]);
@@ -219,7 +222,7 @@ mod tests {
             .attributes
             .insert("fullName".into(), vec!["cpt. Will Turner".into()]);
         let desired = desired_account(r, &focus).unwrap();
-        let mods = account_modifications(r, &focus, &desired, &current);
+        let mods = account_modifications(&desired, &current);
         assert_eq!(
             mods,
             vec![(
@@ -227,7 +230,7 @@ mod tests {
                 vec!["will".to_owned(), "cpt. Will Turner".to_owned()]
             )]
         );
-        assert!(account_modifications(r, &focus, &desired, &desired.attributes).is_empty());
+        assert!(account_modifications(&desired, &desired.attributes).is_empty());
     }
 
     #[test]

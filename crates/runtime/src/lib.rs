@@ -343,7 +343,7 @@ mod tests {
             (
                 "source = \"uid\"\ntarget = \"name\"",
                 "source = \"uid\"\nvalue = \"x\"\ntarget = \"name\"",
-                "resources[0] (hr).inbound[0]: exactly one of source, value or template must be set",
+                "resources[0] (hr).inbound[0]: exactly one of source, value, template or expression must be set",
             ),
             (
                 "conditions = [{ focus_attribute = \"name\", source = \"uid\" }]",
@@ -379,6 +379,11 @@ mod tests {
                 "object_classes = [\"inetOrgPerson\"]",
                 "object_classes = []",
                 "resources[1] (acme).object_classes: a resource with outbound mappings needs object_classes",
+            ),
+            (
+                "template = \"{givenName} {familyName}\"",
+                "expression = \"givenName + \"",
+                "templates[0] (default-user).mappings[0]: expression \"givenName + \" does not compile",
             ),
             (
                 "[nats]",

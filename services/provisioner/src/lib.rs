@@ -218,7 +218,7 @@ async fn create(
             Err(LdapError::AlreadyExists { .. }) => {
                 tracing::info!(resource = %resource.name, dn = %account.dn, "account exists already; linking it");
                 if let Some(existing) = dir.read(&account.dn).await? {
-                    let mods = account_modifications(resource, focus, &account, &existing.attributes);
+                    let mods = account_modifications(&account, &existing.attributes);
                     if !mods.is_empty() {
                         dir.replace(&account.dn, &mods).await?;
                     }
@@ -281,7 +281,7 @@ async fn update(
         let Some(current) = dir.read(&link.dn).await? else {
             return Ok(None);
         };
-        let mods = account_modifications(resource, focus, &account, &current.attributes);
+        let mods = account_modifications(&account, &current.attributes);
         if !mods.is_empty() {
             dir.replace(&link.dn, &mods).await?;
         }
