@@ -17,6 +17,7 @@ pub const EXAMPLE_CONFIG: &str = include_str!("../../deploy/local/idsync.toml");
 
 pub const SOURCE_SUFFIX: &str = "dc=example,dc=com";
 pub const PEOPLE: &str = "ou=people,dc=example,dc=com";
+pub const GROUPS: &str = "ou=groups,dc=example,dc=com";
 pub const TARGET_SUFFIX: &str = "o=Acme";
 
 /// The source directory's first content: the example's jack.
@@ -25,7 +26,10 @@ pub fn source_seed() -> String {
         "dn: {SOURCE_SUFFIX}\nobjectClass: dcObject\nobjectClass: organization\ndc: example\no: Example\n\n\
          dn: {PEOPLE}\nobjectClass: organizationalUnit\nou: people\n\n\
          dn: uid=jack,{PEOPLE}\nobjectClass: inetOrgPerson\nuid: jack\ncn: Jack Sparrow\n\
-         givenName: Jack\nsn: Sparrow\n"
+         givenName: Jack\nsn: Sparrow\n\n\
+         dn: {GROUPS}\nobjectClass: organizationalUnit\nou: groups\n\n\
+         dn: cn=crew,{GROUPS}\nobjectClass: groupOfNames\ncn: crew\ndescription: The Black Pearl's crew\n\
+         member: uid=jack,{PEOPLE}\n"
     )
 }
 

@@ -28,6 +28,11 @@ enum Command {
         #[command(subcommand)]
         command: UsersCommand,
     },
+    /// Groups in the IDM.
+    Groups {
+        #[command(subcommand)]
+        command: GroupsCommand,
+    },
     /// Correlation cases: disputed entries waiting for a decision.
     Cases {
         #[command(subcommand)]
@@ -53,6 +58,17 @@ enum UsersCommand {
         #[arg(long, env = "IDSYNC_IDM_URL", default_value = "http://127.0.0.1:50051")]
         idm: String,
         /// One JSON document, for scripts.
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+enum GroupsCommand {
+    /// Lists groups with their members (and members whose accounts have not arrived yet).
+    List {
+        #[arg(long, env = "IDSYNC_IDM_URL", default_value = "http://127.0.0.1:50051")]
+        idm: String,
         #[arg(long)]
         json: bool,
     },
@@ -134,6 +150,57 @@ async fn run(cli: Cli) -> Result<ExitCode> {
                 println!("{}", serde_json::to_string_pretty(&users_json(&users))?);
             } else {
                 print_users(&users);
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Groups {
+            command: GroupsCommand::List { idm, json },
+        } => {
+            let client = IdmClient::new(&idm)?;
+            let groups = client
+                .all_focus("group")
+                .await
+                .with_context(|| format!("cannot list groups from the IDM at {idm}"))?;
+            let users = client.all_focus("user").await?;
+            let name_of = |id: &str| {
+                users
+                    .iter()
+                    .find(|u| u.id == id)
+                    .and_then(|u| u.first("name"))
+                    .unwrap_or(id)
+                    .to_owned()
+            };
+            if json {
+                let out: Vec<_> = groups
+                    .iter()
+                    .map(|g| {
+                        serde_json::json!({
+                            "id": g.id,
+                            "name": g.first("name"),
+                            "attributes": g.attributes,
+                            "members": g.members.iter().map(|m| serde_json::json!({"id": m, "name": name_of(m)})).collect::<Vec<_>>(),
+                            "pending_members": g.pending_members.iter().map(|m| serde_json::json!({"resource": m.resource, "dn": m.dn})).collect::<Vec<_>>(),
+                        })
+                    })
+                    .collect();
+                println!("{}", serde_json::to_string_pretty(&out)?);
+            } else if groups.is_empty() {
+                println!("no groups");
+            } else {
+                for g in &groups {
+                    println!(
+                        "{}  (id {}, version {})",
+                        g.first("name").unwrap_or("<no name>"),
+                        g.id,
+                        g.version
+                    );
+                    for m in &g.members {
+                        println!("    member: {}", name_of(m));
+                    }
+                    for m in &g.pending_members {
+                        println!("    pending: {} on {} (not synced yet)", m.dn, m.resource);
+                    }
+                }
             }
             Ok(ExitCode::SUCCESS)
         }

@@ -3,7 +3,8 @@
 use std::collections::BTreeMap;
 
 use idsync_core::model::{
-    Assignment, Attrs, ChangeKind, Focus, FocusStatus, Link, Op, Shadow, SourceChange,
+    Assignment, Attrs, ChangeKind, Focus, FocusStatus, Link, MemberRef, ObjectType, Op, Shadow,
+    SourceChange,
 };
 
 use crate::v1;
@@ -62,6 +63,15 @@ impl From<v1::Focus> for Focus {
             } else {
                 FocusStatus::Enabled
             },
+            members: f.members,
+            pending_members: f
+                .pending_members
+                .into_iter()
+                .map(|m| MemberRef {
+                    resource: m.resource,
+                    dn: m.dn,
+                })
+                .collect(),
         }
     }
 }
@@ -94,6 +104,15 @@ impl From<Focus> for v1::Focus {
                 FocusStatus::Enabled => v1::FocusStatus::Enabled,
                 FocusStatus::Disabled => v1::FocusStatus::Disabled,
             } as i32,
+            members: f.members,
+            pending_members: f
+                .pending_members
+                .into_iter()
+                .map(|m| v1::MemberRef {
+                    resource: m.resource,
+                    dn: m.dn,
+                })
+                .collect(),
         }
     }
 }
@@ -112,7 +131,15 @@ impl From<v1::Shadow> for Shadow {
             dead: s.dead,
             csn: s.csn,
             candidates: s.candidates,
+            object_type: object_type(s.object_type),
         }
+    }
+}
+
+fn object_type(raw: i32) -> ObjectType {
+    match v1::ObjectType::try_from(raw) {
+        Ok(v1::ObjectType::Group) => ObjectType::Group,
+        _ => ObjectType::Account,
     }
 }
 
@@ -130,6 +157,10 @@ impl From<Shadow> for v1::Shadow {
             dead: s.dead,
             csn: s.csn,
             candidates: s.candidates,
+            object_type: match s.object_type {
+                ObjectType::Account => v1::ObjectType::Account,
+                ObjectType::Group => v1::ObjectType::Group,
+            } as i32,
         }
     }
 }
@@ -211,8 +242,10 @@ impl TryFrom<v1::ChangeEvent> for SourceChange {
             }
         };
         let csn = e.position.map(|p| p.csn).filter(|c| !c.is_empty());
+        let object_type = object_type(e.object_type);
         Ok(SourceChange {
             csn,
+            object_type,
             resource: e.resource,
             entry_uuid: e.entry_uuid,
             dn: e.dn,

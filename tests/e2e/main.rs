@@ -4,6 +4,7 @@
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
 mod failures;
+mod groups;
 mod poison;
 mod restart;
 mod seed_scenarios;

@@ -88,6 +88,53 @@ pub struct ResourceConfig {
     pub correlation: Vec<CorrelationRule>,
     #[serde(default)]
     pub reactions: BTreeMap<Situation, ReactionConfig>,
+    /// Groups on this resource, synchronised to IDM groups.
+    pub groups: Option<GroupsConfig>,
+}
+
+/// Groups on a resource (`groupOfNames`): each becomes an IDM group named by
+/// `name_source`, whose members are the focus objects that own the accounts
+/// its `member_attribute` names by DN. A member whose account is not synced
+/// yet is resolved when it arrives. Groups are found by name (unique per
+/// kind); their reactions are fixed: unmatched → add_focus, unlinked → link,
+/// linked → synchronize, deleted → delete_focus, disputed → nothing.
+#[derive(Debug, Clone, Deserialize, Serialize, PartialEq, schemars::JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct GroupsConfig {
+    /// Subtree of the groups (default: the resource's `base_dn`).
+    pub base_dn: Option<String>,
+    #[serde(default = "default_group_filter")]
+    pub filter: String,
+    /// Attribute that names the group in the IDM.
+    #[serde(default = "default_group_name")]
+    pub name_source: String,
+    /// Attribute that holds the members' DNs.
+    #[serde(default = "default_member_attribute")]
+    pub member_attribute: String,
+    /// Further group attributes → focus attributes.
+    #[serde(default)]
+    pub inbound: Vec<Mapping>,
+}
+
+fn default_group_filter() -> String {
+    "(objectClass=groupOfNames)".to_owned()
+}
+
+fn default_group_name() -> String {
+    "cn".to_owned()
+}
+
+fn default_member_attribute() -> String {
+    "member".to_owned()
+}
+
+impl ResourceConfig {
+    /// Where the resource's groups live.
+    pub fn groups_base(&self) -> Option<&str> {
+        self.groups
+            .as_ref()
+            .map(|g| g.base_dn.as_deref().unwrap_or(&self.base_dn))
+    }
 }
 
 fn default_filter() -> String {
@@ -257,6 +304,13 @@ impl Config {
                 for (j, m) in mappings.iter().enumerate() {
                     if let Err(reason) = m.check() {
                         err(format!("{at}.{kind}[{j}]"), reason);
+                    }
+                }
+            }
+            if let Some(g) = &r.groups {
+                for (j, m) in g.inbound.iter().enumerate() {
+                    if let Err(reason) = m.check() {
+                        err(format!("{at}.groups.inbound[{j}]"), reason);
                     }
                 }
             }

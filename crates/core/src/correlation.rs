@@ -81,6 +81,7 @@ mod tests {
             resource: "hr".into(),
             entry_uuid: "u".into(),
             dn: "uid=x".into(),
+            object_type: Default::default(),
             csn: None,
             kind: ChangeKind::Upsert {
                 attributes: pairs

@@ -1,15 +1,15 @@
 //! The inbound half: from a source change, its situation and the configured
 //! reaction to the exact, conditional writes the IDM must commit.
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeSet, HashMap};
 
 use crate::CoreError;
-use std::collections::HashMap;
 
 use crate::config::{Config, Mapping, ObjectTemplate, Range, ResourceConfig};
 use crate::mapping::{apply_mapping, evaluate};
 use crate::model::{
-    Assignment, Attrs, ChangeKind, Focus, FocusStatus, KIND_USER, Link, Op, Shadow, SourceChange,
+    Assignment, Attrs, ChangeKind, Focus, FocusStatus, KIND_GROUP, KIND_USER, Link, MemberRef,
+    NAME_ATTRIBUTE, ObjectType, Op, Shadow, SourceChange,
 };
 use crate::situation::{Reaction, Situation, reaction};
 
@@ -26,6 +26,77 @@ pub struct InboundState<'a> {
     /// An operator's resolution of a disputed case, applied instead of the
     /// configured reaction, to the change the case was opened for.
     pub resolution: Option<Reaction>,
+    /// Groups: each member DN the entry names, and the focus that owns that
+    /// account (None: not synced yet).
+    pub members: &'a [(String, Option<String>)],
+}
+
+/// How entries of one object type map to focus objects.
+struct Profile {
+    kind: &'static str,
+    mappings: Vec<Mapping>,
+    /// Groups: the attribute holding member DNs.
+    member_attribute: Option<String>,
+}
+
+impl Profile {
+    fn of(resource: &ResourceConfig, object_type: ObjectType) -> Result<Self, CoreError> {
+        match object_type {
+            ObjectType::Account => Ok(Self {
+                kind: KIND_USER,
+                mappings: resource.inbound.clone(),
+                member_attribute: None,
+            }),
+            ObjectType::Group => {
+                let groups = resource.groups.as_ref().ok_or_else(|| CoreError::Config {
+                    path: format!("resources ({}).groups", resource.name),
+                    reason: "a group arrived, but the resource has no groups section".into(),
+                })?;
+                let mut mappings = vec![Mapping {
+                    source: Some(groups.name_source.clone()),
+                    value: None,
+                    template: None,
+                    expression: None,
+                    target: NAME_ATTRIBUTE.to_owned(),
+                    strength: crate::config::Strength::Strong,
+                    range: Range::All,
+                }];
+                mappings.extend(groups.inbound.iter().cloned());
+                Ok(Self {
+                    kind: KIND_GROUP,
+                    mappings,
+                    member_attribute: Some(groups.member_attribute.clone()),
+                })
+            }
+        }
+    }
+}
+
+/// The reaction to a situation of a group: fixed (see `GroupsConfig`).
+fn group_reaction(situation: Situation) -> Reaction {
+    match situation {
+        Situation::Linked => Reaction::Synchronize,
+        Situation::Unlinked => Reaction::Link,
+        Situation::Unmatched => Reaction::AddFocus,
+        Situation::Disputed => Reaction::Nothing,
+        Situation::Deleted => Reaction::DeleteFocus,
+    }
+}
+
+/// Sets a group's members from the resolved member DNs.
+fn set_members(focus: &mut Focus, resource: &str, members: &[(String, Option<String>)]) {
+    focus.members.clear();
+    focus.pending_members.clear();
+    for (dn, owner) in members {
+        match owner {
+            Some(id) if !focus.members.contains(id) => focus.members.push(id.clone()),
+            Some(_) => {}
+            None => focus.pending_members.push(MemberRef {
+                resource: resource.to_owned(),
+                dn: dn.clone(),
+            }),
+        }
+    }
 }
 
 /// What applying a change comes to.
@@ -73,7 +144,11 @@ pub fn plan(
     let Some(situation) = state.situation else {
         return Ok(Outcome::Ignored);
     };
-    let (configured, template_name) = reaction(resource, situation);
+    let profile = Profile::of(resource, change.object_type)?;
+    let (configured, template_name) = match change.object_type {
+        ObjectType::Account => reaction(resource, situation),
+        ObjectType::Group => (group_reaction(situation), None),
+    };
     let reaction = state.resolution.unwrap_or(configured);
     let template = match template_name {
         Some(name) => Some(config.template(name).ok_or_else(|| CoreError::Config {
@@ -88,7 +163,7 @@ pub fn plan(
 
     let mut shadow = next_shadow(change, change_seq, state.shadow, situation);
     if !change.is_delete() {
-        shadow.attributes = snapshot(resource, change)?;
+        shadow.attributes = snapshot(resource, &profile, change)?;
     }
     shadow.candidates = if situation == Situation::Disputed {
         state.candidates.to_vec()
@@ -111,7 +186,10 @@ pub fn plan(
             } else {
                 previous
             };
-            apply_inbound(resource, change, previous, &mut next.attributes)?;
+            apply_inbound(&profile.mappings, change, previous, &mut next.attributes)?;
+            if profile.member_attribute.is_some() {
+                set_members(&mut next, &change.resource, state.members);
+            }
             if let Some(t) = template {
                 apply_template(t, &focus.attributes, &mut next)?;
             }
@@ -127,10 +205,13 @@ pub fn plan(
         Reaction::AddFocus => {
             let mut focus = Focus {
                 id: new_focus_id.to_owned(),
-                kind: KIND_USER.to_owned(),
+                kind: profile.kind.to_owned(),
                 ..Default::default()
             };
-            apply_inbound(resource, change, None, &mut focus.attributes)?;
+            apply_inbound(&profile.mappings, change, None, &mut focus.attributes)?;
+            if profile.member_attribute.is_some() {
+                set_members(&mut focus, &change.resource, state.members);
+            }
             if let Some(t) = template {
                 apply_template(t, &Attrs::new(), &mut focus)?;
             }
@@ -205,6 +286,9 @@ fn next_shadow(
         shadow.dn = change.dn.clone();
     }
     shadow.position = change_seq;
+    if !change.is_delete() {
+        shadow.object_type = change.object_type;
+    }
     if let Some(csn) = &change.csn {
         shadow.csn = csn.clone();
     }
@@ -231,9 +315,13 @@ fn link(change: &SourceChange, shadow: Option<&Shadow>) -> Link {
 
 /// The entry's values of every attribute an inbound mapping or correlation
 /// rule reads, as UTF-8 strings, keyed by lower-cased name.
-fn snapshot(resource: &ResourceConfig, change: &SourceChange) -> Result<Attrs, CoreError> {
-    let mut names: BTreeSet<String> = resource
-        .inbound
+fn snapshot(
+    resource: &ResourceConfig,
+    profile: &Profile,
+    change: &SourceChange,
+) -> Result<Attrs, CoreError> {
+    let mut names: BTreeSet<String> = profile
+        .mappings
         .iter()
         .flat_map(Mapping::sources)
         .map(|s| s.to_ascii_lowercase())
@@ -244,6 +332,12 @@ fn snapshot(resource: &ResourceConfig, change: &SourceChange) -> Result<Attrs, C
             .iter()
             .flat_map(|r| r.conditions.iter().chain(&r.confirmation))
             .map(|c| c.source.to_ascii_lowercase()),
+    );
+    names.extend(
+        profile
+            .member_attribute
+            .iter()
+            .map(|m| m.to_ascii_lowercase()),
     );
     let mut out = Attrs::new();
     for name in names {
@@ -280,13 +374,13 @@ pub fn utf8_values(
 /// Applies the resource's inbound mappings to `focus_attrs`. `previous` is the
 /// shadow's snapshot from the last applied change (None: everything changed).
 fn apply_inbound(
-    resource: &ResourceConfig,
+    mappings: &[Mapping],
     change: &SourceChange,
     previous: Option<&Attrs>,
     focus_attrs: &mut Attrs,
 ) -> Result<(), CoreError> {
     let all = || text_attributes(change);
-    for m in &resource.inbound {
+    for m in mappings {
         let sources = m.sources();
         let mut values = Vec::new();
         for s in &sources {
@@ -414,6 +508,7 @@ mod tests {
             entry_uuid: format!("uuid-{uid}"),
             dn: format!("uid={uid},ou=people,dc=example,dc=com"),
             kind: ChangeKind::Upsert { attributes: attrs },
+            object_type: Default::default(),
             csn: Some(format!("20260101000000.000000Z#000000#000#{uid}")),
         }
     }
@@ -593,6 +688,61 @@ mod tests {
             panic!("{ops:#?}")
         };
         assert_eq!(next.attributes["emails"], vec!["captain@idm", "turner@hr"]);
+    }
+
+    fn group_entry(cn: &str, members: &[&str]) -> SourceChange {
+        let mut attrs: std::collections::BTreeMap<String, Vec<Vec<u8>>> =
+            std::collections::BTreeMap::new();
+        attrs.insert("cn".into(), vec![cn.as_bytes().to_vec()]);
+        attrs.insert(
+            "member".into(),
+            members.iter().map(|m| m.as_bytes().to_vec()).collect(),
+        );
+        SourceChange {
+            resource: "hr".into(),
+            entry_uuid: format!("uuid-{cn}"),
+            dn: format!("cn={cn},ou=groups,dc=example,dc=com"),
+            kind: ChangeKind::Upsert { attributes: attrs },
+            csn: Some("20260101000000.000000Z#000000#000#000000".into()),
+            object_type: ObjectType::Group,
+        }
+    }
+
+    #[test]
+    fn a_new_group_resolves_known_members_and_keeps_the_rest_pending() {
+        let cfg = config();
+        let jack = "uid=jack,ou=people,dc=example,dc=com".to_owned();
+        let will = "uid=will,ou=people,dc=example,dc=com".to_owned();
+        let change = group_entry("crew", &[&jack, &will]);
+        let members = [(jack, Some("f-jack".to_owned())), (will.clone(), None)];
+        let state = InboundState {
+            situation: Some(Situation::Unmatched),
+            members: &members,
+            ..Default::default()
+        };
+        let (_, reaction, ops) = commit(plan(&cfg, &change, 3, state, "g1").unwrap());
+        assert_eq!(
+            reaction,
+            Reaction::AddFocus,
+            "fixed group reaction, no template"
+        );
+        let Op::PutFocus { focus, .. } = &ops[0] else {
+            panic!("{ops:#?}")
+        };
+        assert_eq!(focus.kind, "group");
+        assert_eq!(focus.first("name"), Some("crew"));
+        assert_eq!(focus.members, ["f-jack"]);
+        assert_eq!(
+            focus.pending_members,
+            [MemberRef {
+                resource: "hr".into(),
+                dn: will
+            }]
+        );
+        assert!(
+            focus.assignments.is_empty(),
+            "the user template is not for groups"
+        );
     }
 
     #[test]

@@ -9,6 +9,40 @@ pub type Attrs = BTreeMap<String, Vec<String>>;
 
 /// Focus object kinds.
 pub const KIND_USER: &str = "user";
+pub const KIND_GROUP: &str = "group";
+
+/// A DN in a form for comparison: lower case, no spaces around the `,` and
+/// `=` that separate RDNs and their parts (escaped ones are kept).
+pub fn normalize_dn(dn: &str) -> String {
+    let mut parts = Vec::new();
+    let mut current = String::new();
+    let mut escaped = false;
+    for c in dn.chars() {
+        if escaped {
+            current.push(c);
+            escaped = false;
+            continue;
+        }
+        match c {
+            '\\' => {
+                current.push(c);
+                escaped = true;
+            }
+            ',' => parts.push(std::mem::take(&mut current)),
+            c => current.push(c),
+        }
+    }
+    parts.push(current);
+    parts
+        .iter()
+        .map(|rdn| match rdn.split_once('=') {
+            Some((a, v)) => format!("{}={}", a.trim(), v.trim()),
+            None => rdn.trim().to_owned(),
+        })
+        .collect::<Vec<_>>()
+        .join(",")
+        .to_lowercase()
+}
 
 /// The IDM attribute that names a focus; unique per kind.
 pub const NAME_ATTRIBUTE: &str = "name";
@@ -46,6 +80,17 @@ pub struct Focus {
     pub assignments: Vec<Assignment>,
     pub links: Vec<Link>,
     pub status: FocusStatus,
+    /// Groups: ids of member focus objects.
+    pub members: Vec<String>,
+    /// Groups: members the source names whose accounts are not known yet.
+    pub pending_members: Vec<MemberRef>,
+}
+
+/// A member as a source names it.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord)]
+pub struct MemberRef {
+    pub resource: String,
+    pub dn: String,
 }
 
 impl Focus {
@@ -94,6 +139,7 @@ pub struct Shadow {
     pub csn: String,
     /// Focus ids correlation found, while the situation is disputed.
     pub candidates: Vec<String>,
+    pub object_type: ObjectType,
 }
 
 /// An entry as a source resource reports it: whole state or tombstone.
@@ -106,6 +152,15 @@ pub struct SourceChange {
     /// The entry's change sequence number in the source (OpenLDAP's
     /// entryCSN), when known. CSNs of one source order its changes.
     pub csn: Option<String>,
+    pub object_type: ObjectType,
+}
+
+/// What an entry is on its resource.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum ObjectType {
+    #[default]
+    Account,
+    Group,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -155,4 +210,21 @@ pub enum Op {
         entry_uuid: String,
         expected_version: u64,
     },
+}
+
+#[cfg(test)]
+mod tests {
+    use super::normalize_dn;
+
+    #[test]
+    fn dns_compare_without_case_or_spacing() {
+        assert_eq!(
+            normalize_dn("UID=Jack, ou=People ,dc=Example,dc=com"),
+            "uid=jack,ou=people,dc=example,dc=com"
+        );
+        assert_eq!(
+            normalize_dn("cn=Smith\\, John,o=Acme"),
+            "cn=smith\\, john,o=acme"
+        );
+    }
 }

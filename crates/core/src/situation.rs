@@ -145,6 +145,10 @@ pub fn situation(
 ) -> Option<Situation> {
     let live_shadow = shadow.filter(|s| !s.dead);
     if change.is_delete() {
+        // One resource may run one sync session per object type, and a
+        // session may name entries of another scope as deleted (RFC 4533
+        // allows a server to): a tombstone only counts for its own type.
+        let live_shadow = live_shadow.filter(|s| s.object_type == change.object_type);
         return live_shadow.map(|_| Situation::Deleted);
     }
     if live_shadow.is_some_and(|s| s.focus_id.is_some()) && owner_exists {
@@ -178,6 +182,7 @@ mod tests {
             resource: "hr".into(),
             entry_uuid: "u1".into(),
             dn: "uid=jack".into(),
+            object_type: Default::default(),
             csn: None,
             kind: if delete {
                 ChangeKind::Delete
@@ -226,6 +231,15 @@ mod tests {
         );
         assert_eq!(situation(&del, None, false, 0), None);
         assert_eq!(situation(&del, Some(&shadow(false, true)), false, 0), None);
+        // A group session's tombstone for an account's UUID is not the account's deletion.
+        let group_del = SourceChange {
+            object_type: crate::model::ObjectType::Group,
+            ..del.clone()
+        };
+        assert_eq!(
+            situation(&group_del, Some(&shadow(true, false)), true, 0),
+            None
+        );
     }
 
     proptest::proptest! {

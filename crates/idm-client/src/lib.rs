@@ -6,7 +6,7 @@
 use std::time::Duration;
 
 use idsync_core::config::Config;
-use idsync_core::model::{Focus, KIND_USER, Op, Shadow, SourceChange};
+use idsync_core::model::{Focus, KIND_GROUP, KIND_USER, ObjectType, Op, Shadow, SourceChange};
 use idsync_core::situation::{Situation, situation};
 use idsync_proto::v1;
 use idsync_proto::v1::idm_client::IdmClient as Raw;
@@ -161,6 +161,49 @@ impl IdmClient {
         }
     }
 
+    /// For each DN, the id of the focus its live shadow on `resource` is
+    /// linked to, or `None`.
+    pub async fn resolve_members(
+        &self,
+        resource: &str,
+        dns: &[String],
+    ) -> Result<Vec<Option<String>>, IdmError> {
+        let req = v1::ResolveMembersRequest {
+            resource: resource.to_owned(),
+            dns: dns.to_vec(),
+        };
+        let ids = self
+            .raw
+            .clone()
+            .resolve_members(req)
+            .await?
+            .into_inner()
+            .focus_ids;
+        Ok(ids
+            .into_iter()
+            .map(|id| (!id.is_empty()).then_some(id))
+            .collect())
+    }
+
+    /// Groups waiting for the account `dn` on `resource`.
+    pub async fn find_pending_groups(
+        &self,
+        resource: &str,
+        dn: &str,
+    ) -> Result<Vec<Focus>, IdmError> {
+        let req = v1::MemberRefQuery {
+            resource: resource.to_owned(),
+            dn: dn.to_owned(),
+        };
+        let list = self
+            .raw
+            .clone()
+            .find_pending_groups(req)
+            .await?
+            .into_inner();
+        Ok(list.items.into_iter().map(Focus::from).collect())
+    }
+
     /// Open correlation cases (disputed, unlinked, live shadows).
     pub async fn list_cases(&self) -> Result<Vec<Shadow>, IdmError> {
         let req = v1::ListCasesRequest { limit: 10_000 };
@@ -213,7 +256,19 @@ pub async fn correlate(
         None => None,
     };
     let mut candidates = Vec::new();
-    if owner.is_none() && !change.is_delete() {
+    let is_group = change.object_type == ObjectType::Group;
+    if owner.is_none() && !change.is_delete() && is_group {
+        // Groups correlate by name, which is unique per kind.
+        let name_source = resource
+            .groups
+            .as_ref()
+            .map_or("cn", |g| g.name_source.as_str());
+        let names = idsync_core::inbound::utf8_values(change, name_source, "name")?;
+        if let Some(name) = names.first() {
+            candidates = idm.find_focus(KIND_GROUP, "name", name).await?;
+        }
+    }
+    if owner.is_none() && !change.is_delete() && !is_group {
         for rule in &resource.correlation {
             let Some(first) = idsync_core::correlation::query(
                 change,

@@ -19,6 +19,10 @@ const FOCUS: TableDefinition<&str, &[u8]> = TableDefinition::new("focus");
 const FOCUS_NAME: TableDefinition<&str, &str> = TableDefinition::new("focus_name");
 /// `<resource>\0<entry uuid>` → shadow.
 const SHADOW: TableDefinition<&str, &[u8]> = TableDefinition::new("shadow");
+/// `<resource>\0<normalized dn>` → entry uuid, for live shadows.
+const SHADOW_DN: TableDefinition<&str, &str> = TableDefinition::new("shadow_dn");
+/// `<resource>\0<normalized member dn>\0<group id>` → (): groups waiting for a member.
+const PENDING: TableDefinition<&str, ()> = TableDefinition::new("pending_member");
 /// outbox sequence → encoded `FocusChange`.
 const OUTBOX: TableDefinition<u64, &[u8]> = TableDefinition::new("outbox");
 const META: TableDefinition<&str, u64> = TableDefinition::new("meta");
@@ -67,6 +71,46 @@ fn shadow_key(resource: &str, entry_uuid: &str) -> String {
     format!("{resource}\0{entry_uuid}")
 }
 
+/// Moves the group's pending members whose accounts have a live, linked
+/// shadow to its members.
+fn resolve_pending(
+    group: &mut v1::Focus,
+    shadow_dns: &redb::Table<&str, &str>,
+    shadows: &redb::Table<&str, &[u8]>,
+) -> Result<(), StoreError> {
+    let mut still = Vec::new();
+    for m in std::mem::take(&mut group.pending_members) {
+        let owner = match shadow_dns
+            .get(dn_key(&m.resource, &m.dn).as_str())
+            .map_err(db)?
+        {
+            Some(uuid) => shadows
+                .get(shadow_key(&m.resource, uuid.value()).as_str())
+                .map_err(db)?
+                .map(|v| decode::<v1::Shadow>(v.value()))
+                .transpose()?
+                .filter(|s| !s.dead && !s.focus_id.is_empty())
+                .map(|s| s.focus_id),
+            None => None,
+        };
+        match owner {
+            Some(id) if !group.members.contains(&id) => group.members.push(id),
+            Some(_) => {}
+            None => still.push(m),
+        }
+    }
+    group.pending_members = still;
+    Ok(())
+}
+
+fn dn_key(resource: &str, dn: &str) -> String {
+    format!("{resource}\0{}", idsync_core::model::normalize_dn(dn))
+}
+
+fn pending_key(resource: &str, dn: &str, group_id: &str) -> String {
+    format!("{}\0{group_id}", dn_key(resource, dn))
+}
+
 fn name_key(kind: &str, name: &str) -> String {
     format!("{kind}\0{name}")
 }
@@ -107,6 +151,8 @@ impl Store {
             txn.open_table(FOCUS).map_err(db)?;
             txn.open_table(FOCUS_NAME).map_err(db)?;
             txn.open_table(SHADOW).map_err(db)?;
+            txn.open_table(SHADOW_DN).map_err(db)?;
+            txn.open_table(PENDING).map_err(db)?;
             txn.open_table(OUTBOX).map_err(db)?;
             let mut meta = txn.open_table(META).map_err(db)?;
             let stored = meta.get(INSTANCE).map_err(db)?.map(|v| v.value());
@@ -250,6 +296,55 @@ impl Store {
         Ok(out)
     }
 
+    /// For each DN, the focus its live shadow on `resource` is linked to, or "".
+    pub fn resolve_members(
+        &self,
+        resource: &str,
+        dns: &[String],
+    ) -> Result<Vec<String>, StoreError> {
+        let txn = self.db.begin_read().map_err(db)?;
+        let by_dn = txn.open_table(SHADOW_DN).map_err(db)?;
+        let shadows = txn.open_table(SHADOW).map_err(db)?;
+        let mut out = Vec::with_capacity(dns.len());
+        for dn in dns {
+            let mut focus_id = String::new();
+            if let Some(uuid) = by_dn.get(dn_key(resource, dn).as_str()).map_err(db)? {
+                let key = shadow_key(resource, uuid.value());
+                if let Some(v) = shadows.get(key.as_str()).map_err(db)? {
+                    let s: v1::Shadow = decode(v.value())?;
+                    if !s.dead {
+                        focus_id = s.focus_id;
+                    }
+                }
+            }
+            out.push(focus_id);
+        }
+        Ok(out)
+    }
+
+    /// Groups with `dn` on `resource` among their pending members.
+    pub fn find_pending_groups(
+        &self,
+        resource: &str,
+        dn: &str,
+    ) -> Result<Vec<v1::Focus>, StoreError> {
+        let txn = self.db.begin_read().map_err(db)?;
+        let table = txn.open_table(PENDING).map_err(db)?;
+        let focus = txn.open_table(FOCUS).map_err(db)?;
+        let prefix = format!("{}\0", dn_key(resource, dn));
+        let mut out = Vec::new();
+        for row in table.range(prefix.as_str()..).map_err(db)? {
+            let (k, _) = row.map_err(db)?;
+            let Some(id) = k.value().strip_prefix(prefix.as_str()) else {
+                break;
+            };
+            if let Some(v) = focus.get(id).map_err(db)? {
+                out.push(decode(v.value())?);
+            }
+        }
+        Ok(out)
+    }
+
     /// Up to `limit` open correlation cases: live, unlinked, disputed shadows.
     pub fn list_cases(&self, limit: usize) -> Result<Vec<v1::Shadow>, StoreError> {
         let txn = self.db.begin_read().map_err(db)?;
@@ -284,6 +379,8 @@ impl Store {
             let mut focus_t = txn.open_table(FOCUS).map_err(db)?;
             let mut names = txn.open_table(FOCUS_NAME).map_err(db)?;
             let mut shadows = txn.open_table(SHADOW).map_err(db)?;
+            let mut shadow_dns = txn.open_table(SHADOW_DN).map_err(db)?;
+            let mut pending = txn.open_table(PENDING).map_err(db)?;
             let mut outbox = txn.open_table(OUTBOX).map_err(db)?;
             let mut meta = txn.open_table(META).map_err(db)?;
             // Version preconditions first, over all operations: a lost race
@@ -343,6 +440,21 @@ impl Store {
                                     .map_err(db)?;
                             }
                         }
+                        // Pending members whose accounts are already here resolve now,
+                        // inside this transaction: no account can slip in between.
+                        resolve_pending(&mut focus, &shadow_dns, &shadows)?;
+                        if let Some(old) = &current {
+                            for m in &old.pending_members {
+                                pending
+                                    .remove(pending_key(&m.resource, &m.dn, &old.id).as_str())
+                                    .map_err(db)?;
+                            }
+                        }
+                        for m in &focus.pending_members {
+                            pending
+                                .insert(pending_key(&m.resource, &m.dn, &focus.id).as_str(), ())
+                                .map_err(db)?;
+                        }
                         focus.version = found + 1;
                         focus_t
                             .insert(focus.id.as_str(), focus.encode_to_vec().as_slice())
@@ -381,6 +493,11 @@ impl Store {
                         if let Some(n) = focus_name(&last) {
                             names.remove(name_key(&last.kind, n).as_str()).map_err(db)?;
                         }
+                        for m in &last.pending_members {
+                            pending
+                                .remove(pending_key(&m.resource, &m.dn, &last.id).as_str())
+                                .map_err(db)?;
+                        }
                         focus_t.remove(del.id.as_str()).map_err(db)?;
                         versions.push(0);
                         let change = v1::FocusChange {
@@ -405,12 +522,27 @@ impl Store {
                             return Err(invalid("a shadow needs a resource and an entry uuid"));
                         }
                         let key = shadow_key(&shadow.resource, &shadow.entry_uuid);
-                        let found = shadows
+                        let previous = shadows
                             .get(key.as_str())
                             .map_err(db)?
                             .map(|v| decode::<v1::Shadow>(v.value()))
-                            .transpose()?
-                            .map_or(0, |s| s.version);
+                            .transpose()?;
+                        let found = previous.as_ref().map_or(0, |s| s.version);
+                        if let Some(p) = &previous
+                            && !p.dn.is_empty()
+                        {
+                            shadow_dns
+                                .remove(dn_key(&p.resource, &p.dn).as_str())
+                                .map_err(db)?;
+                        }
+                        if !shadow.dead && !shadow.dn.is_empty() {
+                            shadow_dns
+                                .insert(
+                                    dn_key(&shadow.resource, &shadow.dn).as_str(),
+                                    shadow.entry_uuid.as_str(),
+                                )
+                                .map_err(db)?;
+                        }
                         if found != put.expected_version {
                             return Err(StoreError::Conflict {
                                 object: format!("shadow {}/{}", shadow.resource, shadow.entry_uuid),
@@ -423,6 +555,53 @@ impl Store {
                             .insert(key.as_str(), shadow.encode_to_vec().as_slice())
                             .map_err(db)?;
                         versions.push(shadow.version);
+                        // Groups waiting for this account get its owner, in this transaction.
+                        if !shadow.dead && !shadow.focus_id.is_empty() && !shadow.dn.is_empty() {
+                            let prefix = format!("{}\0", dn_key(&shadow.resource, &shadow.dn));
+                            let mut waiting = Vec::new();
+                            for row in pending.range(prefix.as_str()..).map_err(db)? {
+                                let (k, _) = row.map_err(db)?;
+                                let Some(id) = k.value().strip_prefix(prefix.as_str()) else {
+                                    break;
+                                };
+                                waiting.push((k.value().to_owned(), id.to_owned()));
+                            }
+                            let dn = idsync_core::model::normalize_dn(&shadow.dn);
+                            for (pending_key, group_id) in waiting {
+                                pending.remove(pending_key.as_str()).map_err(db)?;
+                                let Some(mut group) = focus_t
+                                    .get(group_id.as_str())
+                                    .map_err(db)?
+                                    .map(|v| decode::<v1::Focus>(v.value()))
+                                    .transpose()?
+                                else {
+                                    continue;
+                                };
+                                group.pending_members.retain(|m| {
+                                    !(m.resource == shadow.resource
+                                        && idsync_core::model::normalize_dn(&m.dn) == dn)
+                                });
+                                if !group.members.contains(&shadow.focus_id) {
+                                    group.members.push(shadow.focus_id.clone());
+                                }
+                                group.version += 1;
+                                focus_t
+                                    .insert(group.id.as_str(), group.encode_to_vec().as_slice())
+                                    .map_err(db)?;
+                                let change = v1::FocusChange {
+                                    schema_version: idsync_proto::SCHEMA_VERSION,
+                                    outbox_seq: next_seq,
+                                    focus_id: group.id.clone(),
+                                    focus: Some(group),
+                                    deleted: false,
+                                    origin_resource: origin.to_owned(),
+                                };
+                                outbox
+                                    .insert(next_seq, change.encode_to_vec().as_slice())
+                                    .map_err(db)?;
+                                next_seq += 1;
+                            }
+                        }
                     }
                     Some(Op::DeleteShadow(del)) => {
                         let k = del
@@ -430,12 +609,17 @@ impl Store {
                             .as_ref()
                             .ok_or_else(|| invalid("delete_shadow without a key"))?;
                         let key = shadow_key(&k.resource, &k.entry_uuid);
-                        let found = shadows
+                        let previous = shadows
                             .get(key.as_str())
                             .map_err(db)?
                             .map(|v| decode::<v1::Shadow>(v.value()))
-                            .transpose()?
-                            .map_or(0, |s| s.version);
+                            .transpose()?;
+                        let found = previous.as_ref().map_or(0, |s| s.version);
+                        if let Some(p) = &previous {
+                            shadow_dns
+                                .remove(dn_key(&p.resource, &p.dn).as_str())
+                                .map_err(db)?;
+                        }
                         if found != del.expected_version || found == 0 {
                             return Err(StoreError::Conflict {
                                 object: format!("shadow {}/{}", k.resource, k.entry_uuid),
@@ -701,6 +885,86 @@ mod tests {
         assert_eq!(last.origin_resource, "hr");
         s.outbox_remove_through(batch[1].0).unwrap();
         assert!(s.outbox_batch(10).unwrap().is_empty());
+    }
+
+    #[test]
+    fn members_resolve_by_dn_and_pending_groups_are_found() {
+        let dir = tempfile::tempdir().unwrap();
+        let s = Store::open(dir.path()).unwrap();
+        let mut sh = v1::Shadow {
+            resource: "hr".into(),
+            entry_uuid: "u1".into(),
+            dn: "uid=Jack,ou=people".into(),
+            focus_id: "f1".into(),
+            ..Default::default()
+        };
+        let put = |sh: &v1::Shadow, expected| v1::Operation {
+            op: Some(Op::PutShadow(v1::PutShadow {
+                shadow: Some(sh.clone()),
+                expected_version: expected,
+            })),
+        };
+        s.commit(&[put(&sh, 0)], "").unwrap();
+        let dns = [
+            "UID=jack, ou=People".to_owned(),
+            "uid=will,ou=people".to_owned(),
+        ];
+        assert_eq!(s.resolve_members("hr", &dns).unwrap(), ["f1", ""]);
+        // A dead shadow resolves to nobody; a rename moves the index.
+        sh.dn = "uid=jacky,ou=people".into();
+        s.commit(&[put(&sh, 1)], "").unwrap();
+        assert_eq!(s.resolve_members("hr", &dns).unwrap(), ["", ""]);
+        sh.dead = true;
+        s.commit(&[put(&sh, 2)], "").unwrap();
+        assert_eq!(
+            s.resolve_members("hr", &["uid=jacky,ou=people".to_owned()])
+                .unwrap(),
+            [""]
+        );
+
+        let mut group = user("g1", "crew");
+        group.kind = "group".into();
+        group.pending_members = vec![v1::MemberRef {
+            resource: "hr".into(),
+            dn: "uid=will,ou=people".into(),
+        }];
+        s.commit(&[put_focus(group.clone(), 0)], "").unwrap();
+        let found = s.find_pending_groups("hr", "UID=Will,ou=people").unwrap();
+        assert_eq!(found.len(), 1);
+        assert!(
+            s.find_pending_groups("hr", "uid=wil,ou=people")
+                .unwrap()
+                .is_empty()
+        );
+        // The account arrives: the group gets its owner in the same commit.
+        let will = v1::Shadow {
+            resource: "hr".into(),
+            entry_uuid: "u2".into(),
+            dn: "uid=Will,ou=people".into(),
+            focus_id: "f2".into(),
+            ..Default::default()
+        };
+        s.commit(&[put(&will, 0)], "hr").unwrap();
+        let g = s.get_focus("g1").unwrap().unwrap();
+        assert_eq!(g.members, ["f2"]);
+        assert!(g.pending_members.is_empty());
+        assert_eq!(g.version, 2);
+        assert!(
+            s.find_pending_groups("hr", "uid=will,ou=people")
+                .unwrap()
+                .is_empty()
+        );
+        // A group written with a member whose account is known resolves it at once.
+        let mut crew = user("g2", "crew2");
+        crew.kind = "group".into();
+        crew.pending_members = vec![v1::MemberRef {
+            resource: "hr".into(),
+            dn: "uid=will,ou=people".into(),
+        }];
+        s.commit(&[put_focus(crew, 0)], "").unwrap();
+        let g2 = s.get_focus("g2").unwrap().unwrap();
+        assert_eq!(g2.members, ["f2"]);
+        assert!(g2.pending_members.is_empty());
     }
 
     #[test]

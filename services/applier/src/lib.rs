@@ -10,7 +10,7 @@ use idsync_bus::worker::{Handling, Message, Source, backoff, run_worker};
 use idsync_bus::{Bus, BusError, names};
 use idsync_core::config::Config;
 use idsync_core::inbound::{InboundState, Outcome, plan};
-use idsync_core::model::SourceChange;
+use idsync_core::model::{ObjectType, SourceChange};
 use idsync_core::situation::{Reaction, Situation};
 use idsync_idm_client::{CorrelateError, Correlation, IdmClient, IdmError, correlate};
 use idsync_proto::v1;
@@ -85,11 +85,17 @@ async fn handle(config: &Config, idm: &IdmClient, msg: Message) -> Handling {
             Err(CorrelateError::Idm(e)) if e.is_transient() => return transient(&msg, &e),
             Err(e) => return Handling::Poison(format!("entry {:?}: {e}", change.dn)),
         };
+        let members = match memberships(config, idm, &change).await {
+            Ok(m) => m,
+            Err(CorrelateError::Idm(e)) if e.is_transient() => return transient(&msg, &e),
+            Err(e) => return Handling::Poison(format!("entry {:?}: {e}", change.dn)),
+        };
         let input = InboundState {
             shadow: state.shadow.as_ref(),
             focus: state.focus.as_ref(),
             situation: state.situation,
             candidates: &state.candidates,
+            members: &members,
             ..Default::default()
         };
         let new_id = uuid::Uuid::new_v4().to_string();
@@ -211,11 +217,17 @@ async fn resolve(
     } else {
         Situation::Unmatched
     };
+    let members = match memberships(config, idm, change).await {
+        Ok(m) => m,
+        Err(CorrelateError::Idm(e)) if e.is_transient() => return transient(msg, &e),
+        Err(e) => return Handling::Poison(format!("entry {:?}: {e}", change.dn)),
+    };
     let input = InboundState {
         shadow: shadow.as_ref(),
         focus: focus.as_ref(),
         situation: Some(situation),
         resolution: Some(reaction),
+        members: &members,
         ..Default::default()
     };
     let new_id = uuid::Uuid::new_v4().to_string();
@@ -239,4 +251,24 @@ async fn resolve(
             change.dn, change.resource
         )),
     }
+}
+
+/// For a group, who owns each member DN it names (the store resolves the
+/// rest when their accounts arrive).
+async fn memberships(
+    config: &Config,
+    idm: &IdmClient,
+    change: &SourceChange,
+) -> Result<Vec<(String, Option<String>)>, CorrelateError> {
+    if change.is_delete() || change.object_type != ObjectType::Group {
+        return Ok(Vec::new());
+    }
+    let resource = config.resource(&change.resource)?;
+    let attribute = resource
+        .groups
+        .as_ref()
+        .map_or("member", |g| g.member_attribute.as_str());
+    let dns = idsync_core::inbound::utf8_values(change, attribute, "members")?;
+    let owners = idm.resolve_members(&change.resource, &dns).await?;
+    Ok(dns.into_iter().zip(owners).collect())
 }

@@ -48,10 +48,13 @@ pub async fn run(config: Arc<Config>, shutdown: CancellationToken) -> Result<(),
         };
         tracker.spawn(live_sync(
             bus.clone(),
-            resource.clone(),
-            connection,
+            SyncScope::accounts(resource),
+            connection.clone(),
             shutdown.clone(),
         ));
+        if let Some(scope) = SyncScope::groups(resource) {
+            tracker.spawn(live_sync(bus.clone(), scope, connection, shutdown.clone()));
+        }
     }
     tracker.close();
     if !any {
@@ -61,10 +64,44 @@ pub async fn run(config: Arc<Config>, shutdown: CancellationToken) -> Result<(),
     Ok(())
 }
 
+/// One sync session's part of a resource: its accounts or its groups.
+#[derive(Debug, Clone)]
+struct SyncScope {
+    resource: String,
+    /// Key of the session's cookie in the cookie bucket.
+    cookie_key: String,
+    base_dn: String,
+    filter: String,
+    object_type: v1::ObjectType,
+}
+
+impl SyncScope {
+    fn accounts(r: &ResourceConfig) -> Self {
+        Self {
+            resource: r.name.clone(),
+            cookie_key: r.name.clone(),
+            base_dn: r.base_dn.clone(),
+            filter: r.filter.clone(),
+            object_type: v1::ObjectType::Account,
+        }
+    }
+
+    fn groups(r: &ResourceConfig) -> Option<Self> {
+        let groups = r.groups.as_ref()?;
+        Some(Self {
+            resource: r.name.clone(),
+            cookie_key: format!("{}.groups", r.name),
+            base_dn: r.groups_base().unwrap_or(&r.base_dn).to_owned(),
+            filter: groups.filter.clone(),
+            object_type: v1::ObjectType::Group,
+        })
+    }
+}
+
 /// Keeps one resource's sync session going, reconnecting with backoff.
 async fn live_sync(
     bus: Bus,
-    resource: ResourceConfig,
+    resource: SyncScope,
     connection: Connection,
     shutdown: CancellationToken,
 ) {
@@ -84,14 +121,16 @@ async fn live_sync(
             return;
         }
         match result {
-            Ok(()) => tracing::info!(resource = %resource.name, "sync session ended; reconnecting"),
+            Ok(()) => {
+                tracing::info!(resource = %resource.resource, "sync session ended; reconnecting")
+            }
             Err(SessionError::Ldap(LdapError::RefreshRequired)) => {
-                tracing::warn!(resource = %resource.name, "source asks for a full refresh; restarting without a cookie");
+                tracing::warn!(resource = %resource.resource, "source asks for a full refresh; restarting without a cookie");
                 reset_cookie = true;
                 continue;
             }
             Err(e) => {
-                tracing::warn!(resource = %resource.name, error = %e, retry_in_ms = backoff.as_millis() as u64, "sync session failed")
+                tracing::warn!(resource = %resource.resource, error = %e, retry_in_ms = backoff.as_millis() as u64, "sync session failed")
             }
         }
         tokio::select! {
@@ -114,14 +153,16 @@ enum SessionError {
 /// Events published and the cookie that becomes safe once they are acked.
 struct Publisher<'a> {
     bus: &'a Bus,
-    resource: &'a str,
+    cookie_key: &'a str,
     subject: String,
+    object_type: v1::ObjectType,
     in_flight: VecDeque<PendingAck>,
     published: u64,
 }
 
 impl Publisher<'_> {
-    async fn publish(&mut self, event: v1::ChangeEvent) -> Result<(), BusError> {
+    async fn publish(&mut self, mut event: v1::ChangeEvent) -> Result<(), BusError> {
+        event.object_type = self.object_type as i32;
         if self.in_flight.len() >= MAX_IN_FLIGHT
             && let Some(oldest) = self.in_flight.pop_front()
         {
@@ -142,7 +183,7 @@ impl Publisher<'_> {
             ack.wait().await?;
         }
         if let Some(cookie) = cookie {
-            self.bus.store_cookie(self.resource, cookie).await?;
+            self.bus.store_cookie(self.cookie_key, cookie).await?;
         }
         Ok(())
     }
@@ -150,7 +191,7 @@ impl Publisher<'_> {
 
 async fn session(
     bus: &Bus,
-    resource: &ResourceConfig,
+    resource: &SyncScope,
     connection: &Connection,
     shutdown: &CancellationToken,
     reset_cookie: &mut bool,
@@ -159,7 +200,7 @@ async fn session(
     let cookie = if *reset_cookie {
         None
     } else {
-        bus.load_cookie(&resource.name).await?
+        bus.load_cookie(&resource.cookie_key).await?
     };
     let resumed = cookie.is_some();
     let mut sync = SyncSession::start(
@@ -171,11 +212,12 @@ async fn session(
     )
     .await?;
     *reset_cookie = false;
-    tracing::info!(resource = %resource.name, resumed, "live sync started");
+    tracing::info!(resource = %resource.resource, resumed, "live sync started");
     let mut out = Publisher {
         bus,
-        resource: &resource.name,
-        subject: names::change_subject(&resource.name),
+        cookie_key: &resource.cookie_key,
+        subject: names::change_subject(&resource.resource),
+        object_type: resource.object_type,
         in_flight: VecDeque::new(),
         published: 0,
     };
@@ -206,7 +248,7 @@ async fn session(
                 cookie,
             } => {
                 let event = change_event(
-                    &resource.name,
+                    &resource.resource,
                     entry_uuid,
                     dn,
                     state,
@@ -214,7 +256,7 @@ async fn session(
                     csn,
                     cookie.clone(),
                 );
-                tracing::debug!(resource = %resource.name, dn = %event.dn, ?state, "change");
+                tracing::debug!(resource = %resource.resource, dn = %event.dn, ?state, "change");
                 out.publish(event).await?;
                 if cookie.is_some() {
                     out.commit(cookie.as_deref()).await?;
@@ -224,9 +266,10 @@ async fn session(
                 entry_uuids,
                 cookie,
             } => {
+                tracing::debug!(resource = %resource.resource, base = %resource.base_dn, deleted = ?entry_uuids, "deleted while away");
                 for uuid in entry_uuids {
                     let event = change_event(
-                        &resource.name,
+                        &resource.resource,
                         uuid,
                         String::new(),
                         EntryState::Delete,
@@ -242,15 +285,15 @@ async fn session(
                 entry_uuids,
                 cookie,
             } => {
-                tracing::debug!(resource = %resource.name, present = entry_uuids.len(), "present phase ids");
+                tracing::debug!(resource = %resource.resource, present = entry_uuids.len(), "present phase ids");
                 out.commit(cookie.as_deref()).await?;
             }
             SyncMessage::RefreshDone { cookie, deletes } => {
                 out.commit(cookie.as_deref()).await?;
                 if !deletes && resumed {
-                    tracing::warn!(resource = %resource.name, "the source ended refresh with a present phase; deletions it implies are found by reconciliation, not live sync");
+                    tracing::warn!(resource = %resource.resource, "the source ended refresh with a present phase; deletions it implies are found by reconciliation, not live sync");
                 }
-                tracing::info!(resource = %resource.name, events = out.published, "refresh done; persisting");
+                tracing::info!(resource = %resource.resource, events = out.published, "refresh done; persisting");
             }
             SyncMessage::Cookie(cookie) => out.commit(Some(&cookie)).await?,
         }
@@ -294,6 +337,7 @@ fn change_event(
             cookie: cookie.unwrap_or_default(),
         }),
         detected_at_ms: now_ms(),
+        object_type: v1::ObjectType::Account as i32,
     }
 }
 

@@ -183,6 +183,28 @@ impl Idm for IdmService {
         Ok(Response::new(v1::ShadowList { items }))
     }
 
+    async fn resolve_members(
+        &self,
+        req: Request<v1::ResolveMembersRequest>,
+    ) -> Result<Response<v1::ResolveMembersResponse>, Status> {
+        let r = req.into_inner();
+        let focus_ids = self
+            .blocking(move |s| s.resolve_members(&r.resource, &r.dns))
+            .await?;
+        Ok(Response::new(v1::ResolveMembersResponse { focus_ids }))
+    }
+
+    async fn find_pending_groups(
+        &self,
+        req: Request<v1::MemberRefQuery>,
+    ) -> Result<Response<v1::FocusList>, Status> {
+        let r = req.into_inner();
+        let items = self
+            .blocking(move |s| s.find_pending_groups(&r.resource, &r.dn))
+            .await?;
+        Ok(Response::new(v1::FocusList { items }))
+    }
+
     async fn list_cases(
         &self,
         req: Request<v1::ListCasesRequest>,
