@@ -65,7 +65,7 @@ fn config_check_names_the_line_of_a_syntax_error() {
 
 #[test]
 fn users_list_names_an_unreachable_idm() {
-    let port = idsync_testkit::free_port().unwrap();
+    let port = idsync_testkit::CLOSED_PORT;
     let url = format!("http://127.0.0.1:{port}");
     let out = idsync(&["users", "list", "--idm", &url]);
     assert!(!out.status.success());

@@ -277,7 +277,7 @@ async fn concurrent_connects_declare_once() -> TestResult {
 
 #[tokio::test]
 async fn connect_to_nothing_fails_fast_naming_the_url() -> TestResult {
-    let port = idsync_testkit::free_port()?;
+    let port = idsync_testkit::CLOSED_PORT;
     let url = format!("nats://127.0.0.1:{port}");
     let started = Instant::now();
     let err = Bus::connect(&url).await.expect_err("nothing listens there");

@@ -90,6 +90,19 @@ pub struct ResourceConfig {
     pub reactions: BTreeMap<Situation, ReactionConfig>,
     /// Groups on this resource, synchronised to IDM groups.
     pub groups: Option<GroupsConfig>,
+    /// Transport security (`ldaps://` URLs always use TLS).
+    pub tls: Option<TlsConfig>,
+}
+
+/// Transport security for a resource.
+#[derive(Debug, Clone, Deserialize, Serialize, PartialEq, schemars::JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct TlsConfig {
+    /// Upgrade an `ldap://` connection with StartTLS before binding.
+    #[serde(default)]
+    pub starttls: bool,
+    /// PEM file of the CA certificates to trust (default: the system's).
+    pub ca_file: Option<String>,
 }
 
 /// Groups on a resource (`groupOfNames`): each becomes an IDM group named by
@@ -292,6 +305,12 @@ impl Config {
                 err(
                     format!("{at}.url"),
                     format!("{:?} is not an ldap:// URL", r.url),
+                );
+            }
+            if r.url.starts_with("ldaps://") && r.tls.as_ref().is_some_and(|t| t.starttls) {
+                err(
+                    format!("{at}.tls.starttls"),
+                    "an ldaps:// URL is TLS from the start; StartTLS is for ldap:// URLs".into(),
                 );
             }
             if r.bind_password_file.is_some() && r.bind_password_env.is_some() {

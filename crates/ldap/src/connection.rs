@@ -14,6 +14,21 @@ pub(crate) const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 /// Sync searches have no timeout: a persist search is silent for as long as nothing changes.
 pub(crate) const OPERATION_TIMEOUT: Duration = Duration::from_secs(30);
 
+/// Transport security. `ldaps://` URLs always use TLS; `starttls` upgrades an
+/// `ldap://` connection before binding.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Tls {
+    pub starttls: bool,
+    /// PEM file of the CA certificates to trust; the system's when `None`.
+    pub ca_file: Option<std::path::PathBuf>,
+}
+
+impl Tls {
+    fn wanted(&self, url: &str) -> bool {
+        self.starttls || url.starts_with("ldaps://")
+    }
+}
+
 /// How to reach a directory.
 #[derive(Debug, Clone)]
 pub struct Connection {
@@ -23,12 +38,68 @@ pub struct Connection {
     pub bind_dn: String,
     /// The bind password; never logged or put into an error.
     pub password: Secret,
+    pub tls: Tls,
+}
+
+impl Connection {
+    /// The connection a configured resource describes, with its bind password.
+    pub fn for_resource(resource: &idsync_core::config::ResourceConfig, password: Secret) -> Self {
+        let tls = resource.tls.as_ref().map_or_else(Tls::default, |t| Tls {
+            starttls: t.starttls,
+            ca_file: t.ca_file.as_ref().map(std::path::PathBuf::from),
+        });
+        Self {
+            url: resource.url.clone(),
+            bind_dn: resource.bind_dn.clone(),
+            password,
+            tls,
+        }
+    }
+}
+
+/// A rustls configuration trusting the CA certificates in `ca_file`.
+fn tls_config(
+    url: &str,
+    ca_file: &std::path::Path,
+) -> Result<std::sync::Arc<rustls::ClientConfig>, LdapError> {
+    use rustls::pki_types::CertificateDer;
+    use rustls::pki_types::pem::PemObject;
+    let fail = |reason: String| LdapError::Tls {
+        url: url.to_owned(),
+        reason,
+    };
+    let shown = ca_file.display();
+    let mut roots = rustls::RootCertStore::empty();
+    let certs = CertificateDer::pem_file_iter(ca_file)
+        .map_err(|e| fail(format!("cannot read CA file {shown}: {e}")))?;
+    for cert in certs {
+        let cert = cert.map_err(|e| fail(format!("CA file {shown}: {e}")))?;
+        roots
+            .add(cert)
+            .map_err(|e| fail(format!("CA file {shown}: {e}")))?;
+    }
+    if roots.is_empty() {
+        return Err(fail(format!("CA file {shown} holds no certificate")));
+    }
+    let provider = std::sync::Arc::new(rustls::crypto::ring::default_provider());
+    let config = rustls::ClientConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .map_err(|e| fail(e.to_string()))?
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+    Ok(std::sync::Arc::new(config))
 }
 
 /// Connect, start the connection driver on the current Tokio runtime and
 /// bind (simple bind; skipped when `bind_dn` is empty).
 pub(crate) async fn open(conn: &Connection) -> Result<Ldap, LdapError> {
-    let settings = LdapConnSettings::new().set_conn_timeout(CONNECT_TIMEOUT);
+    let mut settings = LdapConnSettings::new().set_conn_timeout(CONNECT_TIMEOUT);
+    if conn.tls.wanted(&conn.url) {
+        settings = settings.set_starttls(conn.tls.starttls && !conn.url.starts_with("ldaps://"));
+        if let Some(ca) = &conn.tls.ca_file {
+            settings = settings.set_config(tls_config(&conn.url, ca)?);
+        }
+    }
     let (driver, mut ldap) = LdapConnAsync::with_settings(settings, &conn.url)
         .await
         .map_err(|e| LdapError::Connect {

@@ -5,6 +5,14 @@ use std::time::Duration;
 /// Why talking to a directory failed. No variant ever carries a password.
 #[derive(Debug, thiserror::Error)]
 pub enum LdapError {
+    /// TLS could not be set up (an unreadable or empty CA file).
+    #[error("TLS for LDAP server {url}: {reason}")]
+    Tls {
+        /// The server URL.
+        url: String,
+        /// What went wrong, naming the file.
+        reason: String,
+    },
     /// The TCP connection could not be opened (refused, unreachable, timed out, bad URL).
     #[error("cannot connect to LDAP server {url}: {reason}")]
     Connect {

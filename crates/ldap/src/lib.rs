@@ -7,7 +7,7 @@ mod directory;
 mod error;
 mod sync;
 
-pub use connection::Connection;
+pub use connection::{Connection, Tls};
 pub use directory::{DirEntry, Directory};
 pub use error::LdapError;
 pub use sync::{EntryState, SyncMessage, SyncSession};

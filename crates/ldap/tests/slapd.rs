@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use idsync_core::secret::Secret;
 use idsync_ldap::{Connection, Directory, EntryState, LdapError, SyncMessage, SyncSession};
-use idsync_testkit::{Slapd, SlapdOptions, eventually, free_port};
+use idsync_testkit::{Slapd, SlapdOptions, eventually};
 use ldap3::{Mod, Scope, SearchEntry};
 
 const SUFFIX: &str = "dc=example,dc=com";
@@ -57,6 +57,7 @@ fn connection(slapd: &Slapd) -> Connection {
         url: slapd.url().to_owned(),
         bind_dn: slapd.admin_dn().to_owned(),
         password: Secret::new(slapd.admin_password()),
+        tls: Default::default(),
     }
 }
 
@@ -459,11 +460,12 @@ async fn wrong_password_is_a_bind_error_without_the_password() {
 
 #[tokio::test]
 async fn unreachable_server_is_a_connect_error_naming_the_url() {
-    let url = format!("ldap://127.0.0.1:{}", free_port().unwrap());
+    let url = format!("ldap://127.0.0.1:{}", idsync_testkit::CLOSED_PORT);
     let conn = Connection {
         url: url.clone(),
         bind_dn: "cn=admin,dc=example,dc=com".to_owned(),
         password: Secret::new("irrelevant-pw"),
+        tls: Default::default(),
     };
     let err = SyncSession::start(&conn, SUFFIX, FILTER, None, false)
         .await
@@ -589,4 +591,67 @@ async fn directory_round_trip_and_errors() {
         .unwrap_err();
     assert!(matches!(&err, LdapError::NoSuchObject { .. }), "{err}");
     directory.close().await.unwrap();
+}
+
+fn options() -> SlapdOptions {
+    SlapdOptions {
+        suffix: SUFFIX.to_owned(),
+        admin_password: "secret".to_owned(),
+        seed_ldif: seed(),
+        session_log: true,
+    }
+}
+
+#[tokio::test]
+async fn starttls_with_the_servers_ca_works_and_without_it_is_refused() {
+    let (slapd, ca) = Slapd::start_with_starttls(options()).await.unwrap();
+    let trusted = Connection {
+        tls: idsync_ldap::Tls {
+            starttls: true,
+            ca_file: Some(ca.clone()),
+        },
+        ..connection(&slapd)
+    };
+    let mut dir = Directory::connect(&trusted).await.unwrap();
+    assert!(
+        dir.read(&format!("uid=jack,ou=people,{SUFFIX}"))
+            .await
+            .unwrap()
+            .is_some()
+    );
+    dir.close().await.unwrap();
+    // The sync session runs over TLS too.
+    let mut sync = SyncSession::start(&trusted, SUFFIX, FILTER, None, false)
+        .await
+        .unwrap();
+    assert!(sync.next().await.unwrap().is_some());
+
+    // The system's roots do not know the throwaway CA: refused, and the error says TLS.
+    let untrusted = Connection {
+        tls: idsync_ldap::Tls {
+            starttls: true,
+            ca_file: None,
+        },
+        ..connection(&slapd)
+    };
+    let err = Directory::connect(&untrusted)
+        .await
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains(slapd.url()), "{err}");
+    assert!(!err.contains(slapd.admin_password()), "{err}");
+
+    // A CA file that is not there is named.
+    let missing = Connection {
+        tls: idsync_ldap::Tls {
+            starttls: true,
+            ca_file: Some("/nonexistent/ca.pem".into()),
+        },
+        ..connection(&slapd)
+    };
+    let err = Directory::connect(&missing).await.unwrap_err().to_string();
+    assert!(
+        err.contains("/nonexistent/ca.pem") && err.starts_with("TLS for LDAP server"),
+        "{err}"
+    );
 }

@@ -47,6 +47,28 @@ pub fn load_config(path: &Path) -> Result<Config, ConfigError> {
         reason: e.to_string(),
     })?;
     let mut config = parse_config(&text, &shown)?;
+    // Files the configuration names must be readable now, not at the first
+    // connection.
+    let problems: Vec<String> = config
+        .resources
+        .iter()
+        .enumerate()
+        .filter_map(|(i, r)| {
+            let ca = r.tls.as_ref()?.ca_file.as_ref()?;
+            std::fs::metadata(ca).err().map(|e| {
+                format!(
+                    "resources[{i}] ({}).tls.ca_file: cannot read {ca}: {e}",
+                    r.name
+                )
+            })
+        })
+        .collect();
+    if !problems.is_empty() {
+        return Err(ConfigError::Invalid {
+            path: shown,
+            problems,
+        });
+    }
     if let Ok(url) = std::env::var(NATS_URL_ENV) {
         config.nats.url = url;
     }
@@ -408,6 +430,22 @@ mod tests {
             assert!(err.contains(want), "{to:?}: expected {want:?} in:\n{err}");
             assert!(err.contains("line "), "{to:?}: no line in:\n{err}");
         }
+    }
+
+    #[test]
+    fn an_unreadable_ca_file_is_refused_at_load() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("idsync.toml");
+        let text = EXAMPLE.replace(
+            "live_sync = true",
+            "live_sync = true\ntls = { starttls = true, ca_file = \"/nonexistent/ca.pem\" }",
+        );
+        std::fs::write(&file, text).unwrap();
+        let err = load_config(&file).unwrap_err().to_string();
+        assert!(
+            err.contains("resources[0] (hr).tls.ca_file: cannot read /nonexistent/ca.pem"),
+            "{err}"
+        );
     }
 
     #[test]

@@ -12,4 +12,4 @@ mod wait;
 pub use error::TestkitError;
 pub use nats::NatsServer;
 pub use slapd::{Slapd, SlapdOptions};
-pub use wait::{eventually, free_port};
+pub use wait::{CLOSED_PORT, eventually, free_port};

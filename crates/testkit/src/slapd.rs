@@ -96,6 +96,25 @@ impl Slapd {
         Self::launch(dir, Some(temp), opts).await
     }
 
+    /// As [`Slapd::start`], with StartTLS on its `ldap://` listener: a
+    /// throwaway CA and a server certificate for `127.0.0.1` (made with
+    /// `openssl`) in its `tls/` directory. Returns the CA certificate's path,
+    /// for clients to trust.
+    ///
+    /// # Errors
+    ///
+    /// As for [`Slapd::start`], and `openssl` failing or missing.
+    pub async fn start_with_starttls(opts: SlapdOptions) -> Result<(Self, PathBuf), TestkitError> {
+        let temp = tempfile::Builder::new()
+            .prefix("idsync-slapd-tls-")
+            .tempdir()
+            .map_err(|e| TestkitError::io("create temporary directory for slapd", e))?;
+        let dir = temp.path().to_path_buf();
+        let ca = make_certificates(&dir.join(TLS_DIR)).await?;
+        create(&dir, &opts).await?;
+        Ok((Self::launch(dir, Some(temp), opts).await?, ca))
+    }
+
     /// Start the directory kept in `dir`: reuse its config and data when
     /// `dir/slapd.d` exists (no re-seed), else create and seed it first.
     /// The directory is kept on drop.
@@ -443,6 +462,89 @@ async fn write(path: &Path, text: &str) -> Result<(), TestkitError> {
 }
 
 /// The whole cn=config tree as one LDIF for `slapadd -n0`.
+/// Where [`Slapd::start_with_starttls`] keeps its certificates.
+const TLS_DIR: &str = "tls";
+
+/// A CA and a server certificate for 127.0.0.1 signed by it, in `dir`.
+/// Returns the CA certificate's path.
+async fn make_certificates(dir: &Path) -> Result<PathBuf, TestkitError> {
+    let openssl = Path::new("/usr/bin/openssl");
+    if !openssl.exists() {
+        return Err(TestkitError::MissingBinary {
+            path: openssl.to_path_buf(),
+        });
+    }
+    tokio::fs::create_dir_all(dir)
+        .await
+        .map_err(|e| TestkitError::io(format!("create {}", dir.display()), e))?;
+    let p = |name: &str| dir.join(name).into_os_string();
+    let ext = dir.join("server.ext");
+    tokio::fs::write(
+        &ext,
+        "subjectAltName=IP:127.0.0.1\nbasicConstraints=CA:FALSE\nkeyUsage=digitalSignature,keyEncipherment\nextendedKeyUsage=serverAuth\n",
+    )
+    .await
+    .map_err(|e| TestkitError::io(format!("write {}", ext.display()), e))?;
+    let ec = [
+        OsStr::new("-newkey"),
+        OsStr::new("ec"),
+        OsStr::new("-pkeyopt"),
+        OsStr::new("ec_paramgen_curve:prime256v1"),
+        OsStr::new("-nodes"),
+    ];
+    let mut ca_args: Vec<&OsStr> = vec![OsStr::new("req"), OsStr::new("-x509")];
+    ca_args.extend(ec);
+    let (ca_key, ca_pem, key, csr, pem, ext_os) = (
+        p("ca.key"),
+        p("ca.pem"),
+        p("server.key"),
+        p("server.csr"),
+        p("server.pem"),
+        ext.into_os_string(),
+    );
+    ca_args.extend([
+        OsStr::new("-keyout"),
+        &ca_key,
+        OsStr::new("-out"),
+        &ca_pem,
+        OsStr::new("-days"),
+        OsStr::new("2"),
+        OsStr::new("-subj"),
+        OsStr::new("/CN=idsync test CA"),
+    ]);
+    run_tool(openssl, &ca_args).await?;
+    let mut req_args: Vec<&OsStr> = vec![OsStr::new("req")];
+    req_args.extend(ec);
+    req_args.extend([
+        OsStr::new("-keyout"),
+        &key,
+        OsStr::new("-out"),
+        &csr,
+        OsStr::new("-subj"),
+        OsStr::new("/CN=127.0.0.1"),
+    ]);
+    run_tool(openssl, &req_args).await?;
+    let sign_args: Vec<&OsStr> = vec![
+        OsStr::new("x509"),
+        OsStr::new("-req"),
+        OsStr::new("-in"),
+        &csr,
+        OsStr::new("-CA"),
+        &ca_pem,
+        OsStr::new("-CAkey"),
+        &ca_key,
+        OsStr::new("-CAcreateserial"),
+        OsStr::new("-out"),
+        &pem,
+        OsStr::new("-days"),
+        OsStr::new("2"),
+        OsStr::new("-extfile"),
+        &ext_os,
+    ];
+    run_tool(openssl, &sign_args).await?;
+    Ok(dir.join("ca.pem"))
+}
+
 async fn config_ldif_text(dir: &Path, opts: &SlapdOptions) -> Result<String, TestkitError> {
     let admin = admin_dn(&opts.suffix);
     let path = |name: &str| dir.join(name).display().to_string();
@@ -451,7 +553,15 @@ async fn config_ldif_text(dir: &Path, opts: &SlapdOptions) -> Result<String, Tes
     out.push_str("dn: cn=config\nobjectClass: olcGlobal\ncn: config\n");
     out.push_str(&attr("olcPidFile", &path(PID_FILE)));
     out.push_str(&attr("olcArgsFile", &path("slapd.args")));
-    out.push_str("olcSizeLimit: unlimited\n\n");
+    out.push_str("olcSizeLimit: unlimited\n");
+    let tls = dir.join(TLS_DIR);
+    if tls.join("server.pem").exists() {
+        let file = |name: &str| tls.join(name).display().to_string();
+        out.push_str(&attr("olcTLSCACertificateFile", &file("ca.pem")));
+        out.push_str(&attr("olcTLSCertificateFile", &file("server.pem")));
+        out.push_str(&attr("olcTLSCertificateKeyFile", &file("server.key")));
+    }
+    out.push('\n');
 
     out.push_str("dn: cn=module{0},cn=config\nobjectClass: olcModuleList\ncn: module{0}\n");
     out.push_str(&attr("olcModulePath", MODULE_DIR));

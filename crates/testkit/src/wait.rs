@@ -50,6 +50,11 @@ where
 /// The port is released before returning, so another process may take it;
 /// callers that start servers on it must handle "address in use".
 ///
+/// A loopback port nothing listens on, for "server unreachable" tests: port 1
+/// (tcpmux) is privileged and never handed out as an ephemeral port, unlike a
+/// [`free_port`], which a test running in parallel may take meanwhile.
+pub const CLOSED_PORT: u16 = 1;
+
 /// # Errors
 ///
 /// [`TestkitError::Io`] when binding `127.0.0.1:0` fails.

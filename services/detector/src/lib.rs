@@ -41,11 +41,8 @@ pub async fn run(config: Arc<Config>, shutdown: CancellationToken) -> Result<(),
     let mut any = false;
     for resource in config.resources.iter().filter(|r| r.live_sync) {
         any = true;
-        let connection = Connection {
-            url: resource.url.clone(),
-            bind_dn: resource.bind_dn.clone(),
-            password: idsync_runtime::bind_password(resource)?,
-        };
+        let connection =
+            Connection::for_resource(resource, idsync_runtime::bind_password(resource)?);
         tracker.spawn(live_sync(
             bus.clone(),
             SyncScope::accounts(resource),

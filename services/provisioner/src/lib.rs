@@ -42,11 +42,7 @@ pub async fn run(config: Arc<Config>, shutdown: CancellationToken) -> Result<(),
     let idm = IdmClient::new(&config.idm.url)?;
     let mut connections = HashMap::new();
     for r in config.resources.iter().filter(|r| r.dn_template.is_some()) {
-        let conn = Connection {
-            url: r.url.clone(),
-            bind_dn: r.bind_dn.clone(),
-            password: idsync_runtime::bind_password(r)?,
-        };
+        let conn = Connection::for_resource(r, idsync_runtime::bind_password(r)?);
         connections.insert(r.name.clone(), conn);
     }
     let targets = Targets {
