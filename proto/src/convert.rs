@@ -70,6 +70,7 @@ impl From<v1::Focus> for Focus {
                 .map(|m| MemberRef {
                     resource: m.resource,
                     dn: m.dn,
+                    uid: m.uid,
                 })
                 .collect(),
         }
@@ -111,6 +112,7 @@ impl From<Focus> for v1::Focus {
                 .map(|m| v1::MemberRef {
                     resource: m.resource,
                     dn: m.dn,
+                    uid: m.uid,
                 })
                 .collect(),
         }
@@ -132,6 +134,7 @@ impl From<v1::Shadow> for Shadow {
             csn: s.csn,
             candidates: s.candidates,
             object_type: object_type(s.object_type),
+            member_keys: s.member_keys,
         }
     }
 }
@@ -161,6 +164,7 @@ impl From<Shadow> for v1::Shadow {
                 ObjectType::Account => v1::ObjectType::Account,
                 ObjectType::Group => v1::ObjectType::Group,
             } as i32,
+            member_keys: s.member_keys,
         }
     }
 }

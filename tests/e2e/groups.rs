@@ -113,3 +113,48 @@ async fn group_members_resolve_whichever_arrives_first() {
     );
     env.deployment.shutdown().await.unwrap();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn posix_groups_resolve_members_by_uid() {
+    let config = idsync::dev::EXAMPLE_CONFIG.replace(
+        "base_dn = \"ou=groups,dc=example,dc=com\"",
+        "base_dn = \"ou=groups,dc=example,dc=com\"\nfilter = \"(|(objectClass=groupOfNames)(objectClass=posixGroup))\"\nmember_uid_attribute = \"memberUid\"",
+    );
+    assert_ne!(config, idsync::dev::EXAMPLE_CONFIG);
+    let dir = tempfile::tempdir().unwrap();
+    let deployment = idsync::dev::Deployment::start_with(dir.path(), &config)
+        .await
+        .unwrap();
+    let env = Env::from(deployment, dir);
+    let jack = env
+        .user_where("jack", "synced", |u| links_to(u, "hr"))
+        .await;
+    let mut ldap = env.deployment.source.admin_conn().await.unwrap();
+    ldap.add(
+        &format!("cn=sailors,{GROUPS}"),
+        vec![
+            ("objectClass", HashSet::from(["posixGroup"])),
+            ("cn", HashSet::from(["sailors"])),
+            ("gidNumber", HashSet::from(["1000"])),
+            ("memberUid", HashSet::from(["jack", "will"])),
+        ],
+    )
+    .await
+    .unwrap()
+    .success()
+    .unwrap();
+    let sailors = group_where(&env, "sailors", "jack resolved, will pending", |g| {
+        g.members == [jack.id.clone()] && g.pending_members.len() == 1
+    })
+    .await;
+    assert_eq!(sailors.pending_members[0].uid, "will");
+    add_person(&env.deployment.source, "will", "Will", "Turner").await;
+    let will = env
+        .user_where("will", "synced", |u| links_to(u, "hr"))
+        .await;
+    group_where(&env, "sailors", "will resolved by uid", |g| {
+        g.members.contains(&will.id) && g.pending_members.is_empty()
+    })
+    .await;
+    env.deployment.shutdown().await.unwrap();
+}

@@ -29,6 +29,19 @@ fn init_tracing() {
         .try_init();
 }
 
+impl Env {
+    /// An environment around a deployment started otherwise (another config).
+    pub fn from(deployment: Deployment, dir: tempfile::TempDir) -> Self {
+        init_tracing();
+        let idm = IdmClient::new(&deployment.config.idm.url).unwrap();
+        Env {
+            deployment,
+            idm,
+            _dir: dir,
+        }
+    }
+}
+
 pub async fn start() -> Env {
     init_tracing();
     let dir = tempfile::tempdir().unwrap();

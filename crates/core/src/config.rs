@@ -124,6 +124,11 @@ pub struct GroupsConfig {
     /// Attribute that holds the members' DNs.
     #[serde(default = "default_member_attribute")]
     pub member_attribute: String,
+    /// Attribute that holds the members' uids (`memberUid` of `posixGroup`).
+    pub member_uid_attribute: Option<String>,
+    /// Account attribute that `member_uid_attribute` values name.
+    #[serde(default = "default_uid_source")]
+    pub uid_source: String,
     /// Further group attributes → focus attributes.
     #[serde(default)]
     pub inbound: Vec<Mapping>,
@@ -135,6 +140,10 @@ fn default_group_filter() -> String {
 
 fn default_group_name() -> String {
     "cn".to_owned()
+}
+
+fn default_uid_source() -> String {
+    "uid".to_owned()
 }
 
 fn default_member_attribute() -> String {

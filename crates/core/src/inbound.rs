@@ -9,7 +9,7 @@ use crate::config::{Config, Mapping, ObjectTemplate, Range, ResourceConfig};
 use crate::mapping::{apply_mapping, evaluate};
 use crate::model::{
     Assignment, Attrs, ChangeKind, Focus, FocusStatus, KIND_GROUP, KIND_USER, Link, MemberRef,
-    NAME_ATTRIBUTE, ObjectType, Op, Shadow, SourceChange,
+    NAME_ATTRIBUTE, ObjectType, Op, Shadow, SourceChange, member_key,
 };
 use crate::situation::{Reaction, Situation, reaction};
 
@@ -26,9 +26,9 @@ pub struct InboundState<'a> {
     /// An operator's resolution of a disputed case, applied instead of the
     /// configured reaction, to the change the case was opened for.
     pub resolution: Option<Reaction>,
-    /// Groups: each member DN the entry names, and the focus that owns that
-    /// account (None: not synced yet).
-    pub members: &'a [(String, Option<String>)],
+    /// Groups: each member the entry names (by DN or uid), and the focus
+    /// that owns that account (None: not synced yet).
+    pub members: &'a [(MemberRef, Option<String>)],
 }
 
 /// How entries of one object type map to focus objects.
@@ -83,20 +83,34 @@ fn group_reaction(situation: Situation) -> Reaction {
     }
 }
 
-/// Sets a group's members from the resolved member DNs.
-fn set_members(focus: &mut Focus, resource: &str, members: &[(String, Option<String>)]) {
+/// Sets a group's members from the resolved member references.
+fn set_members(focus: &mut Focus, members: &[(MemberRef, Option<String>)]) {
     focus.members.clear();
     focus.pending_members.clear();
-    for (dn, owner) in members {
+    for (member, owner) in members {
         match owner {
             Some(id) if !focus.members.contains(id) => focus.members.push(id.clone()),
             Some(_) => {}
-            None => focus.pending_members.push(MemberRef {
-                resource: resource.to_owned(),
-                dn: dn.clone(),
-            }),
+            None => focus.pending_members.push(member.clone()),
         }
     }
+}
+
+/// The keys besides its DN under which groups of `resource` name an account:
+/// `uid:<value>` when its groups list members by uid.
+fn account_member_keys(
+    resource: &ResourceConfig,
+    change: &SourceChange,
+) -> Result<Vec<String>, CoreError> {
+    let Some(groups) = resource
+        .groups
+        .as_ref()
+        .filter(|g| g.member_uid_attribute.is_some())
+    else {
+        return Ok(Vec::new());
+    };
+    let uids = utf8_values(change, &groups.uid_source, "memberUid")?;
+    Ok(uids.iter().map(|u| member_key("", u)).collect())
 }
 
 /// What applying a change comes to.
@@ -164,6 +178,10 @@ pub fn plan(
     let mut shadow = next_shadow(change, change_seq, state.shadow, situation);
     if !change.is_delete() {
         shadow.attributes = snapshot(resource, &profile, change)?;
+        shadow.member_keys = match change.object_type {
+            ObjectType::Account => account_member_keys(resource, change)?,
+            ObjectType::Group => Vec::new(),
+        };
     }
     shadow.candidates = if situation == Situation::Disputed {
         state.candidates.to_vec()
@@ -188,7 +206,7 @@ pub fn plan(
             };
             apply_inbound(&profile.mappings, change, previous, &mut next.attributes)?;
             if profile.member_attribute.is_some() {
-                set_members(&mut next, &change.resource, state.members);
+                set_members(&mut next, state.members);
             }
             if let Some(t) = template {
                 apply_template(t, &focus.attributes, &mut next)?;
@@ -210,7 +228,7 @@ pub fn plan(
             };
             apply_inbound(&profile.mappings, change, None, &mut focus.attributes)?;
             if profile.member_attribute.is_some() {
-                set_members(&mut focus, &change.resource, state.members);
+                set_members(&mut focus, state.members);
             }
             if let Some(t) = template {
                 apply_template(t, &Attrs::new(), &mut focus)?;
@@ -714,7 +732,15 @@ mod tests {
         let jack = "uid=jack,ou=people,dc=example,dc=com".to_owned();
         let will = "uid=will,ou=people,dc=example,dc=com".to_owned();
         let change = group_entry("crew", &[&jack, &will]);
-        let members = [(jack, Some("f-jack".to_owned())), (will.clone(), None)];
+        let by_dn = |dn: &str| MemberRef {
+            resource: "hr".into(),
+            dn: dn.to_owned(),
+            uid: String::new(),
+        };
+        let members = [
+            (by_dn(&jack), Some("f-jack".to_owned())),
+            (by_dn(&will), None),
+        ];
         let state = InboundState {
             situation: Some(Situation::Unmatched),
             members: &members,
@@ -732,13 +758,7 @@ mod tests {
         assert_eq!(focus.kind, "group");
         assert_eq!(focus.first("name"), Some("crew"));
         assert_eq!(focus.members, ["f-jack"]);
-        assert_eq!(
-            focus.pending_members,
-            [MemberRef {
-                resource: "hr".into(),
-                dn: will
-            }]
-        );
+        assert_eq!(focus.pending_members, [by_dn(&will)]);
         assert!(
             focus.assignments.is_empty(),
             "the user template is not for groups"

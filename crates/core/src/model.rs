@@ -86,11 +86,28 @@ pub struct Focus {
     pub pending_members: Vec<MemberRef>,
 }
 
-/// A member as a source names it.
-#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord)]
+/// A member as a source names it: by DN, or by uid (`memberUid`).
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Default)]
 pub struct MemberRef {
     pub resource: String,
     pub dn: String,
+    pub uid: String,
+}
+
+impl MemberRef {
+    /// The key that finds the member's account among shadows.
+    pub fn key(&self) -> String {
+        member_key(&self.dn, &self.uid)
+    }
+}
+
+/// `dn:<normalized dn>` for a DN, else `uid:<lower-case uid>`.
+pub fn member_key(dn: &str, uid: &str) -> String {
+    if dn.is_empty() {
+        format!("uid:{}", uid.to_lowercase())
+    } else {
+        format!("dn:{}", normalize_dn(dn))
+    }
 }
 
 impl Focus {
@@ -140,6 +157,8 @@ pub struct Shadow {
     /// Focus ids correlation found, while the situation is disputed.
     pub candidates: Vec<String>,
     pub object_type: ObjectType,
+    /// Keys besides its DN under which groups name this account (`uid:jack`).
+    pub member_keys: Vec<String>,
 }
 
 /// An entry as a source resource reports it: whole state or tombstone.

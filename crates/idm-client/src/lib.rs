@@ -6,7 +6,9 @@
 use std::time::Duration;
 
 use idsync_core::config::Config;
-use idsync_core::model::{Focus, KIND_GROUP, KIND_USER, ObjectType, Op, Shadow, SourceChange};
+use idsync_core::model::{
+    Focus, KIND_GROUP, KIND_USER, MemberRef, ObjectType, Op, Shadow, SourceChange,
+};
 use idsync_core::situation::{Situation, situation};
 use idsync_proto::v1;
 use idsync_proto::v1::idm_client::IdmClient as Raw;
@@ -161,16 +163,21 @@ impl IdmClient {
         }
     }
 
-    /// For each DN, the id of the focus its live shadow on `resource` is
-    /// linked to, or `None`.
+    /// For each member reference, the id of the focus its account's live
+    /// shadow is linked to, or `None`.
     pub async fn resolve_members(
         &self,
-        resource: &str,
-        dns: &[String],
+        members: &[MemberRef],
     ) -> Result<Vec<Option<String>>, IdmError> {
         let req = v1::ResolveMembersRequest {
-            resource: resource.to_owned(),
-            dns: dns.to_vec(),
+            members: members
+                .iter()
+                .map(|m| v1::MemberRef {
+                    resource: m.resource.clone(),
+                    dn: m.dn.clone(),
+                    uid: m.uid.clone(),
+                })
+                .collect(),
         };
         let ids = self
             .raw
@@ -185,15 +192,12 @@ impl IdmClient {
             .collect())
     }
 
-    /// Groups waiting for the account `dn` on `resource`.
-    pub async fn find_pending_groups(
-        &self,
-        resource: &str,
-        dn: &str,
-    ) -> Result<Vec<Focus>, IdmError> {
-        let req = v1::MemberRefQuery {
-            resource: resource.to_owned(),
-            dn: dn.to_owned(),
+    /// Groups waiting for `member`'s account.
+    pub async fn find_pending_groups(&self, member: &MemberRef) -> Result<Vec<Focus>, IdmError> {
+        let req = v1::MemberRef {
+            resource: member.resource.clone(),
+            dn: member.dn.clone(),
+            uid: member.uid.clone(),
         };
         let list = self
             .raw

@@ -19,8 +19,8 @@ const FOCUS: TableDefinition<&str, &[u8]> = TableDefinition::new("focus");
 const FOCUS_NAME: TableDefinition<&str, &str> = TableDefinition::new("focus_name");
 /// `<resource>\0<entry uuid>` → shadow.
 const SHADOW: TableDefinition<&str, &[u8]> = TableDefinition::new("shadow");
-/// `<resource>\0<normalized dn>` → entry uuid, for live shadows.
-const SHADOW_DN: TableDefinition<&str, &str> = TableDefinition::new("shadow_dn");
+/// `<resource>\0<member key>` → entry uuid, for live shadows (`dn:…`, `uid:…`).
+const SHADOW_DN: TableDefinition<&str, &str> = TableDefinition::new("shadow_member_key");
 /// `<resource>\0<normalized member dn>\0<group id>` → (): groups waiting for a member.
 const PENDING: TableDefinition<&str, ()> = TableDefinition::new("pending_member");
 /// outbox sequence → encoded `FocusChange`.
@@ -80,10 +80,7 @@ fn resolve_pending(
 ) -> Result<(), StoreError> {
     let mut still = Vec::new();
     for m in std::mem::take(&mut group.pending_members) {
-        let owner = match shadow_dns
-            .get(dn_key(&m.resource, &m.dn).as_str())
-            .map_err(db)?
-        {
+        let owner = match shadow_dns.get(ref_key(&m).as_str()).map_err(db)? {
             Some(uuid) => shadows
                 .get(shadow_key(&m.resource, uuid.value()).as_str())
                 .map_err(db)?
@@ -103,12 +100,36 @@ fn resolve_pending(
     Ok(())
 }
 
-fn dn_key(resource: &str, dn: &str) -> String {
-    format!("{resource}\0{}", idsync_core::model::normalize_dn(dn))
+/// Index key of a member reference: `<resource>\0dn:<dn>` or `<resource>\0uid:<uid>`.
+fn ref_key(m: &v1::MemberRef) -> String {
+    format!(
+        "{}\0{}",
+        m.resource,
+        idsync_core::model::member_key(&m.dn, &m.uid)
+    )
 }
 
-fn pending_key(resource: &str, dn: &str, group_id: &str) -> String {
-    format!("{}\0{group_id}", dn_key(resource, dn))
+/// Every index key under which groups may name `shadow`'s account.
+fn shadow_member_keys(shadow: &v1::Shadow) -> Vec<String> {
+    let mut keys = Vec::new();
+    if !shadow.dn.is_empty() {
+        keys.push(format!(
+            "{}\0{}",
+            shadow.resource,
+            idsync_core::model::member_key(&shadow.dn, "")
+        ));
+    }
+    keys.extend(
+        shadow
+            .member_keys
+            .iter()
+            .map(|k| format!("{}\0{k}", shadow.resource)),
+    );
+    keys
+}
+
+fn pending_key(m: &v1::MemberRef, group_id: &str) -> String {
+    format!("{}\0{group_id}", ref_key(m))
 }
 
 fn name_key(kind: &str, name: &str) -> String {
@@ -296,20 +317,16 @@ impl Store {
         Ok(out)
     }
 
-    /// For each DN, the focus its live shadow on `resource` is linked to, or "".
-    pub fn resolve_members(
-        &self,
-        resource: &str,
-        dns: &[String],
-    ) -> Result<Vec<String>, StoreError> {
+    /// For each member reference, the focus its live shadow is linked to, or "".
+    pub fn resolve_members(&self, members: &[v1::MemberRef]) -> Result<Vec<String>, StoreError> {
         let txn = self.db.begin_read().map_err(db)?;
-        let by_dn = txn.open_table(SHADOW_DN).map_err(db)?;
+        let by_key = txn.open_table(SHADOW_DN).map_err(db)?;
         let shadows = txn.open_table(SHADOW).map_err(db)?;
-        let mut out = Vec::with_capacity(dns.len());
-        for dn in dns {
+        let mut out = Vec::with_capacity(members.len());
+        for m in members {
             let mut focus_id = String::new();
-            if let Some(uuid) = by_dn.get(dn_key(resource, dn).as_str()).map_err(db)? {
-                let key = shadow_key(resource, uuid.value());
+            if let Some(uuid) = by_key.get(ref_key(m).as_str()).map_err(db)? {
+                let key = shadow_key(&m.resource, uuid.value());
                 if let Some(v) = shadows.get(key.as_str()).map_err(db)? {
                     let s: v1::Shadow = decode(v.value())?;
                     if !s.dead {
@@ -322,16 +339,15 @@ impl Store {
         Ok(out)
     }
 
-    /// Groups with `dn` on `resource` among their pending members.
+    /// Groups that list `member` among their pending members.
     pub fn find_pending_groups(
         &self,
-        resource: &str,
-        dn: &str,
+        member: &v1::MemberRef,
     ) -> Result<Vec<v1::Focus>, StoreError> {
         let txn = self.db.begin_read().map_err(db)?;
         let table = txn.open_table(PENDING).map_err(db)?;
         let focus = txn.open_table(FOCUS).map_err(db)?;
-        let prefix = format!("{}\0", dn_key(resource, dn));
+        let prefix = format!("{}\0", ref_key(member));
         let mut out = Vec::new();
         for row in table.range(prefix.as_str()..).map_err(db)? {
             let (k, _) = row.map_err(db)?;
@@ -446,13 +462,13 @@ impl Store {
                         if let Some(old) = &current {
                             for m in &old.pending_members {
                                 pending
-                                    .remove(pending_key(&m.resource, &m.dn, &old.id).as_str())
+                                    .remove(pending_key(m, &old.id).as_str())
                                     .map_err(db)?;
                             }
                         }
                         for m in &focus.pending_members {
                             pending
-                                .insert(pending_key(&m.resource, &m.dn, &focus.id).as_str(), ())
+                                .insert(pending_key(m, &focus.id).as_str(), ())
                                 .map_err(db)?;
                         }
                         focus.version = found + 1;
@@ -495,7 +511,7 @@ impl Store {
                         }
                         for m in &last.pending_members {
                             pending
-                                .remove(pending_key(&m.resource, &m.dn, &last.id).as_str())
+                                .remove(pending_key(m, &last.id).as_str())
                                 .map_err(db)?;
                         }
                         focus_t.remove(del.id.as_str()).map_err(db)?;
@@ -528,20 +544,17 @@ impl Store {
                             .map(|v| decode::<v1::Shadow>(v.value()))
                             .transpose()?;
                         let found = previous.as_ref().map_or(0, |s| s.version);
-                        if let Some(p) = &previous
-                            && !p.dn.is_empty()
-                        {
-                            shadow_dns
-                                .remove(dn_key(&p.resource, &p.dn).as_str())
-                                .map_err(db)?;
+                        if let Some(p) = &previous {
+                            for k in shadow_member_keys(p) {
+                                shadow_dns.remove(k.as_str()).map_err(db)?;
+                            }
                         }
-                        if !shadow.dead && !shadow.dn.is_empty() {
-                            shadow_dns
-                                .insert(
-                                    dn_key(&shadow.resource, &shadow.dn).as_str(),
-                                    shadow.entry_uuid.as_str(),
-                                )
-                                .map_err(db)?;
+                        if !shadow.dead {
+                            for k in shadow_member_keys(&shadow) {
+                                shadow_dns
+                                    .insert(k.as_str(), shadow.entry_uuid.as_str())
+                                    .map_err(db)?;
+                            }
                         }
                         if found != put.expected_version {
                             return Err(StoreError::Conflict {
@@ -556,17 +569,19 @@ impl Store {
                             .map_err(db)?;
                         versions.push(shadow.version);
                         // Groups waiting for this account get its owner, in this transaction.
-                        if !shadow.dead && !shadow.focus_id.is_empty() && !shadow.dn.is_empty() {
-                            let prefix = format!("{}\0", dn_key(&shadow.resource, &shadow.dn));
+                        let member_keys = shadow_member_keys(&shadow);
+                        if !shadow.dead && !shadow.focus_id.is_empty() {
                             let mut waiting = Vec::new();
-                            for row in pending.range(prefix.as_str()..).map_err(db)? {
-                                let (k, _) = row.map_err(db)?;
-                                let Some(id) = k.value().strip_prefix(prefix.as_str()) else {
-                                    break;
-                                };
-                                waiting.push((k.value().to_owned(), id.to_owned()));
+                            for member_key in &member_keys {
+                                let prefix = format!("{member_key}\0");
+                                for row in pending.range(prefix.as_str()..).map_err(db)? {
+                                    let (k, _) = row.map_err(db)?;
+                                    let Some(id) = k.value().strip_prefix(prefix.as_str()) else {
+                                        break;
+                                    };
+                                    waiting.push((k.value().to_owned(), id.to_owned()));
+                                }
                             }
-                            let dn = idsync_core::model::normalize_dn(&shadow.dn);
                             for (pending_key, group_id) in waiting {
                                 pending.remove(pending_key.as_str()).map_err(db)?;
                                 let Some(mut group) = focus_t
@@ -577,10 +592,9 @@ impl Store {
                                 else {
                                     continue;
                                 };
-                                group.pending_members.retain(|m| {
-                                    !(m.resource == shadow.resource
-                                        && idsync_core::model::normalize_dn(&m.dn) == dn)
-                                });
+                                group
+                                    .pending_members
+                                    .retain(|m| !member_keys.contains(&ref_key(m)));
                                 if !group.members.contains(&shadow.focus_id) {
                                     group.members.push(shadow.focus_id.clone());
                                 }
@@ -616,9 +630,9 @@ impl Store {
                             .transpose()?;
                         let found = previous.as_ref().map_or(0, |s| s.version);
                         if let Some(p) = &previous {
-                            shadow_dns
-                                .remove(dn_key(&p.resource, &p.dn).as_str())
-                                .map_err(db)?;
+                            for k in shadow_member_keys(p) {
+                                shadow_dns.remove(k.as_str()).map_err(db)?;
+                            }
                         }
                         if found != del.expected_version || found == 0 {
                             return Err(StoreError::Conflict {
@@ -905,34 +919,32 @@ mod tests {
             })),
         };
         s.commit(&[put(&sh, 0)], "").unwrap();
-        let dns = [
-            "UID=jack, ou=People".to_owned(),
-            "uid=will,ou=people".to_owned(),
-        ];
-        assert_eq!(s.resolve_members("hr", &dns).unwrap(), ["f1", ""]);
+        let by_dn = |dn: &str| v1::MemberRef {
+            resource: "hr".into(),
+            dn: dn.into(),
+            uid: String::new(),
+        };
+        let dns = [by_dn("UID=jack, ou=People"), by_dn("uid=will,ou=people")];
+        assert_eq!(s.resolve_members(&dns).unwrap(), ["f1", ""]);
         // A dead shadow resolves to nobody; a rename moves the index.
         sh.dn = "uid=jacky,ou=people".into();
         s.commit(&[put(&sh, 1)], "").unwrap();
-        assert_eq!(s.resolve_members("hr", &dns).unwrap(), ["", ""]);
+        assert_eq!(s.resolve_members(&dns).unwrap(), ["", ""]);
         sh.dead = true;
         s.commit(&[put(&sh, 2)], "").unwrap();
         assert_eq!(
-            s.resolve_members("hr", &["uid=jacky,ou=people".to_owned()])
-                .unwrap(),
+            s.resolve_members(&[by_dn("uid=jacky,ou=people")]).unwrap(),
             [""]
         );
 
         let mut group = user("g1", "crew");
         group.kind = "group".into();
-        group.pending_members = vec![v1::MemberRef {
-            resource: "hr".into(),
-            dn: "uid=will,ou=people".into(),
-        }];
+        group.pending_members = vec![by_dn("uid=will,ou=people")];
         s.commit(&[put_focus(group.clone(), 0)], "").unwrap();
-        let found = s.find_pending_groups("hr", "UID=Will,ou=people").unwrap();
+        let found = s.find_pending_groups(&by_dn("UID=Will,ou=people")).unwrap();
         assert_eq!(found.len(), 1);
         assert!(
-            s.find_pending_groups("hr", "uid=wil,ou=people")
+            s.find_pending_groups(&by_dn("uid=wil,ou=people"))
                 .unwrap()
                 .is_empty()
         );
@@ -950,21 +962,41 @@ mod tests {
         assert!(g.pending_members.is_empty());
         assert_eq!(g.version, 2);
         assert!(
-            s.find_pending_groups("hr", "uid=will,ou=people")
+            s.find_pending_groups(&by_dn("uid=will,ou=people"))
                 .unwrap()
                 .is_empty()
         );
         // A group written with a member whose account is known resolves it at once.
         let mut crew = user("g2", "crew2");
         crew.kind = "group".into();
-        crew.pending_members = vec![v1::MemberRef {
-            resource: "hr".into(),
-            dn: "uid=will,ou=people".into(),
-        }];
+        crew.pending_members = vec![by_dn("uid=will,ou=people")];
         s.commit(&[put_focus(crew, 0)], "").unwrap();
         let g2 = s.get_focus("g2").unwrap().unwrap();
         assert_eq!(g2.members, ["f2"]);
         assert!(g2.pending_members.is_empty());
+
+        // posixGroup: a member named by uid resolves through the account's member key.
+        let by_uid = v1::MemberRef {
+            resource: "hr".into(),
+            dn: String::new(),
+            uid: "Bob".into(),
+        };
+        let mut posix = user("g3", "sailors");
+        posix.kind = "group".into();
+        posix.pending_members = vec![by_uid.clone()];
+        s.commit(&[put_focus(posix, 0)], "").unwrap();
+        assert_eq!(s.find_pending_groups(&by_uid).unwrap().len(), 1);
+        let bob = v1::Shadow {
+            resource: "hr".into(),
+            entry_uuid: "u3".into(),
+            dn: "uid=bob,ou=people".into(),
+            focus_id: "f3".into(),
+            member_keys: vec!["uid:bob".into()],
+            ..Default::default()
+        };
+        s.commit(&[put(&bob, 0)], "hr").unwrap();
+        assert_eq!(s.get_focus("g3").unwrap().unwrap().members, ["f3"]);
+        assert_eq!(s.resolve_members(&[by_uid]).unwrap(), ["f3"]);
     }
 
     #[test]

@@ -9,8 +9,9 @@ use std::time::Duration;
 use idsync_bus::worker::{Handling, Message, Source, backoff, run_worker};
 use idsync_bus::{Bus, BusError, names};
 use idsync_core::config::Config;
+use idsync_core::inbound::utf8_values;
 use idsync_core::inbound::{InboundState, Outcome, plan};
-use idsync_core::model::{ObjectType, SourceChange};
+use idsync_core::model::{MemberRef, ObjectType, SourceChange};
 use idsync_core::situation::{Reaction, Situation};
 use idsync_idm_client::{CorrelateError, Correlation, IdmClient, IdmError, correlate};
 use idsync_proto::v1;
@@ -253,22 +254,39 @@ async fn resolve(
     }
 }
 
-/// For a group, who owns each member DN it names (the store resolves the
-/// rest when their accounts arrive).
+/// For a group, who owns each member it names, by DN or by uid (the store
+/// resolves the rest when their accounts arrive).
 async fn memberships(
     config: &Config,
     idm: &IdmClient,
     change: &SourceChange,
-) -> Result<Vec<(String, Option<String>)>, CorrelateError> {
+) -> Result<Vec<(MemberRef, Option<String>)>, CorrelateError> {
     if change.is_delete() || change.object_type != ObjectType::Group {
         return Ok(Vec::new());
     }
     let resource = config.resource(&change.resource)?;
-    let attribute = resource
-        .groups
-        .as_ref()
-        .map_or("member", |g| g.member_attribute.as_str());
-    let dns = idsync_core::inbound::utf8_values(change, attribute, "members")?;
-    let owners = idm.resolve_members(&change.resource, &dns).await?;
-    Ok(dns.into_iter().zip(owners).collect())
+    let Some(groups) = resource.groups.as_ref() else {
+        return Ok(Vec::new());
+    };
+    let mut refs: Vec<MemberRef> = utf8_values(change, &groups.member_attribute, "members")?
+        .into_iter()
+        .map(|dn| MemberRef {
+            resource: change.resource.clone(),
+            dn,
+            uid: String::new(),
+        })
+        .collect();
+    if let Some(attribute) = &groups.member_uid_attribute {
+        refs.extend(
+            utf8_values(change, attribute, "members")?
+                .into_iter()
+                .map(|uid| MemberRef {
+                    resource: change.resource.clone(),
+                    dn: String::new(),
+                    uid,
+                }),
+        );
+    }
+    let owners = idm.resolve_members(&refs).await?;
+    Ok(refs.into_iter().zip(owners).collect())
 }

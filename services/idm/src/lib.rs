@@ -189,18 +189,18 @@ impl Idm for IdmService {
     ) -> Result<Response<v1::ResolveMembersResponse>, Status> {
         let r = req.into_inner();
         let focus_ids = self
-            .blocking(move |s| s.resolve_members(&r.resource, &r.dns))
+            .blocking(move |s| s.resolve_members(&r.members))
             .await?;
         Ok(Response::new(v1::ResolveMembersResponse { focus_ids }))
     }
 
     async fn find_pending_groups(
         &self,
-        req: Request<v1::MemberRefQuery>,
+        req: Request<v1::MemberRef>,
     ) -> Result<Response<v1::FocusList>, Status> {
-        let r = req.into_inner();
+        let member = req.into_inner();
         let items = self
-            .blocking(move |s| s.find_pending_groups(&r.resource, &r.dn))
+            .blocking(move |s| s.find_pending_groups(&member))
             .await?;
         Ok(Response::new(v1::FocusList { items }))
     }
