@@ -188,6 +188,8 @@ pub struct Mapping {
     pub value: Option<String>,
     pub template: Option<String>,
     pub expression: Option<String>,
+    /// CEL condition: the mapping applies only while it is true.
+    pub condition: Option<String>,
     pub target: String,
     #[serde(default)]
     pub strength: Strength,
@@ -222,12 +224,37 @@ pub struct CorrelationRule {
     pub confirmation: Vec<Condition>,
 }
 
-/// Focus attribute `focus_attribute` holds the first value of the entry's `source` attribute.
+/// Focus attribute `focus_attribute` holds the first value of the entry's
+/// `source` attribute, or of the CEL `expression` over the entry's attributes.
 #[derive(Debug, Clone, Deserialize, Serialize, PartialEq, schemars::JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct Condition {
     pub focus_attribute: String,
-    pub source: String,
+    pub source: Option<String>,
+    pub expression: Option<String>,
+}
+
+impl Condition {
+    /// Entry attributes the condition reads.
+    pub fn sources(&self) -> Vec<String> {
+        match (&self.source, &self.expression) {
+            (Some(s), _) => vec![s.clone()],
+            (None, Some(e)) => crate::expression::Expression::compile(e)
+                .map(|e| e.variables().to_vec())
+                .unwrap_or_default(),
+            (None, None) => Vec::new(),
+        }
+    }
+
+    fn check(&self) -> Result<(), String> {
+        match (&self.source, &self.expression) {
+            (Some(_), None) => Ok(()),
+            (None, Some(e)) => crate::expression::Expression::compile(e)
+                .map(drop)
+                .map_err(|reason| format!("expression {e:?} {reason}")),
+            _ => Err("set exactly one of source or expression".into()),
+        }
+    }
 }
 
 #[derive(Debug, Clone, Deserialize, Serialize, PartialEq, schemars::JsonSchema)]
@@ -376,6 +403,16 @@ impl Config {
                         "a rule needs at least one condition".into(),
                     );
                 }
+                for (kind, list) in [
+                    ("conditions", &rule.conditions),
+                    ("confirmation", &rule.confirmation),
+                ] {
+                    for (k, c) in list.iter().enumerate() {
+                        if let Err(reason) = c.check() {
+                            err(format!("{at}.correlation[{j}].{kind}[{k}]"), reason);
+                        }
+                    }
+                }
             }
             for (situation, reaction) in &r.reactions {
                 if let Some(t) = &reaction.template
@@ -430,6 +467,10 @@ impl Mapping {
             crate::expression::Expression::compile(e)
                 .map_err(|reason| format!("expression {e:?} {reason}"))?;
         }
+        if let Some(c) = &self.condition {
+            crate::expression::Expression::compile(c)
+                .map_err(|reason| format!("condition {c:?} {reason}"))?;
+        }
         if self.target.is_empty() {
             return Err("target is empty".into());
         }
@@ -439,20 +480,31 @@ impl Mapping {
         Ok(())
     }
 
-    /// Attributes this mapping reads.
+    /// Attributes this mapping reads, its condition's included.
     pub fn sources(&self) -> Vec<String> {
-        if let Some(s) = &self.source {
-            return vec![s.clone()];
-        }
-        if let Some(e) = &self.expression {
-            return crate::expression::Expression::compile(e)
+        let compiled = |e: &str| {
+            crate::expression::Expression::compile(e)
                 .map(|e| e.variables().to_vec())
-                .unwrap_or_default();
+                .unwrap_or_default()
+        };
+        let mut out = if let Some(s) = &self.source {
+            vec![s.clone()]
+        } else if let Some(e) = &self.expression {
+            compiled(e)
+        } else {
+            match self.template.as_deref().map(Template::parse) {
+                Some(Ok(t)) => t.variables().map(str::to_owned).collect(),
+                _ => Vec::new(),
+            }
+        };
+        if let Some(c) = &self.condition {
+            for v in compiled(c) {
+                if !out.contains(&v) {
+                    out.push(v);
+                }
+            }
         }
-        match self.template.as_deref().map(Template::parse) {
-            Some(Ok(t)) => t.variables().map(str::to_owned).collect(),
-            _ => Vec::new(),
-        }
+        out
     }
 }
 

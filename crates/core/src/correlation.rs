@@ -2,7 +2,10 @@
 //! which candidates satisfy its conditions and its confirmation.
 
 use crate::CoreError;
+use std::collections::HashMap;
+
 use crate::config::{Condition, CorrelationRule};
+use crate::expression::Expression;
 use crate::inbound::utf8_values;
 use crate::model::{Focus, SourceChange};
 
@@ -17,7 +20,33 @@ pub type Query = Vec<(String, String)>;
 pub fn query(change: &SourceChange, conditions: &[Condition]) -> Result<Option<Query>, CoreError> {
     let mut out = Vec::with_capacity(conditions.len());
     for c in conditions {
-        let values = utf8_values(change, &c.source, &c.focus_attribute)?;
+        let values = match (&c.source, &c.expression) {
+            (Some(source), _) => utf8_values(change, source, &c.focus_attribute)?,
+            (None, Some(text)) => {
+                let mut inputs = Vec::new();
+                for name in c.sources() {
+                    let v = utf8_values(change, &name, &c.focus_attribute)?;
+                    inputs.push((name, v));
+                }
+                let lookup = |name: &str| {
+                    inputs
+                        .iter()
+                        .find(|(n, _)| n == name)
+                        .map(|(_, v)| v.clone())
+                        .unwrap_or_default()
+                };
+                let fail = |reason: String| CoreError::Expression {
+                    target: c.focus_attribute.clone(),
+                    expression: text.clone(),
+                    reason,
+                };
+                Expression::compile(text)
+                    .map_err(fail)?
+                    .eval(&lookup, &HashMap::new)
+                    .map_err(fail)?
+            }
+            (None, None) => Vec::new(),
+        };
         let Some(first) = values.into_iter().next() else {
             return Ok(None);
         };
@@ -72,8 +101,30 @@ mod tests {
     fn cond(f: &str, s: &str) -> Condition {
         Condition {
             focus_attribute: f.into(),
-            source: s.into(),
+            source: Some(s.into()),
+            expression: None,
         }
+    }
+
+    #[test]
+    fn an_expression_computes_the_value_searched_for() {
+        let c = Condition {
+            focus_attribute: "name".into(),
+            source: None,
+            expression: Some("'x-' + uid".into()),
+        };
+        let q = query(&entry(&[("uid", "will")]), std::slice::from_ref(&c))
+            .unwrap()
+            .unwrap();
+        assert_eq!(q, [("name".to_owned(), "x-will".to_owned())]);
+        // A failing expression is an error naming it; a null result means the rule does not apply.
+        assert!(query(&entry(&[]), &[c]).is_err());
+        let null = Condition {
+            focus_attribute: "name".into(),
+            source: None,
+            expression: Some("title".into()),
+        };
+        assert_eq!(query(&entry(&[]), &[null]).unwrap(), None);
     }
 
     fn entry(pairs: &[(&str, &str)]) -> SourceChange {

@@ -89,6 +89,24 @@ impl Expression {
         let value = self.program.execute(&context).map_err(|e| e.to_string())?;
         to_values(value)
     }
+
+    /// Runs the expression as a condition: `true` or `false` (`null` is false).
+    ///
+    /// # Errors
+    /// As [`Expression::eval`], and a result that is not a boolean.
+    pub fn eval_bool(
+        &self,
+        lookup: &dyn Fn(&str) -> Vec<String>,
+        all: &dyn Fn() -> HashMap<String, Vec<String>>,
+    ) -> Result<bool, String> {
+        let values = self.eval(lookup, all)?;
+        match values.as_slice() {
+            [] => Ok(false),
+            [v] if v == "true" => Ok(true),
+            [v] if v == "false" => Ok(false),
+            other => Err(format!("a condition must be true or false, not {other:?}")),
+        }
+    }
 }
 
 fn to_values(value: Value) -> Result<Vec<String>, String> {

@@ -5,8 +5,8 @@ use std::collections::{BTreeSet, HashMap};
 
 use crate::CoreError;
 
-use crate::config::{Config, Mapping, ObjectTemplate, Range, ResourceConfig};
-use crate::mapping::{apply_mapping, evaluate};
+use crate::config::{Condition, Config, Mapping, ObjectTemplate, Range, ResourceConfig};
+use crate::mapping::{applies, apply_mapping, evaluate};
 use crate::model::{
     Assignment, Attrs, ChangeKind, Focus, FocusStatus, KIND_GROUP, KIND_USER, Link, MemberRef,
     NAME_ATTRIBUTE, ObjectType, Op, Shadow, SourceChange, member_key,
@@ -57,6 +57,7 @@ impl Profile {
                     value: None,
                     template: None,
                     expression: None,
+                    condition: None,
                     target: NAME_ATTRIBUTE.to_owned(),
                     strength: crate::config::Strength::Strong,
                     range: Range::All,
@@ -349,7 +350,8 @@ fn snapshot(
             .correlation
             .iter()
             .flat_map(|r| r.conditions.iter().chain(&r.confirmation))
-            .map(|c| c.source.to_ascii_lowercase()),
+            .flat_map(Condition::sources)
+            .map(|s| s.to_ascii_lowercase()),
     );
     names.extend(
         profile
@@ -433,6 +435,9 @@ fn apply_inbound(
             }
             _ => Vec::new(),
         };
+        if !applies(m, &lookup, &all)? {
+            continue;
+        }
         let output = evaluate(m, &lookup, &all)?;
         apply_mapping(m, &old_output, output, changed, focus_attrs);
     }
@@ -492,6 +497,9 @@ pub fn apply_template(
         } else {
             Vec::new()
         };
+        if !applies(m, &lookup, &all)? {
+            continue;
+        }
         let output = evaluate(m, &lookup, &all)?;
         apply_mapping(m, &old_output, output, changed, &mut focus.attributes);
     }
@@ -676,6 +684,7 @@ mod tests {
             value: None,
             template: None,
             expression: None,
+            condition: None,
             target: "emails".into(),
             strength: Strength::Normal,
             range: Range::Mapped,

@@ -154,6 +154,29 @@ pub fn evaluate(
     Ok(evaluate_template(mapping, lookup))
 }
 
+/// Whether `mapping` applies: its condition holds (a mapping without one always applies).
+///
+/// # Errors
+/// A condition that fails to compile or run, or is not a boolean.
+pub fn applies(
+    mapping: &Mapping,
+    lookup: &dyn Fn(&str) -> Vec<String>,
+    all: &dyn Fn() -> HashMap<String, Vec<String>>,
+) -> Result<bool, CoreError> {
+    let Some(text) = &mapping.condition else {
+        return Ok(true);
+    };
+    let fail = |reason: String| CoreError::Expression {
+        target: mapping.target.clone(),
+        expression: text.clone(),
+        reason,
+    };
+    Expression::compile(text)
+        .map_err(fail)?
+        .eval_bool(lookup, all)
+        .map_err(fail)
+}
+
 fn evaluate_template(mapping: &Mapping, lookup: &dyn Fn(&str) -> Vec<String>) -> Vec<String> {
     let Some(Ok(template)) = mapping.template.as_deref().map(Template::parse) else {
         return Vec::new();
@@ -312,6 +335,7 @@ mod tests {
             value: None,
             template: None,
             expression: None,
+            condition: None,
             target: "fullName".into(),
             strength,
             range: Range::All,
@@ -435,6 +459,29 @@ mod tests {
         assert_eq!(escape_dn_value("Smith, John"), "Smith\\, John");
         assert_eq!(escape_dn_value(" #a+b "), "\\ #a\\+b\\ ");
         assert_eq!(escape_dn_value("#x"), "\\#x");
+    }
+
+    #[test]
+    fn a_condition_gates_its_mapping() {
+        let look = |n: &str| match n {
+            "employeeType" => vec!["staff".to_owned()],
+            _ => vec![],
+        };
+        let mut m = mapping(Strength::Normal);
+        assert!(
+            applies(&m, &look, &HashMap::new).unwrap(),
+            "no condition: applies"
+        );
+        m.condition = Some("employeeType == 'staff'".into());
+        assert!(applies(&m, &look, &HashMap::new).unwrap());
+        m.condition = Some("employeeType == 'contractor'".into());
+        assert!(!applies(&m, &look, &HashMap::new).unwrap());
+        m.condition = Some("title == null".into());
+        assert!(applies(&m, &look, &HashMap::new).unwrap());
+        m.condition = Some("employeeType".into());
+        let err = applies(&m, &look, &HashMap::new).unwrap_err().to_string();
+        assert!(err.contains("must be true or false"), "{err}");
+        assert!(m.sources().contains(&"employeeType".to_owned()));
     }
 
     #[test]

@@ -6,7 +6,7 @@ use std::collections::{BTreeMap, BTreeSet};
 
 use crate::CoreError;
 use crate::config::{Config, ResourceConfig, Strength};
-use crate::mapping::{Template, dedup_in_order, escape_dn_value, evaluate};
+use crate::mapping::{Template, applies, dedup_in_order, escape_dn_value, evaluate};
 use crate::model::{Attrs, Focus, FocusStatus};
 
 /// An account as idsync wants it on a resource. Attribute names lower-cased.
@@ -124,6 +124,9 @@ fn mapped_values(
     };
     let mut out: BTreeMap<String, (Strength, Vec<String>)> = BTreeMap::new();
     for m in &resource.outbound {
+        if !applies(m, &lookup, &all)? {
+            continue;
+        }
         let values = evaluate(m, &lookup, &all)?;
         let entry = out
             .entry(m.target.to_ascii_lowercase())

@@ -245,7 +245,7 @@ async fn session(
                 cookie,
             } => {
                 let event = change_event(
-                    &resource.resource,
+                    resource,
                     entry_uuid,
                     dn,
                     state,
@@ -266,7 +266,7 @@ async fn session(
                 tracing::debug!(resource = %resource.resource, base = %resource.base_dn, deleted = ?entry_uuids, "deleted while away");
                 for uuid in entry_uuids {
                     let event = change_event(
-                        &resource.resource,
+                        resource,
                         uuid,
                         String::new(),
                         EntryState::Delete,
@@ -298,9 +298,10 @@ async fn session(
 }
 
 /// The event for one entry. Its id (also the JetStream message id) is the
-/// entry and its entryCSN, so the same state read twice is stored once.
+/// session, the entry and its entryCSN, so the same state read twice is
+/// stored once.
 fn change_event(
-    resource: &str,
+    scope: &SyncScope,
     entry_uuid: String,
     dn: String,
     state: EntryState,
@@ -309,11 +310,16 @@ fn change_event(
     cookie: Option<Vec<u8>>,
 ) -> v1::ChangeEvent {
     let delete = state == EntryState::Delete;
+    // Per session: the accounts' and the groups' sessions of one resource may
+    // both report one entry (a deletion outside a session's scope), and one
+    // must not de-duplicate the other away.
+    let prefix = &scope.cookie_key;
     let event_id = match (&csn, delete) {
-        (_, true) => format!("{resource}:{entry_uuid}:delete"),
-        (Some(csn), false) => format!("{resource}:{entry_uuid}:{csn}"),
-        (None, false) => format!("{resource}:{entry_uuid}:{}", now_ms()),
+        (_, true) => format!("{prefix}:{entry_uuid}:delete"),
+        (Some(csn), false) => format!("{prefix}:{entry_uuid}:{csn}"),
+        (None, false) => format!("{prefix}:{entry_uuid}:{}", now_ms()),
     };
+    let resource = scope.resource.as_str();
     v1::ChangeEvent {
         schema_version: idsync_proto::SCHEMA_VERSION,
         event_id,
