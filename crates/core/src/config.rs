@@ -68,6 +68,10 @@ pub struct ResourceConfig {
     pub base_dn: String,
     #[serde(default = "default_filter")]
     pub filter: String,
+    /// The attribute that identifies entries: `entryUUID` (OpenLDAP, the
+    /// default) or `nsUniqueId` (389 Directory Server).
+    #[serde(default = "default_id_attribute")]
+    pub id_attribute: String,
     /// Run live sync (RFC 4533 refreshAndPersist) on this resource.
     #[serde(default)]
     pub live_sync: bool,
@@ -157,6 +161,10 @@ impl ResourceConfig {
             .as_ref()
             .map(|g| g.base_dn.as_deref().unwrap_or(&self.base_dn))
     }
+}
+
+fn default_id_attribute() -> String {
+    "entryUUID".to_owned()
 }
 
 fn default_filter() -> String {

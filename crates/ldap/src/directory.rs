@@ -32,6 +32,8 @@ pub struct DirEntry {
 pub struct Directory {
     url: String,
     ldap: Ldap,
+    /// The attribute that identifies entries (`entryUUID`, `nsUniqueId`).
+    id_attribute: String,
 }
 
 impl Directory {
@@ -44,7 +46,15 @@ impl Directory {
         Ok(Self {
             url: conn.url.clone(),
             ldap: open(conn).await?,
+            id_attribute: "entryUUID".to_owned(),
         })
+    }
+
+    /// Identify entries by `attribute` instead of `entryUUID` (for example
+    /// `nsUniqueId` on 389 Directory Server).
+    pub fn with_id_attribute(mut self, attribute: &str) -> Self {
+        attribute.clone_into(&mut self.id_attribute);
+        self
     }
 
     /// Base-scope read of `dn` with `*` and `entryUUID`; `Ok(None)` when there
@@ -90,7 +100,7 @@ impl Directory {
             operation: "search by entryUUID",
             dn: base,
         };
-        let filter = format!("(entryUUID={})", ldap_escape(entry_uuid));
+        let filter = format!("({}={})", self.id_attribute, ldap_escape(entry_uuid));
         let (entries, result) = self.search(op, base, Scope::Subtree, &filter).await?;
         if result.rc != 0 {
             return Err(op.result(result.rc, &result.text));
@@ -229,7 +239,7 @@ impl Directory {
         let mut ldap = self.ldap.clone();
         let result = ldap
             .with_timeout(OPERATION_TIMEOUT)
-            .search(base, scope, filter, vec!["*", "entryUUID"])
+            .search(base, scope, filter, vec!["*", self.id_attribute.as_str()])
             .await
             .map_err(|e| op.failed(e, OPERATION_TIMEOUT))?;
         Ok((result.0, result.1))
@@ -248,7 +258,7 @@ impl Directory {
                 .into_iter()
                 .filter_map(|v| String::from_utf8(v).ok())
                 .collect();
-            if name == "entryuuid" {
+            if name.eq_ignore_ascii_case(&self.id_attribute) {
                 entry_uuid = values.into_iter().next().unwrap_or_default();
             } else if !values.is_empty() {
                 attributes.entry(name).or_default().extend(values);

@@ -655,3 +655,29 @@ async fn starttls_with_the_servers_ca_works_and_without_it_is_refused() {
         "{err}"
     );
 }
+
+#[tokio::test]
+async fn another_identifier_attribute_can_be_configured() {
+    let slapd = slapd().await;
+    // OpenLDAP has no nsUniqueId; entryCSN stands in for "another operational attribute".
+    let mut dir = Directory::connect(&connection(&slapd))
+        .await
+        .unwrap()
+        .with_id_attribute("entryCSN");
+    let jack = dir
+        .read(&format!("uid=jack,ou=people,{SUFFIX}"))
+        .await
+        .unwrap()
+        .unwrap();
+    assert!(
+        jack.entry_uuid.contains('#'),
+        "a CSN, not a UUID: {}",
+        jack.entry_uuid
+    );
+    let again = dir
+        .find_by_uuid(SUFFIX, &jack.entry_uuid)
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(again.dn, jack.dn);
+}

@@ -182,7 +182,8 @@ async fn with_dir<T>(
         })?;
         let dir = Directory::connect(conn)
             .await
-            .map_err(|e| ldap_failure(&resource.name, e))?;
+            .map_err(|e| ldap_failure(&resource.name, e))?
+            .with_id_attribute(&resource.id_attribute);
         open.insert(resource.name.clone(), dir);
     }
     let Some(dir) = open.get_mut(&resource.name) else {
