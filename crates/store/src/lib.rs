@@ -67,6 +67,29 @@ fn decode<M: Message + Default>(bytes: &[u8]) -> Result<M, StoreError> {
     M::decode(bytes).map_err(|e| StoreError::Corrupt(e.to_string()))
 }
 
+/// Appends the change of `focus` to the outbox under the next sequence.
+fn append_outbox(
+    outbox: &mut redb::Table<u64, &[u8]>,
+    next_seq: &mut u64,
+    focus: v1::Focus,
+    deleted: bool,
+    origin: &str,
+) -> Result<(), StoreError> {
+    let change = v1::FocusChange {
+        schema_version: idsync_proto::SCHEMA_VERSION,
+        outbox_seq: *next_seq,
+        focus_id: focus.id.clone(),
+        focus: Some(focus),
+        deleted,
+        origin_resource: origin.to_owned(),
+    };
+    outbox
+        .insert(*next_seq, change.encode_to_vec().as_slice())
+        .map_err(db)?;
+    *next_seq += 1;
+    Ok(())
+}
+
 fn shadow_key(resource: &str, entry_uuid: &str) -> String {
     format!("{resource}\0{entry_uuid}")
 }
@@ -476,18 +499,7 @@ impl Store {
                             .insert(focus.id.as_str(), focus.encode_to_vec().as_slice())
                             .map_err(db)?;
                         versions.push(focus.version);
-                        let change = v1::FocusChange {
-                            schema_version: idsync_proto::SCHEMA_VERSION,
-                            outbox_seq: next_seq,
-                            focus_id: focus.id.clone(),
-                            focus: Some(focus),
-                            deleted: false,
-                            origin_resource: origin.to_owned(),
-                        };
-                        outbox
-                            .insert(next_seq, change.encode_to_vec().as_slice())
-                            .map_err(db)?;
-                        next_seq += 1;
+                        append_outbox(&mut outbox, &mut next_seq, focus, false, origin)?;
                     }
                     Some(Op::DeleteFocus(del)) => {
                         let current: Option<v1::Focus> = focus_t
@@ -516,18 +528,7 @@ impl Store {
                         }
                         focus_t.remove(del.id.as_str()).map_err(db)?;
                         versions.push(0);
-                        let change = v1::FocusChange {
-                            schema_version: idsync_proto::SCHEMA_VERSION,
-                            outbox_seq: next_seq,
-                            focus_id: del.id.clone(),
-                            focus: Some(last),
-                            deleted: true,
-                            origin_resource: origin.to_owned(),
-                        };
-                        outbox
-                            .insert(next_seq, change.encode_to_vec().as_slice())
-                            .map_err(db)?;
-                        next_seq += 1;
+                        append_outbox(&mut outbox, &mut next_seq, last, true, origin)?;
                     }
                     Some(Op::PutShadow(put)) => {
                         let mut shadow = put
@@ -602,18 +603,7 @@ impl Store {
                                 focus_t
                                     .insert(group.id.as_str(), group.encode_to_vec().as_slice())
                                     .map_err(db)?;
-                                let change = v1::FocusChange {
-                                    schema_version: idsync_proto::SCHEMA_VERSION,
-                                    outbox_seq: next_seq,
-                                    focus_id: group.id.clone(),
-                                    focus: Some(group),
-                                    deleted: false,
-                                    origin_resource: origin.to_owned(),
-                                };
-                                outbox
-                                    .insert(next_seq, change.encode_to_vec().as_slice())
-                                    .map_err(db)?;
-                                next_seq += 1;
+                                append_outbox(&mut outbox, &mut next_seq, group, false, origin)?;
                             }
                         }
                     }
