@@ -228,3 +228,107 @@ async fn an_operator_resolves_disputed_cases_by_link_and_by_creation() {
     assert!(err.contains("is not an open case"), "{err}");
     deployment.shutdown().await.unwrap();
 }
+
+/// The example with the unmatched reaction replaced.
+fn config_with_unmatched(reaction: &str) -> String {
+    let example = idsync::dev::EXAMPLE_CONFIG;
+    let unmatched = "unmatched = { action = \"add_focus\", template = \"default-user\" }";
+    assert!(example.contains(unmatched));
+    example
+        .replace(
+            unmatched,
+            &format!("unmatched = {{ action = \"{reaction}\" }}"),
+        )
+        .replace(
+            "live_sync = true",
+            "live_sync = true\ndisable = { attribute = \"employeeType\", value = \"disabled\" }",
+        )
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn unmatched_accounts_can_be_disabled_or_deleted_on_the_source() {
+    // inactivate_shadow: the account gets the disabling value, once.
+    let dir = tempfile::tempdir().unwrap();
+    let deployment = idsync::dev::Deployment::start_with(
+        dir.path(),
+        &config_with_unmatched("inactivate_shadow"),
+    )
+    .await
+    .unwrap();
+    let env = Env::from(deployment, dir);
+    let jack_dn = person_dn("jack");
+    let source = &env.deployment.source;
+    idsync_testkit::eventually("jack disabled on the source", WAIT, || async {
+        let e = read(source, &jack_dn).await;
+        Ok(e.filter(|e| e.get("employeetype") == Some(&set(&["disabled"]))))
+    })
+    .await
+    .unwrap();
+    // The write's own change comes back and is left alone: the stream settles.
+    let bus = idsync_bus::Bus::connect(env.deployment.nats.url())
+        .await
+        .unwrap();
+    let settled = idsync_testkit::eventually("the change stream settles", WAIT, || {
+        let bus = bus.clone();
+        async move {
+            let before = bus
+                .stream_messages(idsync_bus::names::CHANGES_STREAM)
+                .await
+                .map_err(|e| e.to_string())?;
+            tokio::time::sleep(std::time::Duration::from_millis(500)).await;
+            let after = bus
+                .stream_messages(idsync_bus::names::CHANGES_STREAM)
+                .await
+                .map_err(|e| e.to_string())?;
+            Ok((before == after).then_some(after))
+        }
+    })
+    .await
+    .unwrap();
+    assert!(
+        settled <= 3,
+        "jack, crew and jack's disabling: {settled} events"
+    );
+    assert!(
+        env.idm
+            .find_focus("user", "name", "jack")
+            .await
+            .unwrap()
+            .is_empty()
+    );
+    env.deployment.shutdown().await.unwrap();
+
+    // delete_shadow: the account is deleted on the source, and its shadow dies.
+    let dir = tempfile::tempdir().unwrap();
+    let deployment =
+        idsync::dev::Deployment::start_with(dir.path(), &config_with_unmatched("delete_shadow"))
+            .await
+            .unwrap();
+    let env = Env::from(deployment, dir);
+    let source = &env.deployment.source;
+    idsync_testkit::eventually("jack deleted on the source", WAIT, || async {
+        Ok(read(source, &jack_dn).await.is_none().then_some(()))
+    })
+    .await
+    .unwrap();
+    let idm = env.idm.clone();
+    idsync_testkit::eventually("jack's shadow dead", WAIT, || {
+        let idm = idm.clone();
+        async move {
+            let shadows = idm.all_shadows("hr").await.map_err(|e| e.to_string())?;
+            Ok(shadows
+                .into_iter()
+                .find(|s| s.dn == person_dn("jack") && s.dead))
+        }
+    })
+    .await
+    .unwrap();
+    assert!(
+        env.idm
+            .find_focus("user", "name", "jack")
+            .await
+            .unwrap()
+            .is_empty()
+    );
+    env.deployment.shutdown().await.unwrap();
+}

@@ -96,6 +96,17 @@ pub struct ResourceConfig {
     pub groups: Option<GroupsConfig>,
     /// Transport security (`ldaps://` URLs always use TLS).
     pub tls: Option<TlsConfig>,
+    /// How an account is disabled here (the `inactivate_shadow` reaction).
+    pub disable: Option<DisableConfig>,
+}
+
+/// Disabling an account: set `attribute` to `value` (`nsAccountLock: TRUE` on
+/// 389-ds, `pwdAccountLockedTime: 000001010000Z` with OpenLDAP's ppolicy).
+#[derive(Debug, Clone, Deserialize, Serialize, PartialEq, schemars::JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct DisableConfig {
+    pub attribute: String,
+    pub value: String,
 }
 
 /// Transport security for a resource.
@@ -429,6 +440,12 @@ impl Config {
                     err(
                         format!("{at}.reactions.{situation}.template"),
                         format!("names template {t:?}, which is not defined"),
+                    );
+                }
+                if reaction.action == Reaction::InactivateShadow && r.disable.is_none() {
+                    err(
+                        format!("{at}.reactions.{situation}.action"),
+                        "inactivate_shadow needs the resource's `disable` setting (which attribute and value disable an account)".into(),
                     );
                 }
                 if !reaction.action.fits(*situation) {

@@ -264,6 +264,18 @@ pub fn plan(
             }
             shadow.focus_id = None;
         }
+        // The account itself is the applier's to change, before this commit;
+        // the shadow records the situation, unlinked. A deleted account's
+        // shadow is dead at once, so the deletion that comes back as a change
+        // (possibly before this commit is seen) changes nothing.
+        Reaction::DeleteShadow => {
+            shadow.focus_id = None;
+            shadow.dead = true;
+            shadow.attributes.clear();
+        }
+        Reaction::InactivateShadow => {
+            shadow.focus_id = None;
+        }
         Reaction::Nothing => {}
     }
     ops.push(Op::PutShadow {
@@ -964,6 +976,36 @@ mod tests {
                 None,
                 false,
                 false,
+            ),
+            (
+                Situation::Unmatched,
+                Reaction::DeleteShadow,
+                false,
+                false,
+                &["put_shadow"],
+                None,
+                false,
+                true,
+            ),
+            (
+                Situation::Unmatched,
+                Reaction::InactivateShadow,
+                false,
+                false,
+                &["put_shadow"],
+                None,
+                false,
+                false,
+            ),
+            (
+                Situation::Disputed,
+                Reaction::DeleteShadow,
+                false,
+                false,
+                &["put_shadow"],
+                None,
+                false,
+                true,
             ),
             (
                 Situation::Deleted,

@@ -80,18 +80,24 @@ pub enum Reaction {
     DeleteFocus,
     /// Unlink and disable the owning focus.
     InactivateFocus,
+    /// Delete the account on the resource (an account nobody should have).
+    DeleteShadow,
+    /// Disable the account on the resource, by the resource's `disable` setting.
+    InactivateShadow,
     /// Record the shadow and do nothing else.
     Nothing,
 }
 
 impl Reaction {
-    pub const ALL: [Reaction; 7] = [
+    pub const ALL: [Reaction; 9] = [
         Reaction::Synchronize,
         Reaction::Link,
         Reaction::AddFocus,
         Reaction::Unlink,
         Reaction::DeleteFocus,
         Reaction::InactivateFocus,
+        Reaction::DeleteShadow,
+        Reaction::InactivateShadow,
         Reaction::Nothing,
     ];
 
@@ -103,6 +109,8 @@ impl Reaction {
             Reaction::Unlink => "unlink",
             Reaction::DeleteFocus => "delete_focus",
             Reaction::InactivateFocus => "inactivate_focus",
+            Reaction::DeleteShadow => "delete_shadow",
+            Reaction::InactivateShadow => "inactivate_shadow",
             Reaction::Nothing => "nothing",
         }
     }
@@ -111,15 +119,26 @@ impl Reaction {
         Self::ALL.into_iter().find(|s| s.as_str() == text)
     }
 
+    /// Whether the reaction acts on the account on the resource itself.
+    pub fn acts_on_account(self) -> bool {
+        matches!(self, Reaction::DeleteShadow | Reaction::InactivateShadow)
+    }
+
     /// Whether this reaction makes sense for `situation`.
     pub fn fits(self, situation: Situation) -> bool {
         use Reaction as R;
         use Situation as S;
         match situation {
             S::Linked => matches!(self, R::Synchronize | R::Unlink | R::Nothing),
-            S::Unlinked => matches!(self, R::Link | R::Nothing),
-            S::Unmatched => matches!(self, R::AddFocus | R::Nothing),
-            S::Disputed => matches!(self, R::Nothing),
+            S::Unlinked => matches!(
+                self,
+                R::Link | R::DeleteShadow | R::InactivateShadow | R::Nothing
+            ),
+            S::Unmatched => matches!(
+                self,
+                R::AddFocus | R::DeleteShadow | R::InactivateShadow | R::Nothing
+            ),
+            S::Disputed => matches!(self, R::DeleteShadow | R::InactivateShadow | R::Nothing),
             S::Deleted => matches!(
                 self,
                 R::DeleteFocus | R::InactivateFocus | R::Unlink | R::Nothing

@@ -5,9 +5,11 @@ mod connection;
 mod decode;
 mod directory;
 mod error;
+mod pool;
 mod sync;
 
 pub use connection::{Connection, Tls};
 pub use directory::{DirEntry, Directory};
 pub use error::LdapError;
+pub use pool::Pool;
 pub use sync::{EntryState, SyncMessage, SyncSession};

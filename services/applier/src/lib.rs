@@ -14,6 +14,7 @@ use idsync_core::inbound::{InboundState, Outcome, plan};
 use idsync_core::model::{MemberRef, ObjectType, SourceChange};
 use idsync_core::situation::{Reaction, Situation};
 use idsync_idm_client::{CorrelateError, Correlation, IdmClient, IdmError, correlate};
+use idsync_ldap::{Connection, LdapError, Pool};
 use idsync_proto::v1;
 use prost::Message as _;
 use tokio_util::sync::CancellationToken;
@@ -29,6 +30,8 @@ pub enum Error {
     Bus(#[from] BusError),
     #[error(transparent)]
     Idm(#[from] IdmError),
+    #[error(transparent)]
+    Config(#[from] idsync_runtime::ConfigError),
 }
 
 /// Consumes the decision stream until `shutdown`.
@@ -38,13 +41,24 @@ pub enum Error {
 pub async fn run(config: Arc<Config>, shutdown: CancellationToken) -> Result<(), Error> {
     let bus = Bus::connect(&config.nats.url).await?;
     let idm = IdmClient::new(&config.idm.url)?;
+    // Connections only to resources whose reactions act on their accounts.
+    let mut accounts = Pool::new();
+    for r in &config.resources {
+        if r.reactions.values().any(|x| x.action.acts_on_account()) {
+            let conn = Connection::for_resource(r, idsync_runtime::bind_password(r)?);
+            accounts.add(&r.name, conn, &r.id_attribute);
+        }
+    }
     let source = Source {
         service: SERVICE,
         stream: names::DECISIONS_STREAM,
         durable: names::APPLIER,
         filter_subject: None,
     };
-    run_worker(&bus, source, shutdown, |msg| handle(&config, &idm, msg)).await?;
+    run_worker(&bus, source, shutdown, |msg| {
+        handle(&config, &idm, &accounts, msg)
+    })
+    .await?;
     Ok(())
 }
 
@@ -56,7 +70,7 @@ fn transient(msg: &Message, e: &dyn std::fmt::Display) -> Handling {
 }
 
 #[tracing::instrument(skip_all, fields(seq = msg.stream_seq))]
-async fn handle(config: &Config, idm: &IdmClient, msg: Message) -> Handling {
+async fn handle(config: &Config, idm: &IdmClient, accounts: &Pool, msg: Message) -> Handling {
     let decision = match v1::Decision::decode(msg.payload.as_ref()) {
         Ok(d) => d,
         Err(e) => return Handling::Poison(format!("not a Decision: {e}")),
@@ -119,6 +133,11 @@ async fn handle(config: &Config, idm: &IdmClient, msg: Message) -> Handling {
                 ops,
             } => (situation, reaction, ops),
         };
+        if reaction.acts_on_account()
+            && let Err(h) = act_on_account(config, accounts, &change, reaction, &msg).await
+        {
+            return h;
+        }
         match idm.commit(ops, &change.resource).await {
             Ok(_) => {
                 tracing::info!(resource = %change.resource, dn = %change.dn, %situation, %reaction, "applied");
@@ -289,4 +308,62 @@ async fn memberships(
     }
     let owners = idm.resolve_members(&refs).await?;
     Ok(refs.into_iter().zip(owners).collect())
+}
+
+/// Deletes or disables the account on its resource (`delete_shadow`,
+/// `inactivate_shadow`) before the shadow records it. Idempotent: an account
+/// already gone, or already disabled, is left alone — so the change that a
+/// disabling write causes comes back as a no-op.
+async fn act_on_account(
+    config: &Config,
+    accounts: &Pool,
+    change: &SourceChange,
+    reaction: Reaction,
+    msg: &Message,
+) -> Result<(), Handling> {
+    let resource = config
+        .resource(&change.resource)
+        .map_err(|e| Handling::Poison(e.to_string()))?;
+    let dn = change.dn.clone();
+    let result = match reaction {
+        Reaction::DeleteShadow => {
+            accounts
+                .with(&resource.name, async |dir| match dir.delete(&dn).await {
+                    Ok(()) | Err(LdapError::NoSuchObject { .. }) => Ok(()),
+                    Err(e) => Err(e),
+                })
+                .await
+        }
+        Reaction::InactivateShadow => {
+            let Some(disable) = &resource.disable else {
+                return Err(Handling::Poison(format!(
+                    "resource {}: inactivate_shadow needs a `disable` setting",
+                    resource.name
+                )));
+            };
+            let already = change
+                .values(&disable.attribute)
+                .iter()
+                .any(|v| String::from_utf8_lossy(v).eq_ignore_ascii_case(&disable.value));
+            if already {
+                return Ok(());
+            }
+            let mods = [(disable.attribute.clone(), vec![disable.value.clone()])];
+            accounts
+                .with(&resource.name, async |dir| dir.replace(&dn, &mods).await)
+                .await
+        }
+        _ => Ok(()),
+    };
+    match result {
+        Ok(()) => {
+            tracing::info!(resource = %resource.name, %dn, %reaction, "account acted on");
+            Ok(())
+        }
+        Err(e @ (LdapError::Connect { .. } | LdapError::Closed { .. })) => Err(transient(msg, &e)),
+        Err(e) => Err(Handling::Poison(format!(
+            "resource {}: {reaction} of {dn}: {e}",
+            resource.name
+        ))),
+    }
 }

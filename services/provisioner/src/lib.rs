@@ -5,7 +5,6 @@
 //! It works from the focus's current state in the IDM, not from the event, so
 //! changes delivered late, twice or out of order converge to the same result.
 
-use std::collections::HashMap;
 use std::sync::Arc;
 
 use idsync_bus::worker::{Handling, Message, Source, backoff, run_worker};
@@ -14,10 +13,9 @@ use idsync_core::config::{Config, ResourceConfig};
 use idsync_core::model::{Focus, Link, Op, Shadow};
 use idsync_core::outbound::{account_modifications, desired_account, wanted_resources};
 use idsync_idm_client::{IdmClient, IdmError};
-use idsync_ldap::{Connection, Directory, LdapError};
+use idsync_ldap::{Connection, Directory, LdapError, Pool};
 use idsync_proto::v1;
 use prost::Message as _;
-use tokio::sync::Mutex;
 use tokio_util::sync::CancellationToken;
 
 pub const SERVICE: &str = "provisioner";
@@ -40,15 +38,11 @@ pub enum Error {
 pub async fn run(config: Arc<Config>, shutdown: CancellationToken) -> Result<(), Error> {
     let bus = Bus::connect(&config.nats.url).await?;
     let idm = IdmClient::new(&config.idm.url)?;
-    let mut connections = HashMap::new();
+    let mut targets = Pool::new();
     for r in config.resources.iter().filter(|r| r.dn_template.is_some()) {
         let conn = Connection::for_resource(r, idsync_runtime::bind_password(r)?);
-        connections.insert(r.name.clone(), conn);
+        targets.add(&r.name, conn, &r.id_attribute);
     }
-    let targets = Targets {
-        connections,
-        open: Mutex::new(HashMap::new()),
-    };
     let source = Source {
         service: SERVICE,
         stream: names::FOCUS_STREAM,
@@ -60,14 +54,6 @@ pub async fn run(config: Arc<Config>, shutdown: CancellationToken) -> Result<(),
     })
     .await?;
     Ok(())
-}
-
-/// Connections to target directories, opened on first use and dropped after
-/// an error so that the next use reconnects.
-#[derive(Debug)]
-struct Targets {
-    connections: HashMap<String, Connection>,
-    open: Mutex<HashMap<String, Directory>>,
 }
 
 /// Why provisioning one account failed.
@@ -98,7 +84,7 @@ fn ldap_failure(resource: &str, e: LdapError) -> Failure {
 }
 
 #[tracing::instrument(skip_all, fields(seq = msg.stream_seq))]
-async fn handle(config: &Config, idm: &IdmClient, targets: &Targets, msg: Message) -> Handling {
+async fn handle(config: &Config, idm: &IdmClient, targets: &Pool, msg: Message) -> Handling {
     let change = match v1::FocusChange::decode(msg.payload.as_ref()) {
         Ok(c) => c,
         Err(e) => return Handling::Poison(format!("not a FocusChange: {e}")),
@@ -133,7 +119,7 @@ async fn handle(config: &Config, idm: &IdmClient, targets: &Targets, msg: Messag
 async fn provision(
     config: &Config,
     idm: &IdmClient,
-    targets: &Targets,
+    targets: &Pool,
     focus: Focus,
 ) -> Result<(), Failure> {
     let wanted: Vec<&str> = wanted_resources(config, &focus)
@@ -157,7 +143,7 @@ async fn provision(
 async fn deprovision_all(
     config: &Config,
     idm: &IdmClient,
-    targets: &Targets,
+    targets: &Pool,
     last: &Focus,
 ) -> Result<(), Failure> {
     for link in &last.links {
@@ -171,37 +157,19 @@ async fn deprovision_all(
 }
 
 async fn with_dir<T>(
-    targets: &Targets,
+    targets: &Pool,
     resource: &ResourceConfig,
     op: impl AsyncFnOnce(&mut Directory) -> Result<T, LdapError>,
 ) -> Result<T, Failure> {
-    let mut open = targets.open.lock().await;
-    if !open.contains_key(&resource.name) {
-        let conn = targets.connections.get(&resource.name).ok_or_else(|| {
-            Failure::Permanent(format!("resource {} has no connection", resource.name))
-        })?;
-        let dir = Directory::connect(conn)
-            .await
-            .map_err(|e| ldap_failure(&resource.name, e))?
-            .with_id_attribute(&resource.id_attribute);
-        open.insert(resource.name.clone(), dir);
-    }
-    let Some(dir) = open.get_mut(&resource.name) else {
-        return Err(Failure::Transient("connection vanished".into()));
-    };
-    let result = op(dir).await;
-    if matches!(
-        result,
-        Err(LdapError::Connect { .. } | LdapError::Closed { .. })
-    ) {
-        open.remove(&resource.name);
-    }
-    result.map_err(|e| ldap_failure(&resource.name, e))
+    targets
+        .with(&resource.name, op)
+        .await
+        .map_err(|e| ldap_failure(&resource.name, e))
 }
 
 async fn create(
     idm: &IdmClient,
-    targets: &Targets,
+    targets: &Pool,
     resource: &ResourceConfig,
     focus: &Focus,
 ) -> Result<(), Failure> {
@@ -264,7 +232,7 @@ async fn create(
 
 async fn update(
     idm: &IdmClient,
-    targets: &Targets,
+    targets: &Pool,
     resource: &ResourceConfig,
     focus: &Focus,
     link: &Link,
@@ -311,7 +279,7 @@ async fn update(
 
 async fn remove(
     idm: &IdmClient,
-    targets: &Targets,
+    targets: &Pool,
     resource: &ResourceConfig,
     focus: Option<&Focus>,
     link: &Link,
