@@ -102,9 +102,17 @@ async fn group_members_resolve_whichever_arrives_first() {
     })
     .await
     .unwrap();
+    // A deleted user leaves its groups.
+    delete_person(&env.deployment.source, "will").await;
+    env.user_gone("will").await;
+    group_where(&env, "crew", "will gone", |g| {
+        g.members == [jack.id.clone()]
+    })
+    .await;
+
     // Users are untouched by group changes, and groups get no accounts.
     let users = env.idm.all_focus("user").await.unwrap();
-    assert_eq!(users.len(), 2);
+    assert_eq!(users.len(), 1);
     let groups = env.idm.all_focus("group").await.unwrap();
     assert!(
         groups

@@ -23,6 +23,8 @@ const SHADOW: TableDefinition<&str, &[u8]> = TableDefinition::new("shadow");
 const SHADOW_DN: TableDefinition<&str, &str> = TableDefinition::new("shadow_member_key");
 /// `<resource>\0<normalized member dn>\0<group id>` → (): groups waiting for a member.
 const PENDING: TableDefinition<&str, ()> = TableDefinition::new("pending_member");
+/// `<member focus id>\0<group id>` → (): the groups a focus is a member of.
+const MEMBER_OF: TableDefinition<&str, ()> = TableDefinition::new("member_of");
 /// outbox sequence → encoded `FocusChange`.
 const OUTBOX: TableDefinition<u64, &[u8]> = TableDefinition::new("outbox");
 const META: TableDefinition<&str, u64> = TableDefinition::new("meta");
@@ -197,6 +199,7 @@ impl Store {
             txn.open_table(SHADOW).map_err(db)?;
             txn.open_table(SHADOW_DN).map_err(db)?;
             txn.open_table(PENDING).map_err(db)?;
+            txn.open_table(MEMBER_OF).map_err(db)?;
             txn.open_table(OUTBOX).map_err(db)?;
             let mut meta = txn.open_table(META).map_err(db)?;
             let stored = meta.get(INSTANCE).map_err(db)?.map(|v| v.value());
@@ -420,6 +423,7 @@ impl Store {
             let mut shadows = txn.open_table(SHADOW).map_err(db)?;
             let mut shadow_dns = txn.open_table(SHADOW_DN).map_err(db)?;
             let mut pending = txn.open_table(PENDING).map_err(db)?;
+            let mut member_of = txn.open_table(MEMBER_OF).map_err(db)?;
             let mut outbox = txn.open_table(OUTBOX).map_err(db)?;
             let mut meta = txn.open_table(META).map_err(db)?;
             // Version preconditions first, over all operations: a lost race
@@ -483,6 +487,18 @@ impl Store {
                         // inside this transaction: no account can slip in between.
                         resolve_pending(&mut focus, &shadow_dns, &shadows)?;
                         if let Some(old) = &current {
+                            for m in &old.members {
+                                member_of
+                                    .remove(format!("{m}\0{}", old.id).as_str())
+                                    .map_err(db)?;
+                            }
+                        }
+                        for m in &focus.members {
+                            member_of
+                                .insert(format!("{m}\0{}", focus.id).as_str(), ())
+                                .map_err(db)?;
+                        }
+                        if let Some(old) = &current {
                             for m in &old.pending_members {
                                 pending
                                     .remove(pending_key(m, &old.id).as_str())
@@ -526,7 +542,41 @@ impl Store {
                                 .remove(pending_key(m, &last.id).as_str())
                                 .map_err(db)?;
                         }
+                        for m in &last.members {
+                            member_of
+                                .remove(format!("{m}\0{}", last.id).as_str())
+                                .map_err(db)?;
+                        }
                         focus_t.remove(del.id.as_str()).map_err(db)?;
+                        // A deleted focus leaves the groups it was a member of.
+                        let prefix = format!("{}\0", del.id);
+                        let mut groups = Vec::new();
+                        for row in member_of.range(prefix.as_str()..).map_err(db)? {
+                            let (k, _) = row.map_err(db)?;
+                            let Some(group_id) = k.value().strip_prefix(prefix.as_str()) else {
+                                break;
+                            };
+                            groups.push(group_id.to_owned());
+                        }
+                        for group_id in groups {
+                            member_of
+                                .remove(format!("{prefix}{group_id}").as_str())
+                                .map_err(db)?;
+                            let Some(mut group) = focus_t
+                                .get(group_id.as_str())
+                                .map_err(db)?
+                                .map(|v| decode::<v1::Focus>(v.value()))
+                                .transpose()?
+                            else {
+                                continue;
+                            };
+                            group.members.retain(|m| *m != del.id);
+                            group.version += 1;
+                            focus_t
+                                .insert(group.id.as_str(), group.encode_to_vec().as_slice())
+                                .map_err(db)?;
+                            append_outbox(&mut outbox, &mut next_seq, group, false, origin)?;
+                        }
                         versions.push(0);
                         append_outbox(&mut outbox, &mut next_seq, last, true, origin)?;
                     }
@@ -599,6 +649,12 @@ impl Store {
                                 if !group.members.contains(&shadow.focus_id) {
                                     group.members.push(shadow.focus_id.clone());
                                 }
+                                member_of
+                                    .insert(
+                                        format!("{}\0{}", shadow.focus_id, group.id).as_str(),
+                                        (),
+                                    )
+                                    .map_err(db)?;
                                 group.version += 1;
                                 focus_t
                                     .insert(group.id.as_str(), group.encode_to_vec().as_slice())
@@ -987,6 +1043,19 @@ mod tests {
         s.commit(&[put(&bob, 0)], "hr").unwrap();
         assert_eq!(s.get_focus("g3").unwrap().unwrap().members, ["f3"]);
         assert_eq!(s.resolve_members(&[by_uid]).unwrap(), ["f3"]);
+
+        // A deleted member leaves every group it was in, in the same commit.
+        s.commit(&[put_focus(user("f2", "will"), 0)], "").unwrap();
+        let del = v1::Operation {
+            op: Some(Op::DeleteFocus(v1::DeleteFocus {
+                id: "f2".into(),
+                expected_version: 1,
+            })),
+        };
+        s.commit(&[del], "hr").unwrap();
+        assert!(s.get_focus("g1").unwrap().unwrap().members.is_empty());
+        assert!(s.get_focus("g2").unwrap().unwrap().members.is_empty());
+        assert_eq!(s.get_focus("g3").unwrap().unwrap().members, ["f3"]);
     }
 
     #[test]
