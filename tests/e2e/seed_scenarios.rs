@@ -109,3 +109,71 @@ async fn creation_then_deletion_of_an_account() {
         .await;
     env.deployment.shutdown().await.unwrap();
 }
+
+/// An outbound mapping with the mapped range removes only what idsync set:
+/// a value added on the target by someone else stays.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_mapped_range_keeps_values_set_on_the_target() {
+    use std::collections::HashSet;
+    let mut config = idsync::dev::EXAMPLE_CONFIG.to_owned();
+    config = config.replacen(
+        "[[resources.inbound]]\nsource = \"sn\"",
+        "[[resources.inbound]]\nsource = \"mail\"\ntarget = \"mail\"\n\n[[resources.inbound]]\nsource = \"sn\"",
+        1,
+    );
+    config = config.replacen(
+        "[[resources.outbound]]\nvalue = \"Created by IDM\"",
+        "[[resources.outbound]]\nsource = \"mail\"\ntarget = \"mail\"\nstrength = \"strong\"\nrange = \"mapped\"\n\n[[resources.outbound]]\nvalue = \"Created by IDM\"",
+        1,
+    );
+    assert!(
+        config.contains("range = \"mapped\"")
+            && config.contains("source = \"mail\"\ntarget = \"mail\"\n\n")
+    );
+    let dir = tempfile::tempdir().unwrap();
+    let deployment = idsync::dev::Deployment::start_with(dir.path(), &config)
+        .await
+        .unwrap();
+    let env = Env::from(deployment, dir);
+    env.user_where("jack", "synced", |u| links_to(u, "acme"))
+        .await;
+
+    let mut src = env.deployment.source.admin_conn().await.unwrap();
+    let jack = person_dn("jack");
+    src.modify(
+        &jack,
+        vec![ldap3::Mod::Replace("mail", HashSet::from(["jack@hr"]))],
+    )
+    .await
+    .unwrap()
+    .success()
+    .unwrap();
+    env.target_where("cn=jack,o=Acme", "mail from hr", |e| {
+        e.is_some_and(|e| e.get("mail") == Some(&set(&["jack@hr"])))
+    })
+    .await;
+    // Someone adds a mail on the target directly.
+    let mut tgt = env.deployment.target.admin_conn().await.unwrap();
+    tgt.modify(
+        "cn=jack,o=Acme",
+        vec![ldap3::Mod::Add("mail", HashSet::from(["sparrow@acme"]))],
+    )
+    .await
+    .unwrap()
+    .success()
+    .unwrap();
+    // The source's mail changes: idsync replaces its own value and keeps the other.
+    src.modify(
+        &jack,
+        vec![ldap3::Mod::Replace("mail", HashSet::from(["captain@hr"]))],
+    )
+    .await
+    .unwrap()
+    .success()
+    .unwrap();
+    env.target_where("cn=jack,o=Acme", "hr's mail replaced, acme's kept", |e| {
+        e.is_some_and(|e| e.get("mail") == Some(&set(&["sparrow@acme", "captain@hr"])))
+    })
+    .await;
+    env.deployment.shutdown().await.unwrap();
+}

@@ -388,14 +388,6 @@ impl Config {
                     }
                 }
             }
-            for (j, m) in r.outbound.iter().enumerate() {
-                if m.range == Range::Mapped {
-                    err(
-                        format!("{at}.outbound[{j}].range"),
-                        "range = \"mapped\" is not supported on outbound mappings yet".into(),
-                    );
-                }
-            }
             if !r.outbound.is_empty() {
                 match &r.dn_template {
                     None => err(

@@ -5,7 +5,7 @@
 use std::collections::{BTreeMap, BTreeSet};
 
 use crate::CoreError;
-use crate::config::{Config, ResourceConfig, Strength};
+use crate::config::{Config, Range, ResourceConfig, Strength};
 use crate::mapping::{Template, applies, dedup_in_order, escape_dn_value, evaluate};
 use crate::model::{Attrs, Focus, FocusStatus};
 
@@ -18,6 +18,10 @@ pub struct Account {
     pub attributes: Attrs,
     /// The strongest strength of the mappings that feed each mapped attribute.
     pub strengths: BTreeMap<String, Strength>,
+    /// What the mappings with the `mapped` range produce, by attribute: the
+    /// values idsync owns there. The account's shadow keeps the previous
+    /// output, so that only values idsync set are ever removed.
+    pub produced: Attrs,
 }
 
 /// Resources on which `focus` should have an account: those it is assigned to,
@@ -73,8 +77,12 @@ pub fn desired_account(resource: &ResourceConfig, focus: &Focus) -> Result<Accou
     let mut attributes = Attrs::new();
     let mut strengths = BTreeMap::new();
     attributes.insert("objectclass".into(), resource.object_classes.clone());
-    for (name, (strength, values)) in mapped_values(resource, focus)? {
+    let mut produced = Attrs::new();
+    for (name, (strength, values, ranged)) in mapped_values(resource, focus)? {
         strengths.insert(name.clone(), strength);
+        if ranged {
+            produced.insert(name.clone(), values.clone());
+        }
         if !values.is_empty() {
             attributes.insert(name, values);
         }
@@ -85,17 +93,41 @@ pub fn desired_account(resource: &ResourceConfig, focus: &Focus) -> Result<Accou
         rdn,
         attributes,
         strengths,
+        produced,
     })
 }
 
 /// Replace-modifications (attribute, new values; empty = remove) that bring
 /// `current` (the account as read, lower-cased names) in line with `desired`,
 /// by each mapping's strength. Weak mappings only fill empty attributes.
-pub fn modifications(desired: &Account, current: &Attrs) -> Vec<(String, Vec<String>)> {
+/// `previous` is what the mapped-range mappings produced last time (kept on
+/// the account's shadow): of those attributes only values idsync set are
+/// removed, and values from elsewhere stay.
+pub fn modifications(
+    desired: &Account,
+    current: &Attrs,
+    previous: &Attrs,
+) -> Vec<(String, Vec<String>)> {
     let mut out = Vec::new();
     for (name, strength) in &desired.strengths {
-        let want = desired.attributes.get(name).cloned().unwrap_or_default();
         let have = current.get(name).cloned().unwrap_or_default();
+        let want = match desired.produced.get(name) {
+            Some(produced) => {
+                let before = previous.get(name).cloned().unwrap_or_default();
+                let mut next: Vec<String> = have
+                    .iter()
+                    .filter(|v| produced.contains(v) || !before.contains(v))
+                    .cloned()
+                    .collect();
+                for v in produced {
+                    if !next.contains(v) {
+                        next.push(v.clone());
+                    }
+                }
+                next
+            }
+            None => desired.attributes.get(name).cloned().unwrap_or_default(),
+        };
         let differs = want.iter().collect::<BTreeSet<_>>() != have.iter().collect::<BTreeSet<_>>();
         let write = match strength {
             Strength::Weak => have.is_empty() && !want.is_empty(),
@@ -108,12 +140,15 @@ pub fn modifications(desired: &Account, current: &Attrs) -> Vec<(String, Vec<Str
     out
 }
 
-/// Values of every outbound target, with the strongest strength of the
-/// mappings that feed it.
+/// One outbound target: the strongest strength of the mappings that feed it,
+/// their values, and whether any of them has the `mapped` range.
+type Target = (Strength, Vec<String>, bool);
+
+/// Every outbound target's values.
 fn mapped_values(
     resource: &ResourceConfig,
     focus: &Focus,
-) -> Result<BTreeMap<String, (Strength, Vec<String>)>, CoreError> {
+) -> Result<BTreeMap<String, Target>, CoreError> {
     let lookup = |name: &str| focus.attributes.get(name).cloned().unwrap_or_default();
     let all = || {
         focus
@@ -122,17 +157,17 @@ fn mapped_values(
             .map(|(k, v)| (k.clone(), v.clone()))
             .collect()
     };
-    let mut out: BTreeMap<String, (Strength, Vec<String>)> = BTreeMap::new();
+    let mut out: BTreeMap<String, Target> = BTreeMap::new();
     for m in &resource.outbound {
+        let entry =
+            out.entry(m.target.to_ascii_lowercase())
+                .or_insert((m.strength, Vec::new(), false));
+        entry.0 = stronger(entry.0, m.strength);
+        entry.2 |= m.range == Range::Mapped;
         if !applies(m, &lookup, &all)? {
             continue;
         }
-        let values = evaluate(m, &lookup, &all)?;
-        let entry = out
-            .entry(m.target.to_ascii_lowercase())
-            .or_insert((m.strength, Vec::new()));
-        entry.0 = stronger(entry.0, m.strength);
-        entry.1.extend(values);
+        entry.1.extend(evaluate(m, &lookup, &all)?);
         dedup_in_order(&mut entry.1);
     }
     Ok(out)
@@ -156,8 +191,12 @@ fn keep_rdn(rdn: &(String, String), attributes: &mut Attrs) {
 }
 
 /// As [`modifications`], with the RDN value kept in the naming attribute.
-pub fn account_modifications(desired: &Account, current: &Attrs) -> Vec<(String, Vec<String>)> {
-    let mut mods = modifications(desired, current);
+pub fn account_modifications(
+    desired: &Account,
+    current: &Attrs,
+    previous: &Attrs,
+) -> Vec<(String, Vec<String>)> {
+    let mut mods = modifications(desired, current, previous);
     for (name, values) in &mut mods {
         if *name == desired.rdn.0 {
             let mut attrs = Attrs::from([(name.clone(), std::mem::take(values))]);
@@ -225,7 +264,7 @@ mod tests {
             .attributes
             .insert("fullName".into(), vec!["cpt. Will Turner".into()]);
         let desired = desired_account(r, &focus).unwrap();
-        let mods = account_modifications(&desired, &current);
+        let mods = account_modifications(&desired, &current, &Attrs::new());
         assert_eq!(
             mods,
             vec![(
@@ -233,7 +272,7 @@ mod tests {
                 vec!["will".to_owned(), "cpt. Will Turner".to_owned()]
             )]
         );
-        assert!(account_modifications(&desired, &desired.attributes).is_empty());
+        assert!(account_modifications(&desired, &desired.attributes, &Attrs::new()).is_empty());
     }
 
     #[test]
@@ -251,6 +290,43 @@ mod tests {
             desired_account(r, &focus),
             Err(CoreError::MissingValue { .. })
         ));
+    }
+
+    #[test]
+    fn a_mapped_range_outbound_removes_only_what_idsync_set() {
+        use crate::config::Mapping;
+        let (mut cfg, mut focus) = setup();
+        let r = cfg.resources.iter_mut().find(|r| r.name == "acme").unwrap();
+        r.outbound.push(Mapping {
+            source: Some("mail".into()),
+            value: None,
+            template: None,
+            expression: None,
+            condition: None,
+            target: "mail".into(),
+            strength: Strength::Strong,
+            range: Range::Mapped,
+        });
+        let r = cfg.resource("acme").unwrap();
+        focus
+            .attributes
+            .insert("mail".into(), vec!["new@idm".into()]);
+        let desired = desired_account(r, &focus).unwrap();
+        assert_eq!(desired.produced["mail"], vec!["new@idm"]);
+        let mut current = desired.attributes.clone();
+        current.insert("mail".into(), vec!["local@acme".into(), "old@idm".into()]);
+        let previous = Attrs::from([("mail".to_owned(), vec!["old@idm".to_owned()])]);
+        let mods = account_modifications(&desired, &current, &previous);
+        assert_eq!(
+            mods,
+            vec![(
+                "mail".to_owned(),
+                vec!["local@acme".to_owned(), "new@idm".to_owned()]
+            )]
+        );
+        // Once written, nothing more to do.
+        current.insert("mail".into(), mods[0].1.clone());
+        assert!(account_modifications(&desired, &current, &desired.produced).is_empty());
     }
 
     #[test]

@@ -10,7 +10,7 @@ use std::sync::Arc;
 use idsync_bus::worker::{Handling, Message, Source, backoff, run_worker};
 use idsync_bus::{Bus, BusError, names};
 use idsync_core::config::{Config, ResourceConfig};
-use idsync_core::model::{Focus, Link, Op, Shadow};
+use idsync_core::model::{Attrs, Focus, Link, Op, Shadow};
 use idsync_core::outbound::{account_modifications, desired_account, wanted_resources};
 use idsync_idm_client::{IdmClient, IdmError};
 use idsync_ldap::{Connection, Directory, LdapError, Pool};
@@ -183,7 +183,9 @@ async fn create(
             Err(LdapError::AlreadyExists { .. }) => {
                 tracing::info!(resource = %resource.name, dn = %account.dn, "account exists already; linking it");
                 if let Some(existing) = dir.read(&account.dn).await? {
-                    let mods = account_modifications(&account, &existing.attributes);
+                    // What idsync set on an account it did not know is unknown:
+                    // a mapped range removes nothing there.
+                    let mods = account_modifications(&account, &existing.attributes, &Attrs::new());
                     if !mods.is_empty() {
                         dir.replace(&account.dn, &mods).await?;
                     }
@@ -209,6 +211,7 @@ async fn create(
         focus_id: Some(focus.id.clone()),
         position: focus.version,
         situation: "linked".into(),
+        attributes: account.produced.clone(),
         ..existing.clone().unwrap_or_default()
     };
     let mut linked = focus.clone();
@@ -242,11 +245,21 @@ async fn update(
     if account.dn != link.dn {
         tracing::warn!(resource = %resource.name, from = %link.dn, to = %account.dn, "account would be renamed; renames are not supported yet");
     }
+    // Mapped-range mappings need what they produced last time: the shadow has it.
+    let shadow = if account.produced.is_empty() {
+        None
+    } else {
+        idm.get_shadow(&resource.name, &link.entry_uuid).await?
+    };
+    let previous = shadow
+        .as_ref()
+        .map(|s| s.attributes.clone())
+        .unwrap_or_default();
     let changed = with_dir(targets, resource, async |dir| {
         let Some(current) = dir.read(&link.dn).await? else {
             return Ok(None);
         };
-        let mods = account_modifications(&account, &current.attributes);
+        let mods = account_modifications(&account, &current.attributes, &previous);
         if !mods.is_empty() {
             dir.replace(&link.dn, &mods).await?;
         }
@@ -269,10 +282,29 @@ async fn update(
             )
             .await
         }
-        Some(0) => Ok(()),
         Some(n) => {
-            tracing::info!(resource = %resource.name, dn = %link.dn, attributes = n, "account modified");
-            Ok(())
+            if n > 0 {
+                tracing::info!(resource = %resource.name, dn = %link.dn, attributes = n, "account modified");
+            }
+            match shadow {
+                Some(s) if s.attributes != account.produced => {
+                    let expected_version = s.version;
+                    let next = Shadow {
+                        attributes: account.produced.clone(),
+                        ..s
+                    };
+                    commit(
+                        idm,
+                        vec![Op::PutShadow {
+                            shadow: next,
+                            expected_version,
+                        }],
+                        &resource.name,
+                    )
+                    .await
+                }
+                _ => Ok(()),
+            }
         }
     }
 }
