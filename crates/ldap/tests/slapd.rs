@@ -641,6 +641,24 @@ async fn starttls_with_the_servers_ca_works_and_without_it_is_refused() {
     assert!(err.contains(slapd.url()), "{err}");
     assert!(!err.contains(slapd.admin_password()), "{err}");
 
+    // ldaps:// with the same CA.
+    let ldaps = Connection {
+        url: slapd.ldaps_url().unwrap(),
+        tls: idsync_ldap::Tls {
+            starttls: false,
+            ca_file: Some(ca.clone()),
+        },
+        ..connection(&slapd)
+    };
+    let mut dir = Directory::connect(&ldaps).await.unwrap();
+    assert!(
+        dir.read(&format!("uid=jack,ou=people,{SUFFIX}"))
+            .await
+            .unwrap()
+            .is_some()
+    );
+    dir.close().await.unwrap();
+
     // A CA file that is not there is named.
     let missing = Connection {
         tls: idsync_ldap::Tls {

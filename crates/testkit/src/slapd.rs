@@ -57,6 +57,8 @@ impl fmt::Debug for SlapdOptions {
 pub struct Slapd {
     child: Option<Child>,
     port: u16,
+    /// The `ldaps://` port of a directory with certificates.
+    ldaps_port: Option<u16>,
     url: String,
     suffix: String,
     admin_dn: String,
@@ -144,6 +146,7 @@ impl Slapd {
         let mut slapd = Self {
             child: None,
             port: 0,
+            ldaps_port: None,
             url: String::new(),
             admin_dn: admin_dn(&opts.suffix),
             suffix: opts.suffix,
@@ -212,6 +215,11 @@ impl Slapd {
         }
     }
 
+    /// `ldaps://127.0.0.1:PORT` of a directory started with certificates.
+    pub fn ldaps_url(&self) -> Option<String> {
+        self.ldaps_port.map(|p| format!("ldaps://127.0.0.1:{p}"))
+    }
+
     /// A connection bound as the root DN, for tests to change entries.
     ///
     /// # Errors
@@ -247,6 +255,7 @@ impl Slapd {
                 Spawned::Ready => return Ok(()),
                 Spawned::PortInUse(tail) => {
                     tracing::debug!(port, "slapd port taken; trying another");
+                    self.ldaps_port = None;
                     last_tail = tail;
                 }
             }
@@ -263,6 +272,16 @@ impl Slapd {
     async fn spawn_on(&mut self, port: u16) -> Result<Spawned, TestkitError> {
         let binary = require_binary(SLAPD)?;
         let url = format!("ldap://127.0.0.1:{port}/");
+        let mut listen = url.clone();
+        // With certificates, an ldaps:// listener too (StartTLS works on ldap://).
+        if self.dir.join(TLS_DIR).join("server.pem").exists() {
+            let tls_port = match self.ldaps_port {
+                Some(p) => p,
+                None => free_port()?,
+            };
+            self.ldaps_port = Some(tls_port);
+            listen.push_str(&format!(" ldaps://127.0.0.1:{tls_port}/"));
+        }
         let config_dir = self.dir.join(CONFIG_DIR);
         let pid_file = self.dir.join(PID_FILE);
         let log = self.dir.join(LOG_FILE);
@@ -272,7 +291,7 @@ impl Slapd {
         // `-d 0` it still prints its errors (bind failures, bad config) to stderr.
         let child = Command::new(&binary)
             .arg("-h")
-            .arg(&url)
+            .arg(&listen)
             .arg("-F")
             .arg(&config_dir)
             .arg("-d")
@@ -285,7 +304,7 @@ impl Slapd {
             .map_err(|e| {
                 TestkitError::io(
                     format!(
-                        "start {} -h {url} -F {}",
+                        "start {} -h {listen} -F {}",
                         binary.display(),
                         config_dir.display()
                     ),
