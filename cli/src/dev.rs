@@ -69,7 +69,8 @@ impl Deployment {
 
     /// As [`Deployment::start`], running `config_text` (TOML) instead of the
     /// example; its URLs, passwords and IDM address are replaced by the
-    /// deployment's own, for the resources named `hr` (source) and `acme` (target).
+    /// deployment's own: resources named `hr` or `hr-…` (account types of the
+    /// source) are on the source directory, all others on the target.
     ///
     /// # Errors
     /// As [`Deployment::start`], and an invalid configuration.
@@ -112,10 +113,14 @@ impl Deployment {
         config.idm.url = format!("http://127.0.0.1:{idm_port}");
         config.idm.data_dir = dir.join("idm").display().to_string();
         for r in &mut config.resources {
-            let server = if r.name == "hr" { &source } else { &target };
+            // Resources named hr… (account types of the source) are on the
+            // source directory; the others on the target.
+            let on_source = r.name == "hr" || r.name.starts_with("hr-");
+            let server = if on_source { &source } else { &target };
+            let secret_name = if on_source { "hr" } else { "acme" };
             r.url = server.url().to_owned();
             r.bind_password_env = None;
-            r.bind_password_file = Some(secrets.join(&r.name).display().to_string());
+            r.bind_password_file = Some(secrets.join(secret_name).display().to_string());
         }
         let text = toml_string(&config)?;
         std::fs::write(dir.join("idsync.toml"), text)?;

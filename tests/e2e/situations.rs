@@ -332,3 +332,109 @@ async fn unmatched_accounts_can_be_disabled_or_deleted_on_the_source() {
     );
     env.deployment.shutdown().await.unwrap();
 }
+
+/// Account types (midPoint's intents) are resources of their own over the
+/// same directory: here admin accounts under ou=admins, linked to the users
+/// their cn names. Each type has its own sync session, shadows and link.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_second_account_type_on_the_same_directory_links_to_the_same_user() {
+    let admins = r#"
+[[resources]]
+name = "hr-admins"
+url = "ldap://127.0.0.1:389"
+bind_dn = "cn=admin,dc=example,dc=com"
+bind_password_env = "IDSYNC_HR_PASSWORD"
+base_dn = "ou=admins,dc=example,dc=com"
+filter = "(objectClass=inetOrgPerson)"
+live_sync = true
+
+[[resources.inbound]]
+source = "description"
+target = "adminNote"
+
+[[resources.correlation]]
+conditions = [{ focus_attribute = "name", source = "cn" }]
+
+[resources.reactions]
+linked = { action = "synchronize" }
+unlinked = { action = "link" }
+unmatched = { action = "nothing" }
+deleted = { action = "unlink" }
+"#;
+    let config = idsync::dev::EXAMPLE_CONFIG.replacen(
+        "[[resources]]\nname = \"acme\"",
+        &format!("{admins}\n[[resources]]\nname = \"acme\""),
+        1,
+    );
+    assert!(config.contains("hr-admins"));
+    let dir = tempfile::tempdir().unwrap();
+    let deployment = idsync::dev::Deployment::start_with(dir.path(), &config)
+        .await
+        .unwrap();
+    let env = Env::from(deployment, dir);
+    env.user_where("jack", "synced", |u| links_to(u, "acme"))
+        .await;
+
+    let mut ldap = env.deployment.source.admin_conn().await.unwrap();
+    let ou = "ou=admins,dc=example,dc=com";
+    ldap.add(
+        ou,
+        vec![
+            (
+                "objectClass",
+                std::collections::HashSet::from(["organizationalUnit"]),
+            ),
+            ("ou", std::collections::HashSet::from(["admins"])),
+        ],
+    )
+    .await
+    .unwrap()
+    .success()
+    .unwrap();
+    ldap.add(
+        &format!("uid=adm-jack,{ou}"),
+        vec![
+            (
+                "objectClass",
+                std::collections::HashSet::from(["inetOrgPerson"]),
+            ),
+            ("uid", std::collections::HashSet::from(["adm-jack"])),
+            ("cn", std::collections::HashSet::from(["jack"])),
+            ("sn", std::collections::HashSet::from(["Sparrow"])),
+            (
+                "description",
+                std::collections::HashSet::from(["captain's admin account"]),
+            ),
+        ],
+    )
+    .await
+    .unwrap()
+    .success()
+    .unwrap();
+
+    let jack = env
+        .user_where("jack", "linked to his admin account too", |u| {
+            links_to(u, "hr-admins")
+        })
+        .await;
+    assert!(links_to(&jack, "hr") && links_to(&jack, "acme"), "{jack:?}");
+    assert_eq!(jack.first("adminNote"), Some("captain's admin account"));
+    assert_eq!(
+        jack.first("fullName"),
+        Some("Jack Sparrow"),
+        "the admin type maps only what it owns"
+    );
+    // Deleting the admin account unlinks it; the user stays.
+    ldap.delete(&format!("uid=adm-jack,{ou}"))
+        .await
+        .unwrap()
+        .success()
+        .unwrap();
+    let jack = env
+        .user_where("jack", "admin account unlinked", |u| {
+            !links_to(u, "hr-admins")
+        })
+        .await;
+    assert!(links_to(&jack, "hr"));
+    env.deployment.shutdown().await.unwrap();
+}
