@@ -192,22 +192,6 @@ impl IdmClient {
             .collect())
     }
 
-    /// Groups waiting for `member`'s account.
-    pub async fn find_pending_groups(&self, member: &MemberRef) -> Result<Vec<Focus>, IdmError> {
-        let req = v1::MemberRef {
-            resource: member.resource.clone(),
-            dn: member.dn.clone(),
-            uid: member.uid.clone(),
-        };
-        let list = self
-            .raw
-            .clone()
-            .find_pending_groups(req)
-            .await?
-            .into_inner();
-        Ok(list.items.into_iter().map(Focus::from).collect())
-    }
-
     /// Open correlation cases (disputed, unlinked, live shadows).
     pub async fn list_cases(&self) -> Result<Vec<Shadow>, IdmError> {
         let req = v1::ListCasesRequest { limit: 10_000 };

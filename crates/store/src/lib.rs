@@ -365,7 +365,8 @@ impl Store {
         Ok(out)
     }
 
-    /// Groups that list `member` among their pending members.
+    #[cfg(test)]
+    /// Groups that list `member` among their pending members (for tests of the index).
     pub fn find_pending_groups(
         &self,
         member: &v1::MemberRef,

@@ -194,17 +194,6 @@ impl Idm for IdmService {
         Ok(Response::new(v1::ResolveMembersResponse { focus_ids }))
     }
 
-    async fn find_pending_groups(
-        &self,
-        req: Request<v1::MemberRef>,
-    ) -> Result<Response<v1::FocusList>, Status> {
-        let member = req.into_inner();
-        let items = self
-            .blocking(move |s| s.find_pending_groups(&member))
-            .await?;
-        Ok(Response::new(v1::FocusList { items }))
-    }
-
     async fn list_cases(
         &self,
         req: Request<v1::ListCasesRequest>,
