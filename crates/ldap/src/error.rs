@@ -78,6 +78,13 @@ pub enum LdapError {
         reason: String,
     },
 
+    /// A [`crate::Pool`] was asked for a resource it has no connection for.
+    #[error("no LDAP connection is configured for resource {resource:?}")]
+    NotConfigured {
+        /// The resource name.
+        resource: String,
+    },
+
     /// The connection is gone (closed by the server or the network).
     #[error("connection to {url} closed")]
     Closed {

@@ -2,6 +2,7 @@
 //! after a transport error so that the next use reconnects.
 
 use std::collections::HashMap;
+use std::collections::hash_map::Entry;
 
 use tokio::sync::Mutex;
 
@@ -32,30 +33,27 @@ impl Pool {
     /// Runs `op` on the resource's directory, connecting first if need be.
     ///
     /// # Errors
-    /// [`LdapError::Closed`] naming the resource when it was never added; else
+    /// [`LdapError::NotConfigured`] when the resource was never added; else
     /// what connecting or `op` returned.
     pub async fn with<T>(
         &self,
         resource: &str,
         op: impl AsyncFnOnce(&mut Directory) -> Result<T, LdapError>,
     ) -> Result<T, LdapError> {
+        let (conn, id_attribute) =
+            self.connections
+                .get(resource)
+                .ok_or_else(|| LdapError::NotConfigured {
+                    resource: resource.to_owned(),
+                })?;
         let mut open = self.open.lock().await;
-        if !open.contains_key(resource) {
-            let (conn, id_attribute) =
-                self.connections
-                    .get(resource)
-                    .ok_or_else(|| LdapError::Closed {
-                        url: format!("(no connection configured for resource {resource})"),
-                    })?;
-            let dir = Directory::connect(conn)
-                .await?
-                .with_id_attribute(id_attribute);
-            open.insert(resource.to_owned(), dir);
-        }
-        let Some(dir) = open.get_mut(resource) else {
-            return Err(LdapError::Closed {
-                url: format!("(resource {resource})"),
-            });
+        let dir = match open.entry(resource.to_owned()) {
+            Entry::Occupied(e) => e.into_mut(),
+            Entry::Vacant(e) => e.insert(
+                Directory::connect(conn)
+                    .await?
+                    .with_id_attribute(id_attribute),
+            ),
         };
         let result = op(dir).await;
         if matches!(
@@ -71,5 +69,22 @@ impl Pool {
 impl Default for Pool {
     fn default() -> Self {
         Self::new()
+    }
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn an_unknown_resource_is_named_and_not_retried_as_an_outage() {
+        let pool = Pool::new();
+        let err = pool.with("hr", async |_dir| Ok(())).await.unwrap_err();
+        assert!(matches!(err, LdapError::NotConfigured { ref resource } if resource == "hr"));
+        assert_eq!(
+            err.to_string(),
+            "no LDAP connection is configured for resource \"hr\""
+        );
     }
 }
