@@ -258,7 +258,7 @@ impl Condition {
     pub fn sources(&self) -> Vec<String> {
         match (&self.source, &self.expression) {
             (Some(s), _) => vec![s.clone()],
-            (None, Some(e)) => crate::expression::Expression::compile(e)
+            (None, Some(e)) => crate::expression::compiled(e)
                 .map(|e| e.variables().to_vec())
                 .unwrap_or_default(),
             (None, None) => Vec::new(),
@@ -268,7 +268,7 @@ impl Condition {
     fn check(&self) -> Result<(), String> {
         match (&self.source, &self.expression) {
             (Some(_), None) => Ok(()),
-            (None, Some(e)) => crate::expression::Expression::compile(e)
+            (None, Some(e)) => crate::expression::compiled(e)
                 .map(drop)
                 .map_err(|reason| format!("expression {e:?} {reason}")),
             _ => Err("set exactly one of source or expression".into()),
@@ -481,12 +481,11 @@ impl Mapping {
             return Err("exactly one of source, value, template or expression must be set".into());
         }
         if let Some(e) = &self.expression {
-            crate::expression::Expression::compile(e)
+            crate::expression::compiled(e)
                 .map_err(|reason| format!("expression {e:?} {reason}"))?;
         }
         if let Some(c) = &self.condition {
-            crate::expression::Expression::compile(c)
-                .map_err(|reason| format!("condition {c:?} {reason}"))?;
+            crate::expression::compiled(c).map_err(|reason| format!("condition {c:?} {reason}"))?;
         }
         if self.target.is_empty() {
             return Err("target is empty".into());
@@ -500,7 +499,7 @@ impl Mapping {
     /// Attributes this mapping reads, its condition's included.
     pub fn sources(&self) -> Vec<String> {
         let compiled = |e: &str| {
-            crate::expression::Expression::compile(e)
+            crate::expression::compiled(e)
                 .map(|e| e.variables().to_vec())
                 .unwrap_or_default()
         };

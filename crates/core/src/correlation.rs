@@ -5,7 +5,6 @@ use crate::CoreError;
 use std::collections::HashMap;
 
 use crate::config::{Condition, CorrelationRule};
-use crate::expression::Expression;
 use crate::inbound::utf8_values;
 use crate::model::{Focus, SourceChange};
 
@@ -40,7 +39,7 @@ pub fn query(change: &SourceChange, conditions: &[Condition]) -> Result<Option<Q
                     expression: text.clone(),
                     reason,
                 };
-                Expression::compile(text)
+                crate::expression::compiled(text)
                     .map_err(fail)?
                     .eval(&lookup, &HashMap::new)
                     .map_err(fail)?

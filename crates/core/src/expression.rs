@@ -8,7 +8,7 @@
 //! strings, a number or a boolean (written as text), or `null` for no value.
 
 use std::collections::HashMap;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex, OnceLock};
 
 use cel::objects::Value;
 use cel::{Context, Program};
@@ -18,6 +18,30 @@ pub const MAX_LENGTH: usize = 2048;
 
 /// The variable that holds every attribute's list of values.
 pub const ALL: &str = "all";
+
+/// Compiled expressions kept at most; a configuration holds far fewer.
+const CACHE_LIMIT: usize = 4096;
+
+/// The compiled form of `text`, compiled once per process: mappings are
+/// evaluated for every change, and compiling is the expensive part.
+///
+/// # Errors
+/// As [`Expression::compile`] (failures are not kept).
+pub fn compiled(text: &str) -> Result<Arc<Expression>, String> {
+    static CACHE: OnceLock<Mutex<HashMap<String, Arc<Expression>>>> = OnceLock::new();
+    let cache = CACHE.get_or_init(Mutex::default);
+    if let Some(found) = cache.lock().ok().and_then(|c| c.get(text).cloned()) {
+        return Ok(found);
+    }
+    let expression = Arc::new(Expression::compile(text)?);
+    if let Ok(mut c) = cache.lock() {
+        if c.len() >= CACHE_LIMIT {
+            c.clear();
+        }
+        c.insert(text.to_owned(), expression.clone());
+    }
+    Ok(expression)
+}
 
 /// A compiled expression.
 #[derive(Debug)]
@@ -180,6 +204,14 @@ mod tests {
         );
         assert_eq!(run("size(all['mail'])", attrs).unwrap(), ["2"]);
         assert!(run("title", attrs).unwrap().is_empty());
+    }
+
+    #[test]
+    fn compiled_once_and_shared() {
+        let a = compiled("uid + '!'").unwrap();
+        let b = compiled("uid + '!'").unwrap();
+        assert!(Arc::ptr_eq(&a, &b));
+        assert!(compiled("uid +").is_err());
     }
 
     #[test]

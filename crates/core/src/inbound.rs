@@ -459,7 +459,7 @@ fn apply_inbound(
 fn reads_all(m: &Mapping) -> bool {
     m.expression
         .as_deref()
-        .and_then(|e| crate::expression::Expression::compile(e).ok())
+        .and_then(|e| crate::expression::compiled(e).ok())
         .is_some_and(|e| e.reads_all())
 }
 

@@ -7,7 +7,6 @@ use std::collections::HashMap;
 
 use crate::CoreError;
 use crate::config::{Mapping, Range, Strength};
-use crate::expression::Expression;
 use crate::model::Attrs;
 
 /// A string template with `{attribute}` placeholders; `{{` and `}}` are literal braces.
@@ -148,7 +147,7 @@ pub fn evaluate(
             expression: text.clone(),
             reason,
         };
-        let e = Expression::compile(text).map_err(fail)?;
+        let e = crate::expression::compiled(text).map_err(fail)?;
         return e.eval(lookup, all).map_err(fail);
     }
     Ok(evaluate_template(mapping, lookup))
@@ -171,7 +170,7 @@ pub fn applies(
         expression: text.clone(),
         reason,
     };
-    Expression::compile(text)
+    crate::expression::compiled(text)
         .map_err(fail)?
         .eval_bool(lookup, all)
         .map_err(fail)
