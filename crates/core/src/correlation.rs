@@ -64,21 +64,19 @@ pub fn matches(focus: &Focus, query: &[(String, String)]) -> bool {
     })
 }
 
-/// Narrows `candidates` (the result of the rule's first condition) to those
-/// that satisfy all its conditions, then — if several remain — to those that
-/// its confirmation accepts.
+/// Narrows `candidates` (the IDM's answer to the first pair of `all`, the
+/// rule's [`query`]) to those that satisfy all its conditions, then — if
+/// several remain — to those that its confirmation accepts.
 ///
 /// # Errors
 /// A source value that is not UTF-8.
 pub fn narrow(
     rule: &CorrelationRule,
     change: &SourceChange,
+    all: &[(String, String)],
     mut candidates: Vec<Focus>,
 ) -> Result<Vec<Focus>, CoreError> {
-    let Some(all) = query(change, &rule.conditions)? else {
-        return Ok(Vec::new());
-    };
-    candidates.retain(|f| matches(f, &all));
+    candidates.retain(|f| matches(f, all));
     if candidates.len() > 1 && !rule.confirmation.is_empty() {
         // An entry without the confirming values confirms nobody.
         let confirm = query(change, &rule.confirmation)?.unwrap_or_default();
@@ -161,9 +159,11 @@ mod tests {
             confirmation: vec![],
         };
         let e = entry(&[("givenName", "Will"), ("sn", "Turner")]);
+        let all = query(&e, &rule.conditions).unwrap().unwrap();
         let found = narrow(
             &rule,
             &e,
+            &all,
             vec![
                 user("a", &[("givenName", "Will"), ("familyName", "Turner")]),
                 user("b", &[("givenName", "Will"), ("familyName", "Smith")]),
@@ -200,12 +200,20 @@ mod tests {
             &[("familyName", "Turner"), ("mail", "will@example.com")],
         );
         let b = user("b", &[("familyName", "Turner"), ("mail", "b@example.com")]);
-        let found = narrow(&rule, &e, vec![a.clone(), b.clone()]).unwrap();
+        let all = query(&e, &rule.conditions).unwrap().unwrap();
+        let found = narrow(&rule, &e, &all, vec![a.clone(), b.clone()]).unwrap();
         assert_eq!(found, vec![a]);
         // A single candidate is not second-guessed.
-        assert_eq!(narrow(&rule, &e, vec![b.clone()]).unwrap(), vec![b.clone()]);
+        assert_eq!(
+            narrow(&rule, &e, &all, vec![b.clone()]).unwrap(),
+            vec![b.clone()]
+        );
         // Without the confirming value, several candidates confirm nobody.
         let bare = entry(&[("sn", "Turner")]);
-        assert!(narrow(&rule, &bare, vec![b.clone(), b]).unwrap().is_empty());
+        assert!(
+            narrow(&rule, &bare, &all, vec![b.clone(), b])
+                .unwrap()
+                .is_empty()
+        );
     }
 }

@@ -258,18 +258,15 @@ pub async fn correlate(
     }
     if owner.is_none() && !change.is_delete() && !is_group {
         for rule in &resource.correlation {
-            let Some(first) = idsync_core::correlation::query(
-                change,
-                &rule.conditions[..1.min(rule.conditions.len())],
-            )?
-            else {
+            // A rule whose sources the entry lacks does not apply.
+            let Some(all) = idsync_core::correlation::query(change, &rule.conditions)? else {
                 continue;
             };
-            let Some((attribute, value)) = first.first() else {
+            let Some((attribute, value)) = all.first() else {
                 continue;
             };
             let found = idm.find_focus(KIND_USER, attribute, value).await?;
-            candidates = idsync_core::correlation::narrow(rule, change, found)?;
+            candidates = idsync_core::correlation::narrow(rule, change, &all, found)?;
             if !candidates.is_empty() {
                 break;
             }
