@@ -20,7 +20,7 @@ const FOCUS_NAME: TableDefinition<&str, &str> = TableDefinition::new("focus_name
 /// `<resource>\0<entry uuid>` → shadow.
 const SHADOW: TableDefinition<&str, &[u8]> = TableDefinition::new("shadow");
 /// `<resource>\0<member key>` → entry uuid, for live shadows (`dn:…`, `uid:…`).
-const SHADOW_DN: TableDefinition<&str, &str> = TableDefinition::new("shadow_member_key");
+const SHADOW_BY_MEMBER_KEY: TableDefinition<&str, &str> = TableDefinition::new("shadow_member_key");
 /// `<resource>\0<normalized member dn>\0<group id>` → (): groups waiting for a member.
 const PENDING: TableDefinition<&str, ()> = TableDefinition::new("pending_member");
 /// `<member focus id>\0<group id>` → (): the groups a focus is a member of.
@@ -69,6 +69,18 @@ fn decode<M: Message + Default>(bytes: &[u8]) -> Result<M, StoreError> {
     M::decode(bytes).map_err(|e| StoreError::Corrupt(e.to_string()))
 }
 
+/// The record stored under `key` in `table`, decoded.
+fn load<M: Message + Default>(
+    table: &impl ReadableTable<&'static str, &'static [u8]>,
+    key: &str,
+) -> Result<Option<M>, StoreError> {
+    table
+        .get(key)
+        .map_err(db)?
+        .map(|v| decode(v.value()))
+        .transpose()
+}
+
 /// Appends the change of `focus` to the outbox under the next sequence.
 fn append_outbox(
     outbox: &mut redb::Table<u64, &[u8]>,
@@ -100,17 +112,13 @@ fn shadow_key(resource: &str, entry_uuid: &str) -> String {
 /// shadow to its members.
 fn resolve_pending(
     group: &mut v1::Focus,
-    shadow_dns: &redb::Table<&str, &str>,
+    by_member_key: &redb::Table<&str, &str>,
     shadows: &redb::Table<&str, &[u8]>,
 ) -> Result<(), StoreError> {
     let mut still = Vec::new();
     for m in std::mem::take(&mut group.pending_members) {
-        let owner = match shadow_dns.get(ref_key(&m).as_str()).map_err(db)? {
-            Some(uuid) => shadows
-                .get(shadow_key(&m.resource, uuid.value()).as_str())
-                .map_err(db)?
-                .map(|v| decode::<v1::Shadow>(v.value()))
-                .transpose()?
+        let owner = match by_member_key.get(ref_key(&m).as_str()).map_err(db)? {
+            Some(uuid) => load::<v1::Shadow>(shadows, &shadow_key(&m.resource, uuid.value()))?
                 .filter(|s| !s.dead && !s.focus_id.is_empty())
                 .map(|s| s.focus_id),
             None => None,
@@ -197,7 +205,7 @@ impl Store {
             txn.open_table(FOCUS).map_err(db)?;
             txn.open_table(FOCUS_NAME).map_err(db)?;
             txn.open_table(SHADOW).map_err(db)?;
-            txn.open_table(SHADOW_DN).map_err(db)?;
+            txn.open_table(SHADOW_BY_MEMBER_KEY).map_err(db)?;
             txn.open_table(PENDING).map_err(db)?;
             txn.open_table(MEMBER_OF).map_err(db)?;
             txn.open_table(OUTBOX).map_err(db)?;
@@ -229,11 +237,7 @@ impl Store {
     pub fn get_focus(&self, id: &str) -> Result<Option<v1::Focus>, StoreError> {
         let txn = self.db.begin_read().map_err(db)?;
         let table = txn.open_table(FOCUS).map_err(db)?;
-        table
-            .get(id)
-            .map_err(db)?
-            .map(|v| decode(v.value()))
-            .transpose()
+        load(&table, id)
     }
 
     /// Focus objects of `kind` whose `attribute` holds `value`. `name` is
@@ -252,13 +256,7 @@ impl Store {
                 return Ok(Vec::new());
             };
             let id = id.value().to_owned();
-            return Ok(focus
-                .get(id.as_str())
-                .map_err(db)?
-                .map(|v| decode(v.value()))
-                .transpose()?
-                .into_iter()
-                .collect());
+            return Ok(load(&focus, &id)?.into_iter().collect());
         }
         let mut out = Vec::new();
         for row in focus.iter().map_err(db)? {
@@ -308,11 +306,7 @@ impl Store {
     ) -> Result<Option<v1::Shadow>, StoreError> {
         let txn = self.db.begin_read().map_err(db)?;
         let table = txn.open_table(SHADOW).map_err(db)?;
-        table
-            .get(shadow_key(resource, entry_uuid).as_str())
-            .map_err(db)?
-            .map(|v| decode(v.value()))
-            .transpose()
+        load(&table, &shadow_key(resource, entry_uuid))
     }
 
     /// Up to `limit` shadows of `resource` with entry UUIDs after `after`.
@@ -346,7 +340,7 @@ impl Store {
     /// For each member reference, the focus its live shadow is linked to, or "".
     pub fn resolve_members(&self, members: &[v1::MemberRef]) -> Result<Vec<String>, StoreError> {
         let txn = self.db.begin_read().map_err(db)?;
-        let by_key = txn.open_table(SHADOW_DN).map_err(db)?;
+        let by_key = txn.open_table(SHADOW_BY_MEMBER_KEY).map_err(db)?;
         let shadows = txn.open_table(SHADOW).map_err(db)?;
         let mut out = Vec::with_capacity(members.len());
         for m in members {
@@ -422,7 +416,7 @@ impl Store {
             let mut focus_t = txn.open_table(FOCUS).map_err(db)?;
             let mut names = txn.open_table(FOCUS_NAME).map_err(db)?;
             let mut shadows = txn.open_table(SHADOW).map_err(db)?;
-            let mut shadow_dns = txn.open_table(SHADOW_DN).map_err(db)?;
+            let mut by_member_key = txn.open_table(SHADOW_BY_MEMBER_KEY).map_err(db)?;
             let mut pending = txn.open_table(PENDING).map_err(db)?;
             let mut member_of = txn.open_table(MEMBER_OF).map_err(db)?;
             let mut outbox = txn.open_table(OUTBOX).map_err(db)?;
@@ -449,11 +443,7 @@ impl Store {
                         if focus.id.is_empty() || focus.kind.is_empty() {
                             return Err(invalid("a focus needs an id and a kind"));
                         }
-                        let current: Option<v1::Focus> = focus_t
-                            .get(focus.id.as_str())
-                            .map_err(db)?
-                            .map(|v| decode(v.value()))
-                            .transpose()?;
+                        let current: Option<v1::Focus> = load(&focus_t, &focus.id)?;
                         let found = current.as_ref().map_or(0, |f| f.version);
                         if found != put.expected_version {
                             return Err(StoreError::Conflict {
@@ -486,7 +476,7 @@ impl Store {
                         }
                         // Pending members whose accounts are already here resolve now,
                         // inside this transaction: no account can slip in between.
-                        resolve_pending(&mut focus, &shadow_dns, &shadows)?;
+                        resolve_pending(&mut focus, &by_member_key, &shadows)?;
                         if let Some(old) = &current {
                             for m in &old.members {
                                 member_of
@@ -519,11 +509,7 @@ impl Store {
                         append_outbox(&mut outbox, &mut next_seq, focus, false, origin)?;
                     }
                     Some(Op::DeleteFocus(del)) => {
-                        let current: Option<v1::Focus> = focus_t
-                            .get(del.id.as_str())
-                            .map_err(db)?
-                            .map(|v| decode(v.value()))
-                            .transpose()?;
+                        let current: Option<v1::Focus> = load(&focus_t, &del.id)?;
                         let found = current.as_ref().map_or(0, |f| f.version);
                         if found != del.expected_version || current.is_none() {
                             return Err(StoreError::Conflict {
@@ -563,12 +549,7 @@ impl Store {
                             member_of
                                 .remove(format!("{prefix}{group_id}").as_str())
                                 .map_err(db)?;
-                            let Some(mut group) = focus_t
-                                .get(group_id.as_str())
-                                .map_err(db)?
-                                .map(|v| decode::<v1::Focus>(v.value()))
-                                .transpose()?
-                            else {
+                            let Some(mut group) = load::<v1::Focus>(&focus_t, &group_id)? else {
                                 continue;
                             };
                             group.members.retain(|m| *m != del.id);
@@ -590,20 +571,16 @@ impl Store {
                             return Err(invalid("a shadow needs a resource and an entry uuid"));
                         }
                         let key = shadow_key(&shadow.resource, &shadow.entry_uuid);
-                        let previous = shadows
-                            .get(key.as_str())
-                            .map_err(db)?
-                            .map(|v| decode::<v1::Shadow>(v.value()))
-                            .transpose()?;
+                        let previous = load::<v1::Shadow>(&shadows, &key)?;
                         let found = previous.as_ref().map_or(0, |s| s.version);
                         if let Some(p) = &previous {
                             for k in shadow_member_keys(p) {
-                                shadow_dns.remove(k.as_str()).map_err(db)?;
+                                by_member_key.remove(k.as_str()).map_err(db)?;
                             }
                         }
                         if !shadow.dead {
                             for k in shadow_member_keys(&shadow) {
-                                shadow_dns
+                                by_member_key
                                     .insert(k.as_str(), shadow.entry_uuid.as_str())
                                     .map_err(db)?;
                             }
@@ -636,11 +613,7 @@ impl Store {
                             }
                             for (pending_key, group_id) in waiting {
                                 pending.remove(pending_key.as_str()).map_err(db)?;
-                                let Some(mut group) = focus_t
-                                    .get(group_id.as_str())
-                                    .map_err(db)?
-                                    .map(|v| decode::<v1::Focus>(v.value()))
-                                    .transpose()?
+                                let Some(mut group) = load::<v1::Focus>(&focus_t, &group_id)?
                                 else {
                                     continue;
                                 };
@@ -670,15 +643,11 @@ impl Store {
                             .as_ref()
                             .ok_or_else(|| invalid("delete_shadow without a key"))?;
                         let key = shadow_key(&k.resource, &k.entry_uuid);
-                        let previous = shadows
-                            .get(key.as_str())
-                            .map_err(db)?
-                            .map(|v| decode::<v1::Shadow>(v.value()))
-                            .transpose()?;
+                        let previous = load::<v1::Shadow>(&shadows, &key)?;
                         let found = previous.as_ref().map_or(0, |s| s.version);
                         if let Some(p) = &previous {
                             for k in shadow_member_keys(p) {
-                                shadow_dns.remove(k.as_str()).map_err(db)?;
+                                by_member_key.remove(k.as_str()).map_err(db)?;
                             }
                         }
                         if found != del.expected_version || found == 0 {
@@ -730,20 +699,10 @@ fn check_version(
 ) -> Result<(), StoreError> {
     use v1::operation::Op;
     let focus_version = |id: &str| -> Result<u64, StoreError> {
-        Ok(focus_t
-            .get(id)
-            .map_err(db)?
-            .map(|v| decode::<v1::Focus>(v.value()))
-            .transpose()?
-            .map_or(0, |f| f.version))
+        Ok(load::<v1::Focus>(focus_t, id)?.map_or(0, |f| f.version))
     };
     let shadow_version = |resource: &str, uuid: &str| -> Result<u64, StoreError> {
-        Ok(shadows
-            .get(shadow_key(resource, uuid).as_str())
-            .map_err(db)?
-            .map(|v| decode::<v1::Shadow>(v.value()))
-            .transpose()?
-            .map_or(0, |s| s.version))
+        Ok(load::<v1::Shadow>(shadows, &shadow_key(resource, uuid))?.map_or(0, |s| s.version))
     };
     let (object, expected, found) = match op.op.as_ref() {
         Some(Op::PutFocus(p)) => {
