@@ -1,6 +1,7 @@
 //! The inbound half: from a source change, its situation and the configured
 //! reaction to the exact, conditional writes the IDM must commit.
 
+use std::borrow::Cow;
 use std::collections::{BTreeSet, HashMap};
 
 use crate::CoreError;
@@ -32,19 +33,20 @@ pub struct InboundState<'a> {
 }
 
 /// How entries of one object type map to focus objects.
-struct Profile {
+struct Profile<'a> {
     kind: &'static str,
-    mappings: Vec<Mapping>,
+    /// The resource's own for accounts; built for groups (name first).
+    mappings: Cow<'a, [Mapping]>,
     /// Groups: the attribute holding member DNs.
-    member_attribute: Option<String>,
+    member_attribute: Option<&'a str>,
 }
 
-impl Profile {
-    fn of(resource: &ResourceConfig, object_type: ObjectType) -> Result<Self, CoreError> {
+impl<'a> Profile<'a> {
+    fn of(resource: &'a ResourceConfig, object_type: ObjectType) -> Result<Self, CoreError> {
         match object_type {
             ObjectType::Account => Ok(Self {
                 kind: KIND_USER,
-                mappings: resource.inbound.clone(),
+                mappings: Cow::Borrowed(&resource.inbound),
                 member_attribute: None,
             }),
             ObjectType::Group => {
@@ -65,8 +67,8 @@ impl Profile {
                 mappings.extend(groups.inbound.iter().cloned());
                 Ok(Self {
                     kind: KIND_GROUP,
-                    mappings,
-                    member_attribute: Some(groups.member_attribute.clone()),
+                    mappings: Cow::Owned(mappings),
+                    member_attribute: Some(&groups.member_attribute),
                 })
             }
         }

@@ -1,0 +1,43 @@
+//! The IDM refuses to start, with a message naming what and where, when its
+//! address is taken or its address is not an address.
+
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+
+use std::sync::Arc;
+
+use idsync_core::config::Config;
+use tokio_util::sync::CancellationToken;
+
+fn config(listen: &str, data_dir: &std::path::Path) -> Arc<Config> {
+    let mut config: Config =
+        toml::from_str(include_str!("../../../deploy/local/idsync.toml")).unwrap();
+    config.idm.listen = listen.to_owned();
+    config.idm.data_dir = data_dir.display().to_string();
+    config.nats.url = format!("nats://127.0.0.1:{}", 1);
+    Arc::new(config)
+}
+
+#[tokio::test]
+async fn a_taken_address_is_named() {
+    let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = taken.local_addr().unwrap().to_string();
+    let dir = tempfile::tempdir().unwrap();
+    let err = idsync_idm::run(config(&addr, dir.path()), CancellationToken::new())
+        .await
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains(&addr), "{err}");
+}
+
+#[tokio::test]
+async fn a_malformed_address_is_named() {
+    let dir = tempfile::tempdir().unwrap();
+    let err = idsync_idm::run(
+        config("localhost-50051", dir.path()),
+        CancellationToken::new(),
+    )
+    .await
+    .unwrap_err()
+    .to_string();
+    assert!(err.contains("\"localhost-50051\""), "{err}");
+}
