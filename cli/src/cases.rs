@@ -55,6 +55,7 @@ pub enum Resolution {
 pub async fn resolve(
     idm: &IdmClient,
     bus: &Bus,
+    agreement: &str,
     resource: &str,
     entry_uuid: &str,
     resolution: Resolution,
@@ -124,9 +125,10 @@ pub async fn resolve(
         shadow_version: shadow.version,
         focus_version: focus.as_ref().map_or(0, |f| f.version),
         resolution: reaction.to_owned(),
+        failure: String::new(),
     };
     bus.publish_and_wait(
-        &names::decision_subject(resource),
+        &names::decision_subject(agreement, resource),
         &format!("resolution:{resource}:{entry_uuid}:{}", shadow.version),
         decision.encode_to_vec().into(),
     )

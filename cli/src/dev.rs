@@ -112,6 +112,19 @@ impl Deployment {
         config.idm.listen = format!("127.0.0.1:{idm_port}");
         config.idm.url = format!("http://127.0.0.1:{idm_port}");
         config.idm.data_dir = dir.join("idm").display().to_string();
+        secret(&secrets.join("admin"))?;
+        config.idm.admin_token_env = None;
+        config.idm.admin_token_file = Some(secrets.join("admin").display().to_string());
+        if config.idm.http_bind.is_some() {
+            config.idm.http_bind = Some(format!("127.0.0.1:{}", free_port()?));
+        }
+        for (name, a) in &mut config.agreements {
+            a.token_env = None;
+            a.token_file = Some(secrets.join(format!("{name}.token")).display().to_string());
+            if a.status_bind.is_some() {
+                a.status_bind = Some(format!("127.0.0.1:{}", free_port()?));
+            }
+        }
         for r in &mut config.resources {
             // Resources named hr… (account types of the source) are on the
             // source directory; the others on the target.
@@ -127,9 +140,11 @@ impl Deployment {
         std::fs::write(
             dir.join("env"),
             format!(
-                "export IDSYNC_CONFIG={}\nexport IDSYNC_IDM_URL={}\nexport IDSYNC_NATS_URL={}\n\
+                "export IDSYNC_CONFIG={}\nexport IDSYNC_ADMIN_TOKEN_FILE={}\n\
+                 export IDSYNC_IDM_URL={}\nexport IDSYNC_NATS_URL={}\n\
                  export SOURCE_URL={}\nexport TARGET_URL={}\n",
                 dir.join("idsync.toml").display(),
+                secrets.join("admin").display(),
                 config.idm.url,
                 config.nats.url,
                 source.url(),
@@ -145,10 +160,51 @@ impl Deployment {
             config: Arc::new(config),
             running: Vec::new(),
         };
-        for name in SERVICES {
+        deployment.start_service("idm")?;
+        deployment.bootstrap_agreements().await?;
+        for name in SERVICES.into_iter().skip(1) {
             deployment.start_service(name)?;
         }
         Ok(deployment)
+    }
+
+    /// An IDM client with the administrator credential.
+    ///
+    /// # Errors
+    /// The credential cannot be read.
+    pub fn admin(&self) -> Result<idsync_idm_client::IdmClient> {
+        Ok(idsync_runtime::admin_client(&self.config)?)
+    }
+
+    /// Creates each configured agreement that the IDM does not have yet, with
+    /// a token in the file the configuration names (as an operator would with
+    /// `idsync sync create` and `idsync sync generate-token`).
+    async fn bootstrap_agreements(&self) -> Result<()> {
+        let idm = self.admin()?;
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+        let existing = loop {
+            match idm.list_agreements().await {
+                Ok(list) => break list,
+                Err(e) if e.is_transient() && tokio::time::Instant::now() < deadline => {
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                }
+                Err(e) => return Err(e).context("the IDM did not answer"),
+            }
+        };
+        for (name, a) in &self.config.agreements {
+            let Some(file) = &a.token_file else { continue };
+            let known = existing.iter().any(|x| x.name == *name);
+            if known && Path::new(file).exists() {
+                continue;
+            }
+            if !known {
+                idm.create_agreement(name).await?;
+            }
+            let label = format!("dev-{}", uuid::Uuid::new_v4().simple());
+            let token = idm.generate_token(name, &label).await?;
+            write_secret(Path::new(file), token.expose())?;
+        }
+        Ok(())
     }
 
     /// Starts one service (in this process) by name.
@@ -243,13 +299,22 @@ fn secret(path: &Path) -> Result<String> {
         std::fs::create_dir_all(parent)?;
     }
     let password = uuid::Uuid::new_v4().simple().to_string();
-    std::fs::write(path, &password).with_context(|| format!("cannot write {}", path.display()))?;
+    write_secret(path, &password)?;
+    Ok(password)
+}
+
+/// Writes `value` to `path`, readable by its owner only.
+fn write_secret(path: &Path, value: &str) -> Result<()> {
+    if let Some(parent) = path.parent() {
+        std::fs::create_dir_all(parent)?;
+    }
+    std::fs::write(path, value).with_context(|| format!("cannot write {}", path.display()))?;
     #[cfg(unix)]
     {
         use std::os::unix::fs::PermissionsExt;
         std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))?;
     }
-    Ok(password)
+    Ok(())
 }
 
 fn toml_string(config: &Config) -> Result<String> {

@@ -3,3 +3,4 @@
 
 pub mod cases;
 pub mod dev;
+pub mod sync;

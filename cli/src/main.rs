@@ -3,12 +3,16 @@
 use std::path::PathBuf;
 use std::process::ExitCode;
 
-use anyhow::{Context, Result};
+use anyhow::{Context, Result, bail};
 use clap::{Parser, Subcommand};
 use idsync::cases;
 use idsync::dev::Deployment;
+use idsync_core::config::Config;
 use idsync_core::model::{Focus, FocusStatus};
+use idsync_core::secret::Secret;
 use idsync_idm_client::IdmClient;
+
+mod agreements;
 
 #[derive(Debug, Parser)]
 #[command(
@@ -17,8 +21,78 @@ use idsync_idm_client::IdmClient;
     about = "Identity synchronisation: the operator's tool"
 )]
 struct Cli {
+    #[command(flatten)]
+    global: Global,
     #[command(subcommand)]
     command: Command,
+}
+
+/// Where the IDM and NATS are, and the credential to show.
+#[derive(Debug, clap::Args)]
+struct Global {
+    /// The IDM's gRPC URL (default: the configuration's, else http://127.0.0.1:50051).
+    #[arg(long, global = true, env = "IDSYNC_IDM_URL")]
+    idm: Option<String>,
+    /// NATS (default: the configuration's, else nats://127.0.0.1:4222).
+    #[arg(long, global = true, env = "IDSYNC_NATS_URL")]
+    nats: Option<String>,
+    /// File holding the administrator credential (else IDSYNC_ADMIN_TOKEN,
+    /// else the configuration's idm.admin_token_file or admin_token_env).
+    #[arg(long, global = true, env = "IDSYNC_ADMIN_TOKEN_FILE")]
+    admin_token_file: Option<PathBuf>,
+    /// The configuration, for commands that need it (dry runs, parked
+    /// entries, force-refresh, cases resolve).
+    #[arg(long, global = true, env = "IDSYNC_CONFIG")]
+    config: Option<PathBuf>,
+}
+
+impl Global {
+    fn config(&self) -> Result<Config> {
+        let path = self
+            .config
+            .as_ref()
+            .context("this command needs the configuration: --config <file> or IDSYNC_CONFIG")?;
+        Ok(idsync_runtime::load_config(path)?)
+    }
+
+    fn optional_config(&self) -> Result<Option<Config>> {
+        self.config.as_ref().map(|_| self.config()).transpose()
+    }
+
+    fn idm_url(&self) -> Result<String> {
+        Ok(match (&self.idm, self.optional_config()?) {
+            (Some(url), _) => url.clone(),
+            (None, Some(c)) => c.idm.url,
+            (None, None) => "http://127.0.0.1:50051".to_owned(),
+        })
+    }
+
+    fn nats_url(&self) -> Result<String> {
+        Ok(match (&self.nats, self.optional_config()?) {
+            (Some(url), _) => url.clone(),
+            (None, Some(c)) => c.nats.url,
+            (None, None) => "nats://127.0.0.1:4222".to_owned(),
+        })
+    }
+
+    /// A client presenting the administrator credential.
+    fn admin(&self) -> Result<(IdmClient, String)> {
+        let credential = if let Some(file) = &self.admin_token_file {
+            let text = std::fs::read_to_string(file)
+                .with_context(|| format!("cannot read the admin token file {}", file.display()))?;
+            Secret::new(text.trim_end_matches(['\n', '\r']))
+        } else if let Ok(token) = std::env::var("IDSYNC_ADMIN_TOKEN") {
+            Secret::new(token)
+        } else if let Some(c) = self.optional_config()? {
+            idsync_runtime::admin_token(&c)?
+        } else {
+            bail!(
+                "the IDM needs the administrator credential: --admin-token-file, IDSYNC_ADMIN_TOKEN_FILE, IDSYNC_ADMIN_TOKEN or a --config naming it"
+            )
+        };
+        let url = self.idm_url()?;
+        Ok((IdmClient::new(&url, &credential)?, url))
+    }
 }
 
 #[derive(Debug, Subcommand)]
@@ -32,6 +106,16 @@ enum Command {
     Groups {
         #[command(subcommand)]
         command: GroupsCommand,
+    },
+    /// Sync agreements: the authority under which sources write to the IDM.
+    Sync {
+        #[command(subcommand)]
+        command: agreements::SyncCommand,
+    },
+    /// The administrator credential.
+    Admin {
+        #[command(subcommand)]
+        command: AdminCommand,
     },
     /// Correlation cases: disputed entries waiting for a decision.
     Cases {
@@ -51,12 +135,31 @@ enum Command {
 }
 
 #[derive(Debug, Subcommand)]
+enum AdminCommand {
+    /// Prints a new random administrator credential, to put in the file
+    /// that idm.admin_token_file names (or the variable admin_token_env names).
+    NewCredential,
+}
+
+#[derive(Debug, Subcommand)]
 enum UsersCommand {
+    /// Creates a user that the IDM owns (no sync agreement writes it).
+    Create {
+        name: String,
+        /// An attribute: `--set fullName="Ann Smith"`; repeat for more.
+        #[arg(long = "set", value_name = "ATTR=VALUE")]
+        set: Vec<String>,
+    },
+    /// Sets attributes of a user (an agreement's user: only those it yields).
+    Set {
+        /// The user's name or id.
+        user: String,
+        /// `ATTR=VALUE` replaces the values; `ATTR=` removes the attribute.
+        #[arg(required = true, value_name = "ATTR=VALUE")]
+        values: Vec<String>,
+    },
     /// Lists users with their links to accounts.
     List {
-        /// The IDM's gRPC URL.
-        #[arg(long, env = "IDSYNC_IDM_URL", default_value = "http://127.0.0.1:50051")]
-        idm: String,
         /// One JSON document, for scripts.
         #[arg(long)]
         json: bool,
@@ -67,8 +170,6 @@ enum UsersCommand {
 enum GroupsCommand {
     /// Lists groups with their members (and members whose accounts have not arrived yet).
     List {
-        #[arg(long, env = "IDSYNC_IDM_URL", default_value = "http://127.0.0.1:50051")]
-        idm: String,
         #[arg(long)]
         json: bool,
     },
@@ -78,8 +179,6 @@ enum GroupsCommand {
 enum CasesCommand {
     /// Lists open cases with the users correlation proposed.
     List {
-        #[arg(long, env = "IDSYNC_IDM_URL", default_value = "http://127.0.0.1:50051")]
-        idm: String,
         #[arg(long)]
         json: bool,
     },
@@ -95,10 +194,6 @@ enum CasesCommand {
         /// Create a new user from the entry.
         #[arg(long)]
         create: bool,
-        #[arg(long, env = "IDSYNC_IDM_URL", default_value = "http://127.0.0.1:50051")]
-        idm: String,
-        #[arg(long, env = "IDSYNC_NATS_URL", default_value = "nats://127.0.0.1:4222")]
-        nats: String,
         /// How long to wait for the result.
         #[arg(long, default_value_t = 30)]
         wait_seconds: u64,
@@ -137,11 +232,67 @@ async fn main() -> ExitCode {
 }
 
 async fn run(cli: Cli) -> Result<ExitCode> {
+    let global = cli.global;
     match cli.command {
-        Command::Users {
-            command: UsersCommand::List { idm, json },
+        Command::Sync { command } => agreements::run(&global, command).await,
+        Command::Admin {
+            command: AdminCommand::NewCredential,
         } => {
-            let client = IdmClient::new(&idm)?;
+            println!(
+                "{}",
+                idsync_store::token::new_admin_credential().map_err(anyhow::Error::msg)?
+            );
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Users {
+            command: UsersCommand::Create { name, set },
+        } => {
+            let (client, _) = global.admin()?;
+            let mut focus = Focus {
+                id: uuid::Uuid::new_v4().to_string(),
+                kind: "user".into(),
+                ..Default::default()
+            };
+            focus.attributes.insert("name".into(), vec![name.clone()]);
+            apply_values(&mut focus, &set)?;
+            let id = focus.id.clone();
+            client
+                .commit(
+                    vec![idsync_core::model::Op::PutFocus {
+                        focus,
+                        expected_version: 0,
+                    }],
+                    "",
+                )
+                .await
+                .with_context(|| format!("cannot create user {name:?}"))?;
+            println!("created user {name} (id {id})");
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Users {
+            command: UsersCommand::Set { user, values },
+        } => {
+            let (client, _) = global.admin()?;
+            let mut focus = find_user(&client, &user).await?;
+            let expected_version = focus.version;
+            apply_values(&mut focus, &values)?;
+            client
+                .commit(
+                    vec![idsync_core::model::Op::PutFocus {
+                        focus,
+                        expected_version,
+                    }],
+                    "",
+                )
+                .await
+                .with_context(|| format!("cannot change user {user:?}"))?;
+            println!("user {user} changed");
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Users {
+            command: UsersCommand::List { json },
+        } => {
+            let (client, idm) = global.admin()?;
             let users = client
                 .all_focus("user")
                 .await
@@ -154,9 +305,9 @@ async fn run(cli: Cli) -> Result<ExitCode> {
             Ok(ExitCode::SUCCESS)
         }
         Command::Groups {
-            command: GroupsCommand::List { idm, json },
+            command: GroupsCommand::List { json },
         } => {
-            let client = IdmClient::new(&idm)?;
+            let (client, idm) = global.admin()?;
             let groups = client
                 .all_focus("group")
                 .await
@@ -205,9 +356,9 @@ async fn run(cli: Cli) -> Result<ExitCode> {
             Ok(ExitCode::SUCCESS)
         }
         Command::Cases {
-            command: CasesCommand::List { idm, json },
+            command: CasesCommand::List { json },
         } => {
-            let client = IdmClient::new(&idm)?;
+            let (client, idm) = global.admin()?;
             let cases = cases::list(&client)
                 .await
                 .with_context(|| format!("cannot list cases from the IDM at {idm}"))?;
@@ -239,13 +390,16 @@ async fn run(cli: Cli) -> Result<ExitCode> {
                     entry_uuid,
                     link,
                     create: _,
-                    idm,
-                    nats,
                     wait_seconds,
                 },
         } => {
-            let client = IdmClient::new(&idm)?;
-            let bus = idsync_bus::Bus::connect(&nats).await?;
+            let config = global.config()?;
+            let agreement = config
+                .agreement_of(&resource)
+                .with_context(|| format!("resource {resource:?} writes under no agreement"))?
+                .to_owned();
+            let (client, _) = global.admin()?;
+            let bus = idsync_bus::Bus::connect(&global.nats_url()?).await?;
             let resolution = match link {
                 Some(user) => cases::Resolution::Link(user),
                 None => cases::Resolution::Create,
@@ -253,6 +407,7 @@ async fn run(cli: Cli) -> Result<ExitCode> {
             let shadow = cases::resolve(
                 &client,
                 &bus,
+                &agreement,
                 &resource,
                 &entry_uuid,
                 resolution,
@@ -318,6 +473,36 @@ async fn dev_up(dir: PathBuf) -> Result<ExitCode> {
     deployment.shutdown().await?;
     println!("idsync stopped; state kept in {}", dir.display());
     Ok(ExitCode::SUCCESS)
+}
+
+/// Applies `ATTR=VALUE` settings (`ATTR=` removes the attribute).
+fn apply_values(focus: &mut Focus, settings: &[String]) -> Result<()> {
+    for s in settings {
+        let (attr, value) = s
+            .split_once('=')
+            .with_context(|| format!("{s:?} is not ATTR=VALUE"))?;
+        if value.is_empty() {
+            focus.attributes.remove(attr);
+        } else {
+            focus
+                .attributes
+                .insert(attr.to_owned(), vec![value.to_owned()]);
+        }
+    }
+    Ok(())
+}
+
+/// A user by id, else by name.
+async fn find_user(client: &IdmClient, user: &str) -> Result<Focus> {
+    if let Some(f) = client.get_focus(user).await? {
+        return Ok(f);
+    }
+    client
+        .find_focus("user", "name", user)
+        .await?
+        .into_iter()
+        .next()
+        .with_context(|| format!("no user named {user:?} (nor with that id)"))
 }
 
 fn status(f: &Focus) -> &'static str {

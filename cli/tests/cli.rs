@@ -5,11 +5,23 @@
 use std::process::{Command, Output};
 
 fn idsync(args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_idsync"))
-        .args(args)
-        .env_remove("IDSYNC_IDM_URL")
-        .output()
-        .unwrap()
+    idsync_with(args, &[])
+}
+
+fn idsync_with(args: &[&str], env: &[(&str, &str)]) -> Output {
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_idsync"));
+    cmd.args(args);
+    for var in [
+        "IDSYNC_IDM_URL",
+        "IDSYNC_NATS_URL",
+        "IDSYNC_CONFIG",
+        "IDSYNC_ADMIN_TOKEN",
+        "IDSYNC_ADMIN_TOKEN_FILE",
+    ] {
+        cmd.env_remove(var);
+    }
+    cmd.envs(env.iter().copied());
+    cmd.output().unwrap()
 }
 
 fn text(o: &Output) -> String {
@@ -67,8 +79,23 @@ fn config_check_names_the_line_of_a_syntax_error() {
 fn users_list_names_an_unreachable_idm() {
     let port = idsync_testkit::CLOSED_PORT;
     let url = format!("http://127.0.0.1:{port}");
-    let out = idsync(&["users", "list", "--idm", &url]);
+    let out = idsync_with(
+        &["users", "list", "--idm", &url],
+        &[("IDSYNC_ADMIN_TOKEN", "secret-credential")],
+    );
     assert!(!out.status.success());
+    assert!(!text(&out).contains("secret-credential"));
     let t = text(&out);
     assert!(t.contains(&url) && t.contains("unavailable"), "{t}");
+}
+
+#[test]
+fn admin_commands_without_a_credential_say_how_to_give_one() {
+    let out = idsync(&["sync", "list"]);
+    assert!(!out.status.success());
+    let t = text(&out);
+    assert!(
+        t.contains("administrator credential") && t.contains("IDSYNC_ADMIN_TOKEN"),
+        "{t}"
+    );
 }

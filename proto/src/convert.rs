@@ -73,6 +73,7 @@ impl From<v1::Focus> for Focus {
                     uid: m.uid,
                 })
                 .collect(),
+            sync_parent: f.sync_parent,
         }
     }
 }
@@ -115,6 +116,7 @@ impl From<Focus> for v1::Focus {
                     uid: m.uid,
                 })
                 .collect(),
+            sync_parent: f.sync_parent,
         }
     }
 }

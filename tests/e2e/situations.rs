@@ -21,7 +21,7 @@ fn admin_user(id: &str, name: &str, full_name: &str) -> Focus {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn unlinked_account_is_linked_to_the_user_correlation_finds() {
-    let env = start().await;
+    let env = start_with(&adopting()).await;
     env.user_where("jack", "synced", |u| links_to(u, "acme"))
         .await;
     // A user made in the IDM before its account appears on the source.
@@ -107,7 +107,7 @@ async fn a_second_account_for_an_owned_user_is_disputed_and_changes_nothing() {
 
 /// The example plus a second, ambiguous correlation rule (by family name).
 fn config_with_family_name_rule() -> String {
-    let example = idsync::dev::EXAMPLE_CONFIG;
+    let example = &adopting();
     let rule = "[[resources.correlation]]\nconditions = [{ focus_attribute = \"name\", source = \"uid\" }]\n";
     assert!(example.contains(rule));
     let second = "[[resources.correlation]]\nconditions = [{ focus_attribute = \"familyName\", source = \"sn\" }]\n";
@@ -132,7 +132,7 @@ async fn an_operator_resolves_disputed_cases_by_link_and_by_creation() {
         idsync::dev::Deployment::start_with(dir.path(), &config_with_family_name_rule())
             .await
             .unwrap();
-    let idm = idsync_idm_client::IdmClient::new(&deployment.config.idm.url).unwrap();
+    let idm = deployment.admin().unwrap();
     let bus = idsync_bus::Bus::connect(deployment.nats.url())
         .await
         .unwrap();
@@ -170,6 +170,7 @@ async fn an_operator_resolves_disputed_cases_by_link_and_by_creation() {
         &idm,
         &bus,
         "hr",
+        "hr",
         &uuid,
         Resolution::Link("wturner".into()),
         wait,
@@ -197,6 +198,7 @@ async fn an_operator_resolves_disputed_cases_by_link_and_by_creation() {
         &idm,
         &bus,
         "hr",
+        "hr",
         &case.shadow.entry_uuid,
         Resolution::Create,
         wait,
@@ -221,7 +223,7 @@ async fn an_operator_resolves_disputed_cases_by_link_and_by_creation() {
     assert!(cases::list(&idm).await.unwrap().is_empty());
 
     // Resolving what is not an open case says so.
-    let err = cases::resolve(&idm, &bus, "hr", &uuid, Resolution::Create, wait)
+    let err = cases::resolve(&idm, &bus, "hr", "hr", &uuid, Resolution::Create, wait)
         .await
         .unwrap_err()
         .to_string();
@@ -341,6 +343,7 @@ async fn a_second_account_type_on_the_same_directory_links_to_the_same_user() {
     let admins = r#"
 [[resources]]
 name = "hr-admins"
+agreement = "hr"
 url = "ldap://127.0.0.1:389"
 bind_dn = "cn=admin,dc=example,dc=com"
 bind_password_env = "IDSYNC_HR_PASSWORD"

@@ -33,7 +33,7 @@ impl Env {
     /// An environment around a deployment started otherwise (another config).
     pub fn from(deployment: Deployment, dir: tempfile::TempDir) -> Self {
         init_tracing();
-        let idm = IdmClient::new(&deployment.config.idm.url).unwrap();
+        let idm = deployment.admin().unwrap();
         Env {
             deployment,
             idm,
@@ -43,10 +43,22 @@ impl Env {
 }
 
 pub async fn start() -> Env {
+    start_with(idsync::dev::EXAMPLE_CONFIG).await
+}
+
+/// The example, with agreement hr allowed to take over native IDM users that
+/// correlation finds (midPoint's migration case).
+pub fn adopting() -> String {
+    let halt = "on_error = \"halt\"\n";
+    assert!(idsync::dev::EXAMPLE_CONFIG.contains(halt));
+    idsync::dev::EXAMPLE_CONFIG.replace(halt, &format!("{halt}adopt_native = true\n"))
+}
+
+pub async fn start_with(config: &str) -> Env {
     init_tracing();
     let dir = tempfile::tempdir().unwrap();
-    let deployment = Deployment::start(dir.path()).await.unwrap();
-    let idm = IdmClient::new(&deployment.config.idm.url).unwrap();
+    let deployment = Deployment::start_with(dir.path(), config).await.unwrap();
+    let idm = deployment.admin().unwrap();
     Env {
         deployment,
         idm,

@@ -212,6 +212,45 @@ impl Bus {
             .map_err(|e| bucket_error(key, "put", Box::new(e)))
     }
 
+    /// Forget the resource's sync cookie: its next session reads everything.
+    ///
+    /// # Errors
+    ///
+    /// [`BusError::Bucket`] when the delete is refused.
+    pub async fn delete_cookie(&self, resource: &str) -> Result<(), BusError> {
+        let key = cookie_key(resource);
+        self.cookies
+            .delete(key.clone())
+            .await
+            .map_err(|e| bucket_error(key, "delete", Box::new(e)))
+    }
+
+    /// Remove message `seq` from `stream` (a parked message dropped or retried).
+    ///
+    /// # Errors
+    ///
+    /// [`BusError::Stream`] when the stream refuses, for example because the
+    /// message is not there.
+    pub async fn delete_message(&self, stream: &str, seq: u64) -> Result<(), BusError> {
+        let stream_err = |operation: &'static str| {
+            move |e: Box<dyn std::error::Error + Send + Sync>| BusError::Stream {
+                stream: stream.to_owned(),
+                operation,
+                source: e,
+            }
+        };
+        let handle = self
+            .js
+            .get_stream(stream)
+            .await
+            .map_err(|e| stream_err("get info of")(Box::new(e)))?;
+        handle
+            .delete_message(seq)
+            .await
+            .map(drop)
+            .map_err(|e| stream_err("delete a message of")(Box::new(e)))
+    }
+
     /// Pull deliveries from the durable consumer `durable` on `stream`,
     /// creating it if missing (explicit ack, 30 s ack wait, at most 1,024
     /// unacknowledged, starting from the first message, only `filter_subject`

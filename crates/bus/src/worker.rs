@@ -19,6 +19,9 @@ pub enum Handling {
     Retry { delay: Duration, reason: String },
     /// The message can never succeed as it is: park it with the reason.
     Poison(String),
+    /// The message's owner has stopped: deliver it again later, and take no
+    /// further message until the worker's gate opens.
+    Halt(String),
 }
 
 /// A delivered message, as the service's handler sees it.
@@ -52,9 +55,31 @@ pub async fn run_worker<H, Fut>(
     bus: &Bus,
     source: Source<'_>,
     shutdown: CancellationToken,
+    handle: H,
+) -> Result<(), BusError>
+where
+    H: FnMut(Message) -> Fut,
+    Fut: Future<Output = Handling>,
+{
+    run_gated_worker(bus, source, shutdown, || std::future::ready(()), handle).await
+}
+
+/// As [`run_worker`]; after a [`Handling::Halt`] the worker waits for `gate`
+/// to return before it takes another message. Messages it had already been
+/// sent are not acknowledged, so they come back after the ack wait.
+///
+/// # Errors
+/// As [`run_worker`].
+pub async fn run_gated_worker<G, GFut, H, Fut>(
+    bus: &Bus,
+    source: Source<'_>,
+    shutdown: CancellationToken,
+    mut gate: G,
     mut handle: H,
 ) -> Result<(), BusError>
 where
+    G: FnMut() -> GFut,
+    GFut: Future<Output = ()>,
     H: FnMut(Message) -> Fut,
     Fut: Future<Output = Handling>,
 {
@@ -97,6 +122,20 @@ where
             Handling::Poison(reason) => {
                 tracing::error!(service = source.service, seq, %reason, "parked in the dead-letter stream");
                 bus.dead_letter(source.service, delivery, &reason).await?;
+            }
+            Handling::Halt(reason) => {
+                tracing::error!(service = source.service, durable = source.durable, seq, %reason, "halted; waiting to be resumed");
+                delivery.nak(Duration::from_millis(500)).await?;
+                tokio::select! {
+                    biased;
+                    _ = shutdown.cancelled() => return Ok(()),
+                    _ = gate() => {}
+                }
+                tracing::info!(
+                    service = source.service,
+                    durable = source.durable,
+                    "resumed"
+                );
             }
         }
     }

@@ -67,7 +67,7 @@ async fn same_message_id_is_stored_once() -> TestResult {
 async fn pipelined_publishes_are_all_stored_in_order() -> TestResult {
     let nats = NatsServer::start().await?;
     let bus = Bus::connect(nats.url()).await?;
-    let subject = names::decision_subject("ldap1");
+    let subject = names::decision_subject("hr", "ldap1");
 
     let mut pending = Vec::with_capacity(1000);
     for i in 0..1000 {
@@ -208,7 +208,7 @@ async fn one_durable_shares_work_and_nak_redelivers() -> TestResult {
 async fn dead_letter_parks_payload_and_reason_and_terms_original() -> TestResult {
     let nats = NatsServer::start().await?;
     let bus = Bus::connect(nats.url()).await?;
-    let subject = names::decision_subject("ldap1");
+    let subject = names::decision_subject("hr", "ldap1");
     let published = bus
         .publish_and_wait(&subject, "d-1", Bytes::from_static(b"\x00poison"))
         .await?;

@@ -23,6 +23,60 @@ pub struct Config {
     pub resources: Vec<ResourceConfig>,
     #[serde(default)]
     pub templates: Vec<ObjectTemplate>,
+    /// Sync agreements by name: the authority under which source resources
+    /// write to the IDM. Each is created in the IDM with `idsync sync create`.
+    #[serde(default)]
+    pub agreements: BTreeMap<String, AgreementConfig>,
+}
+
+/// A sync agreement as the services run it. The IDM holds the agreement
+/// itself (its tokens, yielded attributes, status); this says how to use it.
+#[derive(Debug, Clone, Default, Deserialize, Serialize, PartialEq, schemars::JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct AgreementConfig {
+    /// File holding the agreement's sync token (`idsync sync generate-token`).
+    pub token_file: Option<String>,
+    /// Environment variable holding the agreement's sync token.
+    pub token_env: Option<String>,
+    /// What a conflict or import error does to the agreement.
+    #[serde(default)]
+    pub on_error: OnError,
+    /// Cron expression (UTC, `minute hour day month weekday`): when the
+    /// detector polls the agreement's resources that have no live sync.
+    pub schedule: Option<String>,
+    /// Where the IDM answers the agreement's status in one word (`Ok`, `Err`
+    /// or `Unknown`) to anyone who connects, for example `127.0.0.1:9301`.
+    pub status_bind: Option<String>,
+    /// Let the `link` reaction take over native IDM entries that correlation
+    /// finds (midPoint's migration: users made in the IDM before their
+    /// accounts appear). Off, an agreement writes only what it created
+    /// (Kanidm's rule), and linking a native entry is a conflict.
+    #[serde(default)]
+    pub adopt_native: bool,
+    /// Source entry UUIDs that this agreement skips.
+    #[serde(default)]
+    pub exclude: Vec<String>,
+    /// Source entry UUID → the name its focus gets instead of the mapped one.
+    #[serde(default)]
+    pub map_name: BTreeMap<String, String>,
+    /// Source entry UUID → the id the focus created for it gets.
+    #[serde(default)]
+    pub map_uuid: BTreeMap<String, String>,
+}
+
+/// Kanidm's behaviour or midPoint's: stop the agreement at the first failure,
+/// or park the failing entry and go on.
+#[derive(
+    Debug, Clone, Copy, Default, Deserialize, Serialize, PartialEq, Eq, schemars::JsonSchema,
+)]
+#[serde(rename_all = "lowercase")]
+pub enum OnError {
+    /// Stop at the first conflict or import error; nothing after it is
+    /// applied until the cause is fixed and `idsync sync retry` is run.
+    #[default]
+    Halt,
+    /// Park the failing entry in the dead-letter stream; the rest go on.
+    Quarantine,
 }
 
 #[derive(Debug, Clone, Deserialize, Serialize, PartialEq, schemars::JsonSchema)]
@@ -43,6 +97,14 @@ pub struct IdmConfig {
     /// Directory of the embedded store.
     #[serde(default = "default_idm_data_dir")]
     pub data_dir: String,
+    /// File holding the administrator credential: the IDM accepts it for
+    /// administrative calls, the CLI and the provisioner present it.
+    pub admin_token_file: Option<String>,
+    /// Environment variable holding the administrator credential.
+    pub admin_token_env: Option<String>,
+    /// Where the IDM serves agreement status as JSON over HTTP
+    /// (`GET /status`, `GET /status/<agreement>`); off when unset.
+    pub http_bind: Option<String>,
 }
 
 fn default_idm_listen() -> String {
@@ -58,6 +120,9 @@ fn default_idm_data_dir() -> String {
 #[serde(deny_unknown_fields)]
 pub struct ResourceConfig {
     pub name: String,
+    /// The sync agreement under which this resource writes to the IDM;
+    /// required when it has inbound mappings or groups.
+    pub agreement: Option<String>,
     /// `ldap://host:port`.
     pub url: String,
     pub bind_dn: String,
@@ -313,6 +378,47 @@ impl Config {
             })
     }
 
+    /// The agreement that resource `name` writes under, if any.
+    pub fn agreement_of(&self, resource: &str) -> Option<&str> {
+        self.resources
+            .iter()
+            .find(|r| r.name == resource)
+            .and_then(|r| r.agreement.as_deref())
+    }
+
+    /// The agreement resource `resource` writes under, with its settings.
+    pub fn agreement_for(&self, resource: &str) -> Option<(&str, &AgreementConfig)> {
+        let name = self.agreement_of(resource)?;
+        self.agreements.get(name).map(|a| (name, a))
+    }
+
+    /// Whether the agreement of `resource` skips entry `entry_uuid`.
+    pub fn is_excluded(&self, resource: &str, entry_uuid: &str) -> bool {
+        self.agreement_for(resource)
+            .is_some_and(|(_, a)| a.exclude.iter().any(|u| u.eq_ignore_ascii_case(entry_uuid)))
+    }
+
+    /// The name the agreement of `resource` gives entry `entry_uuid`'s focus, if remapped.
+    pub fn mapped_name(&self, resource: &str, entry_uuid: &str) -> Option<&str> {
+        self.agreement_for(resource)
+            .and_then(|(_, a)| a.map_name.get(entry_uuid))
+            .map(String::as_str)
+    }
+
+    /// The focus id the agreement of `resource` gives entry `entry_uuid`, if remapped.
+    pub fn mapped_id(&self, resource: &str, entry_uuid: &str) -> Option<&str> {
+        self.agreement_for(resource)
+            .and_then(|(_, a)| a.map_uuid.get(entry_uuid))
+            .map(String::as_str)
+    }
+
+    /// Resources that write under agreement `name`.
+    pub fn resources_of<'a>(&'a self, name: &'a str) -> impl Iterator<Item = &'a ResourceConfig> {
+        self.resources
+            .iter()
+            .filter(move |r| r.agreement.as_deref() == Some(name))
+    }
+
     pub fn template(&self, name: &str) -> Option<&ObjectTemplate> {
         self.templates.iter().find(|t| t.name == name)
     }
@@ -367,6 +473,18 @@ impl Config {
                     format!("{at}.tls.starttls"),
                     "an ldaps:// URL is TLS from the start; StartTLS is for ldap:// URLs".into(),
                 );
+            }
+            let writes_inbound = !r.inbound.is_empty() || r.groups.is_some();
+            match &r.agreement {
+                Some(a) if !self.agreements.contains_key(a) => err(
+                    format!("{at}.agreement"),
+                    format!("names agreement {a:?}, which is not in [agreements]"),
+                ),
+                None if writes_inbound => err(
+                    format!("{at}.agreement"),
+                    "a resource with inbound mappings or groups writes to the IDM under a sync agreement; name one from [agreements]".into(),
+                ),
+                _ => {}
             }
             if r.bind_password_file.is_some() && r.bind_password_env.is_some() {
                 err(
@@ -467,8 +585,78 @@ impl Config {
                 }
             }
         }
+        if self.idm.admin_token_file.is_some() && self.idm.admin_token_env.is_some() {
+            err(
+                "idm.admin_token_file".into(),
+                "set admin_token_file or admin_token_env, not both".into(),
+            );
+        }
+        let mut status_binds = BTreeSet::new();
+        for (name, a) in &self.agreements {
+            let at = format!("agreements.{name}");
+            if !valid_name(name) {
+                err(
+                    at.clone(),
+                    "an agreement's name must be letters, digits, '-' or '_' (it names NATS subjects)".into(),
+                );
+            }
+            match (&a.token_file, &a.token_env) {
+                (Some(_), Some(_)) => err(
+                    format!("{at}.token_file"),
+                    "set token_file or token_env, not both".into(),
+                ),
+                (None, None) => err(
+                    at.clone(),
+                    "needs the agreement's sync token: set token_file or token_env".into(),
+                ),
+                _ => {}
+            }
+            if let Some(expr) = &a.schedule
+                && let Err(e) = crate::schedule::Schedule::parse(expr)
+            {
+                err(format!("{at}.schedule"), e.to_string());
+            }
+            if let Some(bind) = &a.status_bind {
+                if bind.parse::<std::net::SocketAddr>().is_err() {
+                    err(
+                        format!("{at}.status_bind"),
+                        format!("{bind:?} is not an address and port such as 127.0.0.1:9301"),
+                    );
+                } else if !status_binds.insert(bind.as_str()) {
+                    err(
+                        format!("{at}.status_bind"),
+                        format!("{bind} is already another agreement's status_bind"),
+                    );
+                }
+            }
+            for (uuid, name) in &a.map_name {
+                if name.trim().is_empty() {
+                    err(format!("{at}.map_name.{uuid}"), "the name is empty".into());
+                }
+            }
+            for (uuid, id) in &a.map_uuid {
+                if !is_uuid(id) {
+                    err(
+                        format!("{at}.map_uuid.{uuid}"),
+                        format!("{id:?} is not a UUID"),
+                    );
+                }
+            }
+            if let Some(uuid) = a.exclude.iter().find(|u| u.trim().is_empty()) {
+                err(format!("{at}.exclude"), format!("{uuid:?} is empty"));
+            }
+        }
         errors
     }
+}
+
+/// `8-4-4-4-12` hexadecimal digits, as focus ids are written.
+fn is_uuid(s: &str) -> bool {
+    s.len() == 36
+        && s.char_indices().all(|(i, c)| match i {
+            8 | 13 | 18 | 23 => c == '-',
+            _ => c.is_ascii_hexdigit(),
+        })
 }
 
 impl Mapping {

@@ -208,6 +208,7 @@ pub fn plan(
                 previous
             };
             apply_inbound(&profile.mappings, change, previous, &mut next.attributes)?;
+            rename(config, change, &mut next);
             if profile.member_attribute.is_some() {
                 set_members(&mut next, state.members);
             }
@@ -230,6 +231,7 @@ pub fn plan(
                 ..Default::default()
             };
             apply_inbound(&profile.mappings, change, None, &mut focus.attributes)?;
+            rename(config, change, &mut focus);
             if profile.member_attribute.is_some() {
                 set_members(&mut focus, state.members);
             }
@@ -289,6 +291,15 @@ pub fn plan(
         reaction,
         ops,
     })
+}
+
+/// The agreement's `map_name` for this entry replaces the mapped name.
+fn rename(config: &Config, change: &SourceChange, focus: &mut Focus) {
+    if let Some(name) = config.mapped_name(&change.resource, &change.entry_uuid) {
+        focus
+            .attributes
+            .insert(NAME_ATTRIBUTE.to_owned(), vec![name.to_owned()]);
+    }
 }
 
 /// Whether `shadow` already reflects `change` or something newer: a position

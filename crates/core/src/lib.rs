@@ -9,6 +9,7 @@ pub mod inbound;
 pub mod mapping;
 pub mod model;
 pub mod outbound;
+pub mod schedule;
 pub mod secret;
 pub mod situation;
 

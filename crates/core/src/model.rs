@@ -84,6 +84,9 @@ pub struct Focus {
     pub members: Vec<String>,
     /// Groups: members the source names whose accounts are not known yet.
     pub pending_members: Vec<MemberRef>,
+    /// The sync agreement that created the focus and alone may write it
+    /// (except for its yielded attributes); empty when the IDM owns it.
+    pub sync_parent: String,
 }
 
 /// A member as a source names it: by DN, or by uid (`memberUid`).

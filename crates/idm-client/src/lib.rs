@@ -6,13 +6,17 @@
 use std::time::Duration;
 
 use idsync_core::config::Config;
+use idsync_core::inbound::utf8_values;
 use idsync_core::model::{
     Focus, KIND_GROUP, KIND_USER, MemberRef, ObjectType, Op, Shadow, SourceChange,
 };
+use idsync_core::secret::Secret;
 use idsync_core::situation::{Situation, situation};
 use idsync_proto::v1;
 use idsync_proto::v1::idm_client::IdmClient as Raw;
 use tonic::Code;
+use tonic::metadata::{AsciiMetadataValue, MetadataValue};
+use tonic::service::interceptor::InterceptedService;
 use tonic::transport::{Channel, Endpoint};
 
 #[derive(Debug, thiserror::Error)]
@@ -25,6 +29,12 @@ pub enum IdmError {
     /// The IDM cannot be reached or is overloaded; retry later.
     #[error("IDM unavailable: {0}")]
     Unavailable(String),
+    /// The agreement is halted: nothing of it is applied until it is resumed.
+    #[error("IDM: {0}")]
+    Halted(String),
+    /// The IDM refused the credential (missing, malformed, revoked, foreign).
+    #[error("IDM refused the credential: {0}")]
+    Unauthenticated(String),
     /// The IDM refused the request; retrying the same request will not help.
     #[error("IDM refused the request ({code:?}): {message}")]
     Rejected { code: Code, message: String },
@@ -47,15 +57,36 @@ impl From<tonic::Status> for IdmError {
             | Code::ResourceExhausted
             | Code::Cancelled
             | Code::Unknown => IdmError::Unavailable(message),
+            Code::Unauthenticated => IdmError::Unauthenticated(message),
+            Code::FailedPrecondition => IdmError::Halted(message),
             code => IdmError::Rejected { code, message },
         }
     }
 }
 
+/// Puts the credential on every call, as a sensitive header (never printed).
+#[derive(Clone)]
+pub struct Credential(AsciiMetadataValue);
+
+impl std::fmt::Debug for Credential {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Credential(***)")
+    }
+}
+
+impl tonic::service::Interceptor for Credential {
+    fn call(&mut self, mut req: tonic::Request<()>) -> Result<tonic::Request<()>, tonic::Status> {
+        req.metadata_mut().insert("authorization", self.0.clone());
+        Ok(req)
+    }
+}
+
+type Transport = InterceptedService<Channel, Credential>;
+
 /// Cheap to clone; clones share one HTTP/2 connection.
 #[derive(Debug, Clone)]
 pub struct IdmClient {
-    raw: Raw<Channel>,
+    raw: Raw<Transport>,
 }
 
 impl IdmClient {
@@ -64,7 +95,7 @@ impl IdmClient {
     ///
     /// # Errors
     /// [`IdmError::Url`] for a malformed URL.
-    pub fn new(url: &str) -> Result<Self, IdmError> {
+    pub fn new(url: &str, credential: &Secret) -> Result<Self, IdmError> {
         let endpoint = Endpoint::from_shared(url.to_owned())
             .map_err(|e| IdmError::Url {
                 url: url.to_owned(),
@@ -72,8 +103,13 @@ impl IdmClient {
             })?
             .connect_timeout(Duration::from_secs(3))
             .timeout(Duration::from_secs(30));
+        // A credential that cannot be a header value is sent empty, and refused.
+        let mut value: AsciiMetadataValue =
+            MetadataValue::try_from(format!("Bearer {}", credential.expose()))
+                .unwrap_or_else(|_| MetadataValue::from_static(""));
+        value.set_sensitive(true);
         Ok(Self {
-            raw: Raw::new(endpoint.connect_lazy()),
+            raw: Raw::with_interceptor(endpoint.connect_lazy(), Credential(value)),
         })
     }
 
@@ -210,6 +246,149 @@ impl IdmClient {
         };
         Ok(self.raw.clone().commit(req).await?.into_inner().versions)
     }
+
+    /// Runs `commits` (operations and origin resource) under agreement
+    /// `agreement` and rolls them back; per commit, the versions or the refusal.
+    pub async fn dry_run(
+        &self,
+        agreement: &str,
+        commits: Vec<(Vec<Op>, String)>,
+    ) -> Result<Vec<v1::DryRunResult>, IdmError> {
+        let req = v1::DryRunRequest {
+            agreement: agreement.to_owned(),
+            commits: commits
+                .into_iter()
+                .map(|(ops, origin)| v1::CommitRequest {
+                    operations: ops.into_iter().map(v1::Operation::from).collect(),
+                    origin_resource: origin,
+                })
+                .collect(),
+        };
+        Ok(self.raw.clone().dry_run(req).await?.into_inner().results)
+    }
+
+    fn name(name: &str) -> v1::AgreementName {
+        v1::AgreementName {
+            name: name.to_owned(),
+        }
+    }
+
+    pub async fn create_agreement(&self, name: &str) -> Result<v1::Agreement, IdmError> {
+        Ok(self
+            .raw
+            .clone()
+            .create_agreement(Self::name(name))
+            .await?
+            .into_inner())
+    }
+
+    pub async fn list_agreements(&self) -> Result<Vec<v1::Agreement>, IdmError> {
+        let req = v1::ListAgreementsRequest {};
+        Ok(self
+            .raw
+            .clone()
+            .list_agreements(req)
+            .await?
+            .into_inner()
+            .items)
+    }
+
+    pub async fn get_agreement(&self, name: &str) -> Result<v1::Agreement, IdmError> {
+        Ok(self
+            .raw
+            .clone()
+            .get_agreement(Self::name(name))
+            .await?
+            .into_inner())
+    }
+
+    /// A new token for `agreement`; the IDM shows it this once.
+    pub async fn generate_token(&self, agreement: &str, label: &str) -> Result<Secret, IdmError> {
+        let req = v1::GenerateTokenRequest {
+            agreement: agreement.to_owned(),
+            label: label.to_owned(),
+        };
+        let r = self.raw.clone().generate_token(req).await?.into_inner();
+        Ok(Secret::new(r.token))
+    }
+
+    /// Revokes the token labelled `label`, or all when `None`.
+    pub async fn destroy_token(
+        &self,
+        agreement: &str,
+        label: Option<&str>,
+    ) -> Result<v1::Agreement, IdmError> {
+        let req = v1::DestroyTokenRequest {
+            agreement: agreement.to_owned(),
+            label: label.unwrap_or_default().to_owned(),
+        };
+        Ok(self.raw.clone().destroy_token(req).await?.into_inner())
+    }
+
+    pub async fn set_yield_attributes(
+        &self,
+        agreement: &str,
+        attributes: &[String],
+    ) -> Result<v1::Agreement, IdmError> {
+        let req = v1::SetYieldAttributesRequest {
+            agreement: agreement.to_owned(),
+            attributes: attributes.to_vec(),
+        };
+        Ok(self
+            .raw
+            .clone()
+            .set_yield_attributes(req)
+            .await?
+            .into_inner())
+    }
+
+    /// Returns how many entries were released.
+    pub async fn finalise_agreement(&self, name: &str) -> Result<u64, IdmError> {
+        let r = self
+            .raw
+            .clone()
+            .finalise_agreement(Self::name(name))
+            .await?;
+        Ok(r.into_inner().entries)
+    }
+
+    /// Returns how many entries were deleted.
+    pub async fn terminate_agreement(&self, name: &str) -> Result<u64, IdmError> {
+        let r = self
+            .raw
+            .clone()
+            .terminate_agreement(Self::name(name))
+            .await?;
+        Ok(r.into_inner().entries)
+    }
+
+    /// Records a failure of `agreement`; with `halt`, stops it there.
+    pub async fn report_failure(
+        &self,
+        agreement: &str,
+        failure: v1::AgreementFailure,
+        halt: bool,
+    ) -> Result<v1::Agreement, IdmError> {
+        let req = v1::ReportFailureRequest {
+            agreement: agreement.to_owned(),
+            failure: Some(failure),
+        };
+        let r = if halt {
+            self.raw.clone().halt_agreement(req).await?
+        } else {
+            self.raw.clone().report_failure(req).await?
+        };
+        Ok(r.into_inner())
+    }
+
+    pub async fn resume_agreement(&self, name: &str) -> Result<v1::Agreement, IdmError> {
+        Ok(self
+            .raw
+            .clone()
+            .resume_agreement(Self::name(name))
+            .await?
+            .into_inner())
+    }
 }
 
 /// What the IDM holds about a change, and its situation.
@@ -245,7 +424,21 @@ pub async fn correlate(
     };
     let mut candidates = Vec::new();
     let is_group = change.object_type == ObjectType::Group;
-    if owner.is_none() && !change.is_delete() && is_group {
+    // The agreement's remapping of this entry replaces correlation: its id,
+    // or its name, says which focus is its own.
+    let remapped = if owner.is_some() || change.is_delete() {
+        false
+    } else if let Some(id) = config.mapped_id(&change.resource, &change.entry_uuid) {
+        candidates.extend(idm.get_focus(id).await?);
+        true
+    } else if let Some(name) = config.mapped_name(&change.resource, &change.entry_uuid) {
+        let kind = if is_group { KIND_GROUP } else { KIND_USER };
+        candidates = idm.find_focus(kind, "name", name).await?;
+        true
+    } else {
+        false
+    };
+    if owner.is_none() && !change.is_delete() && is_group && !remapped {
         // Groups correlate by name, which is unique per kind.
         let name_source = resource
             .groups
@@ -256,7 +449,7 @@ pub async fn correlate(
             candidates = idm.find_focus(KIND_GROUP, "name", name).await?;
         }
     }
-    if owner.is_none() && !change.is_delete() && !is_group {
+    if owner.is_none() && !change.is_delete() && !is_group && !remapped {
         for rule in &resource.correlation {
             // A rule whose sources the entry lacks does not apply.
             let Some(all) = idsync_core::correlation::query(change, &rule.conditions)? else {
@@ -290,6 +483,46 @@ pub async fn correlate(
         focus,
         candidates: candidate_ids,
     })
+}
+
+/// For a group, who owns each member it names, by DN or by uid (the store
+/// resolves the rest when their accounts arrive).
+///
+/// # Errors
+/// An IDM call failed, a member value is not UTF-8, or the resource is not configured.
+pub async fn memberships(
+    config: &Config,
+    idm: &IdmClient,
+    change: &SourceChange,
+) -> Result<Vec<(MemberRef, Option<String>)>, CorrelateError> {
+    if change.is_delete() || change.object_type != ObjectType::Group {
+        return Ok(Vec::new());
+    }
+    let resource = config.resource(&change.resource)?;
+    let Some(groups) = resource.groups.as_ref() else {
+        return Ok(Vec::new());
+    };
+    let mut refs: Vec<MemberRef> = utf8_values(change, &groups.member_attribute, "members")?
+        .into_iter()
+        .map(|dn| MemberRef {
+            resource: change.resource.clone(),
+            dn,
+            uid: String::new(),
+        })
+        .collect();
+    if let Some(attribute) = &groups.member_uid_attribute {
+        refs.extend(
+            utf8_values(change, attribute, "members")?
+                .into_iter()
+                .map(|uid| MemberRef {
+                    resource: change.resource.clone(),
+                    dn: String::new(),
+                    uid,
+                }),
+        );
+    }
+    let owners = idm.resolve_members(&refs).await?;
+    Ok(refs.into_iter().zip(owners).collect())
 }
 
 #[derive(Debug, thiserror::Error)]

@@ -30,8 +30,10 @@ pub enum ConfigError {
     Parse { path: String, reason: String },
     #[error("configuration {path} is invalid:\n{}", .problems.iter().map(|p| format!("  - {p}")).collect::<Vec<_>>().join("\n"))]
     Invalid { path: String, problems: Vec<String> },
-    #[error("resource {resource:?}: bind password: {reason}")]
-    Secret { resource: String, reason: String },
+    #[error("{what}: {reason}")]
+    Secret { what: String, reason: String },
+    #[error(transparent)]
+    Idm(#[from] idsync_idm_client::IdmError),
 }
 
 /// Reads, parses and validates the configuration at `path`, then applies the
@@ -153,23 +155,97 @@ fn line_of(text: &str, path: &str) -> Option<usize> {
 /// Neither is configured, the file cannot be read, or the variable is unset.
 /// The message never contains the password.
 pub fn bind_password(resource: &ResourceConfig) -> Result<Secret, ConfigError> {
+    read_secret(
+        &format!("resource {:?}: bind password", resource.name),
+        ("bind_password_file", resource.bind_password_file.as_deref()),
+        ("bind_password_env", resource.bind_password_env.as_deref()),
+    )
+}
+
+/// The administrator credential (`idm.admin_token_file` or `idm.admin_token_env`).
+///
+/// # Errors
+/// As [`bind_password`]; the message never contains the credential.
+pub fn admin_token(config: &Config) -> Result<Secret, ConfigError> {
+    read_secret(
+        "idm: administrator credential",
+        ("admin_token_file", config.idm.admin_token_file.as_deref()),
+        ("admin_token_env", config.idm.admin_token_env.as_deref()),
+    )
+}
+
+/// The sync token of agreement `name` (`token_file` or `token_env`).
+///
+/// # Errors
+/// The agreement is not configured, or as [`bind_password`].
+pub fn agreement_token(config: &Config, name: &str) -> Result<Secret, ConfigError> {
+    let what = format!("agreement {name:?}: sync token");
+    let a = config
+        .agreements
+        .get(name)
+        .ok_or_else(|| ConfigError::Secret {
+            what: what.clone(),
+            reason: "the agreement is not in [agreements]".into(),
+        })?;
+    read_secret(
+        &what,
+        ("token_file", a.token_file.as_deref()),
+        ("token_env", a.token_env.as_deref()),
+    )
+}
+
+/// An IDM client per configured agreement, each presenting that agreement's
+/// sync token.
+///
+/// # Errors
+/// A token cannot be read, or the IDM URL is malformed.
+pub fn agreement_clients(
+    config: &Config,
+) -> Result<std::collections::BTreeMap<String, idsync_idm_client::IdmClient>, ConfigError> {
+    config
+        .agreements
+        .keys()
+        .map(|name| {
+            let token = agreement_token(config, name)?;
+            let client = idsync_idm_client::IdmClient::new(&config.idm.url, &token)?;
+            Ok((name.clone(), client))
+        })
+        .collect()
+}
+
+/// An IDM client that presents the administrator credential.
+///
+/// # Errors
+/// The credential cannot be read, or the IDM URL is malformed.
+pub fn admin_client(config: &Config) -> Result<idsync_idm_client::IdmClient, ConfigError> {
+    let credential = admin_token(config)?;
+    Ok(idsync_idm_client::IdmClient::new(
+        &config.idm.url,
+        &credential,
+    )?)
+}
+
+/// A secret from a file (trailing newline ignored) or an environment variable.
+fn read_secret(
+    what: &str,
+    (file_key, file): (&str, Option<&str>),
+    (env_key, env): (&str, Option<&str>),
+) -> Result<Secret, ConfigError> {
     let err = |reason: String| ConfigError::Secret {
-        resource: resource.name.clone(),
+        what: what.to_owned(),
         reason,
     };
-    if let Some(file) = &resource.bind_password_file {
+    if let Some(file) = file {
         let text = std::fs::read_to_string(file)
-            .map_err(|e| err(format!("cannot read bind_password_file {file}: {e}")))?;
+            .map_err(|e| err(format!("cannot read {file_key} {file}: {e}")))?;
         return Ok(Secret::new(text.trim_end_matches(['\n', '\r'])));
     }
-    if let Some(var) = &resource.bind_password_env {
-        return std::env::var(var).map(Secret::new).map_err(|_| {
-            err(format!(
-                "environment variable {var} (bind_password_env) is not set"
-            ))
-        });
+    if let Some(var) = env {
+        return std::env::var(var)
+            .map(Secret::new)
+            .map_err(|_| err(format!("environment variable {var} ({env_key}) is not set")));
     }
-    Err(err("set bind_password_file or bind_password_env".to_owned()))
+    Err(err(format!("set {file_key} or {env_key}")))
 }
 
 /// Starts tracing: JSON when `IDSYNC_LOG_FORMAT=json`, human-readable

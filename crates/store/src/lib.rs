@@ -14,6 +14,13 @@ use redb::{Database, ReadableDatabase, ReadableTable, TableDefinition};
 
 use idsync_proto::v1;
 
+mod agreements;
+mod commit;
+pub mod token;
+
+pub use agreements::status_word;
+pub use commit::{Principal, Writer};
+
 const FOCUS: TableDefinition<&str, &[u8]> = TableDefinition::new("focus");
 /// `<kind>\0<name>` → focus id; names are unique per kind.
 const FOCUS_NAME: TableDefinition<&str, &str> = TableDefinition::new("focus_name");
@@ -28,6 +35,13 @@ const MEMBER_OF: TableDefinition<&str, ()> = TableDefinition::new("member_of");
 /// outbox sequence → encoded `FocusChange`.
 const OUTBOX: TableDefinition<u64, &[u8]> = TableDefinition::new("outbox");
 const META: TableDefinition<&str, u64> = TableDefinition::new("meta");
+/// Agreement name → encoded `Agreement` (token hashes, yielded attributes, status).
+const AGREEMENT: TableDefinition<&str, &[u8]> = TableDefinition::new("agreement");
+/// `<agreement>\0<focus id>` → (): the entries each agreement owns.
+const SYNC_CHILD: TableDefinition<&str, ()> = TableDefinition::new("sync_child");
+/// Secrets the store makes for itself (the key that signs tokens).
+const SECRET: TableDefinition<&str, &[u8]> = TableDefinition::new("secret");
+const TOKEN_KEY: &str = "token_signing_key";
 const NEXT_OUTBOX: &str = "next_outbox_seq";
 /// Set once when the store is created; distinguishes this store's outbox
 /// sequence numbers from those of an earlier store on the same stream.
@@ -51,14 +65,52 @@ pub enum StoreError {
         expected: u64,
         found: u64,
     },
-    #[error("{kind} name {name:?} is already taken by {holder}")]
+    #[error("{kind} name {name:?} is already taken by {holder} ({holder_owner})")]
     NameTaken {
         kind: String,
         name: String,
         holder: String,
+        /// "a native IDM entry", or "owned by agreement …".
+        holder_owner: String,
     },
+    /// The writer does not own what it writes.
+    #[error("{object} is {owner}; {writer} may not write it{}", if detail.is_empty() { String::new() } else { format!(": {detail}") })]
+    NotOwned {
+        object: String,
+        owner: String,
+        writer: String,
+        detail: String,
+    },
+    /// An agreement wrote an attribute it yields to the IDM.
+    #[error(
+        "agreement {agreement:?} sent attribute {attribute:?} of {object}, but it yields {attribute:?} to the IDM: remove the inbound mapping to {attribute:?} from its resources, or stop yielding it with `idsync sync set-yield-attributes {agreement} <the others>`"
+    )]
+    Yielded {
+        agreement: String,
+        attribute: String,
+        object: String,
+    },
+    /// A focus the IDM cannot hold, whoever writes it.
+    #[error("schema violation: {object}: {reason}")]
+    Schema { object: String, reason: String },
+    #[error("agreement {name:?} does not exist")]
+    NoAgreement { name: String },
+    #[error("agreement {name:?} already exists")]
+    AgreementExists { name: String },
+    #[error(
+        "agreement {name:?} is halted ({reason}); fix the cause, then run `idsync sync retry {name}`"
+    )]
+    Halted { name: String, reason: String },
+    #[error("{0}")]
+    BadRequest(String),
     #[error("invalid operation {index}: {reason}")]
     Invalid { index: usize, reason: String },
+}
+
+fn now_ms() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX))
 }
 
 fn db<E: Into<redb::Error>>(e: E) -> StoreError {
@@ -79,29 +131,6 @@ fn load<M: Message + Default>(
         .map_err(db)?
         .map(|v| decode(v.value()))
         .transpose()
-}
-
-/// Appends the change of `focus` to the outbox under the next sequence.
-fn append_outbox(
-    outbox: &mut redb::Table<u64, &[u8]>,
-    next_seq: &mut u64,
-    focus: v1::Focus,
-    deleted: bool,
-    origin: &str,
-) -> Result<(), StoreError> {
-    let change = v1::FocusChange {
-        schema_version: idsync_proto::SCHEMA_VERSION,
-        outbox_seq: *next_seq,
-        focus_id: focus.id.clone(),
-        focus: Some(focus),
-        deleted,
-        origin_resource: origin.to_owned(),
-    };
-    outbox
-        .insert(*next_seq, change.encode_to_vec().as_slice())
-        .map_err(db)?;
-    *next_seq += 1;
-    Ok(())
 }
 
 fn shadow_key(resource: &str, entry_uuid: &str) -> String {
@@ -181,6 +210,8 @@ fn focus_name(f: &v1::Focus) -> Option<&str> {
 pub struct Store {
     db: Arc<Database>,
     instance: u64,
+    /// Signs sync tokens; made when the store is created, never leaves it.
+    token_key: Arc<[u8]>,
 }
 
 impl Store {
@@ -201,6 +232,7 @@ impl Store {
             .begin_write()
             .map_err(|e| open_err(e.to_string()))?;
         let instance;
+        let token_key;
         {
             txn.open_table(FOCUS).map_err(db)?;
             txn.open_table(FOCUS_NAME).map_err(db)?;
@@ -209,6 +241,21 @@ impl Store {
             txn.open_table(PENDING).map_err(db)?;
             txn.open_table(MEMBER_OF).map_err(db)?;
             txn.open_table(OUTBOX).map_err(db)?;
+            txn.open_table(AGREEMENT).map_err(db)?;
+            txn.open_table(SYNC_CHILD).map_err(db)?;
+            let mut secrets = txn.open_table(SECRET).map_err(db)?;
+            let stored = secrets
+                .get(TOKEN_KEY)
+                .map_err(db)?
+                .map(|v| v.value().to_vec());
+            token_key = match stored {
+                Some(k) => k,
+                None => {
+                    let k = token::random_key().map_err(open_err)?;
+                    secrets.insert(TOKEN_KEY, k.as_slice()).map_err(db)?;
+                    k.to_vec()
+                }
+            };
             let mut meta = txn.open_table(META).map_err(db)?;
             let stored = meta.get(INSTANCE).map_err(db)?.map(|v| v.value());
             instance = match stored {
@@ -226,6 +273,7 @@ impl Store {
         Ok(Self {
             db: Arc::new(database),
             instance,
+            token_key: token_key.into(),
         })
     }
 
@@ -400,275 +448,6 @@ impl Store {
         Ok(out)
     }
 
-    /// Applies `ops` atomically: every precondition holds and every write is
-    /// made, or nothing is. Returns the new version of each object written
-    /// (0 for deletions), in order.
-    ///
-    /// # Errors
-    /// [`StoreError::Conflict`] when a stored version differs from the one the
-    /// operation expects, [`StoreError::NameTaken`] when a focus would take
-    /// another's name, [`StoreError::Invalid`] for an operation without its object.
-    pub fn commit(&self, ops: &[v1::Operation], origin: &str) -> Result<Vec<u64>, StoreError> {
-        use v1::operation::Op;
-        let txn = self.db.begin_write().map_err(db)?;
-        let mut versions = Vec::with_capacity(ops.len());
-        {
-            let mut focus_t = txn.open_table(FOCUS).map_err(db)?;
-            let mut names = txn.open_table(FOCUS_NAME).map_err(db)?;
-            let mut shadows = txn.open_table(SHADOW).map_err(db)?;
-            let mut by_member_key = txn.open_table(SHADOW_BY_MEMBER_KEY).map_err(db)?;
-            let mut pending = txn.open_table(PENDING).map_err(db)?;
-            let mut member_of = txn.open_table(MEMBER_OF).map_err(db)?;
-            let mut outbox = txn.open_table(OUTBOX).map_err(db)?;
-            let mut meta = txn.open_table(META).map_err(db)?;
-            // Version preconditions first, over all operations: a lost race
-            // is reported as a conflict, never as a side effect of it (such as
-            // a name taken by the winner).
-            for op in ops {
-                check_version(op, &focus_t, &shadows)?;
-            }
-            let mut next_seq = meta.get(NEXT_OUTBOX).map_err(db)?.map_or(1, |v| v.value());
-
-            for (index, op) in ops.iter().enumerate() {
-                let invalid = |reason: &str| StoreError::Invalid {
-                    index,
-                    reason: reason.to_owned(),
-                };
-                match op.op.as_ref() {
-                    Some(Op::PutFocus(put)) => {
-                        let mut focus = put
-                            .focus
-                            .clone()
-                            .ok_or_else(|| invalid("put_focus without a focus"))?;
-                        if focus.id.is_empty() || focus.kind.is_empty() {
-                            return Err(invalid("a focus needs an id and a kind"));
-                        }
-                        let current: Option<v1::Focus> = load(&focus_t, &focus.id)?;
-                        let found = current.as_ref().map_or(0, |f| f.version);
-                        if found != put.expected_version {
-                            return Err(StoreError::Conflict {
-                                object: format!("focus {}", focus.id),
-                                expected: put.expected_version,
-                                found,
-                            });
-                        }
-                        let old_name = current.as_ref().and_then(focus_name).map(str::to_owned);
-                        let new_name = focus_name(&focus).map(str::to_owned);
-                        if old_name != new_name {
-                            if let Some(n) = &new_name {
-                                let key = name_key(&focus.kind, n);
-                                if let Some(holder) = names.get(key.as_str()).map_err(db)?
-                                    && holder.value() != focus.id
-                                {
-                                    return Err(StoreError::NameTaken {
-                                        kind: focus.kind.clone(),
-                                        name: n.clone(),
-                                        holder: holder.value().to_owned(),
-                                    });
-                                }
-                                names.insert(key.as_str(), focus.id.as_str()).map_err(db)?;
-                            }
-                            if let Some(n) = &old_name {
-                                names
-                                    .remove(name_key(&focus.kind, n).as_str())
-                                    .map_err(db)?;
-                            }
-                        }
-                        // Pending members whose accounts are already here resolve now,
-                        // inside this transaction: no account can slip in between.
-                        resolve_pending(&mut focus, &by_member_key, &shadows)?;
-                        if let Some(old) = &current {
-                            for m in &old.members {
-                                member_of
-                                    .remove(format!("{m}\0{}", old.id).as_str())
-                                    .map_err(db)?;
-                            }
-                        }
-                        for m in &focus.members {
-                            member_of
-                                .insert(format!("{m}\0{}", focus.id).as_str(), ())
-                                .map_err(db)?;
-                        }
-                        if let Some(old) = &current {
-                            for m in &old.pending_members {
-                                pending
-                                    .remove(pending_key(m, &old.id).as_str())
-                                    .map_err(db)?;
-                            }
-                        }
-                        for m in &focus.pending_members {
-                            pending
-                                .insert(pending_key(m, &focus.id).as_str(), ())
-                                .map_err(db)?;
-                        }
-                        focus.version = found + 1;
-                        focus_t
-                            .insert(focus.id.as_str(), focus.encode_to_vec().as_slice())
-                            .map_err(db)?;
-                        versions.push(focus.version);
-                        append_outbox(&mut outbox, &mut next_seq, focus, false, origin)?;
-                    }
-                    Some(Op::DeleteFocus(del)) => {
-                        let current: Option<v1::Focus> = load(&focus_t, &del.id)?;
-                        let found = current.as_ref().map_or(0, |f| f.version);
-                        if found != del.expected_version || current.is_none() {
-                            return Err(StoreError::Conflict {
-                                object: format!("focus {}", del.id),
-                                expected: del.expected_version,
-                                found,
-                            });
-                        }
-                        let Some(last) = current else {
-                            return Err(invalid("unreachable: focus checked above"));
-                        };
-                        if let Some(n) = focus_name(&last) {
-                            names.remove(name_key(&last.kind, n).as_str()).map_err(db)?;
-                        }
-                        for m in &last.pending_members {
-                            pending
-                                .remove(pending_key(m, &last.id).as_str())
-                                .map_err(db)?;
-                        }
-                        for m in &last.members {
-                            member_of
-                                .remove(format!("{m}\0{}", last.id).as_str())
-                                .map_err(db)?;
-                        }
-                        focus_t.remove(del.id.as_str()).map_err(db)?;
-                        // A deleted focus leaves the groups it was a member of.
-                        let prefix = format!("{}\0", del.id);
-                        let mut groups = Vec::new();
-                        for row in member_of.range(prefix.as_str()..).map_err(db)? {
-                            let (k, _) = row.map_err(db)?;
-                            let Some(group_id) = k.value().strip_prefix(prefix.as_str()) else {
-                                break;
-                            };
-                            groups.push(group_id.to_owned());
-                        }
-                        for group_id in groups {
-                            member_of
-                                .remove(format!("{prefix}{group_id}").as_str())
-                                .map_err(db)?;
-                            let Some(mut group) = load::<v1::Focus>(&focus_t, &group_id)? else {
-                                continue;
-                            };
-                            group.members.retain(|m| *m != del.id);
-                            group.version += 1;
-                            focus_t
-                                .insert(group.id.as_str(), group.encode_to_vec().as_slice())
-                                .map_err(db)?;
-                            append_outbox(&mut outbox, &mut next_seq, group, false, origin)?;
-                        }
-                        versions.push(0);
-                        append_outbox(&mut outbox, &mut next_seq, last, true, origin)?;
-                    }
-                    Some(Op::PutShadow(put)) => {
-                        let mut shadow = put
-                            .shadow
-                            .clone()
-                            .ok_or_else(|| invalid("put_shadow without a shadow"))?;
-                        if shadow.resource.is_empty() || shadow.entry_uuid.is_empty() {
-                            return Err(invalid("a shadow needs a resource and an entry uuid"));
-                        }
-                        let key = shadow_key(&shadow.resource, &shadow.entry_uuid);
-                        let previous = load::<v1::Shadow>(&shadows, &key)?;
-                        let found = previous.as_ref().map_or(0, |s| s.version);
-                        if let Some(p) = &previous {
-                            for k in shadow_member_keys(p) {
-                                by_member_key.remove(k.as_str()).map_err(db)?;
-                            }
-                        }
-                        if !shadow.dead {
-                            for k in shadow_member_keys(&shadow) {
-                                by_member_key
-                                    .insert(k.as_str(), shadow.entry_uuid.as_str())
-                                    .map_err(db)?;
-                            }
-                        }
-                        if found != put.expected_version {
-                            return Err(StoreError::Conflict {
-                                object: format!("shadow {}/{}", shadow.resource, shadow.entry_uuid),
-                                expected: put.expected_version,
-                                found,
-                            });
-                        }
-                        shadow.version = found + 1;
-                        shadows
-                            .insert(key.as_str(), shadow.encode_to_vec().as_slice())
-                            .map_err(db)?;
-                        versions.push(shadow.version);
-                        // Groups waiting for this account get its owner, in this transaction.
-                        let member_keys = shadow_member_keys(&shadow);
-                        if !shadow.dead && !shadow.focus_id.is_empty() {
-                            let mut waiting = Vec::new();
-                            for member_key in &member_keys {
-                                let prefix = format!("{member_key}\0");
-                                for row in pending.range(prefix.as_str()..).map_err(db)? {
-                                    let (k, _) = row.map_err(db)?;
-                                    let Some(id) = k.value().strip_prefix(prefix.as_str()) else {
-                                        break;
-                                    };
-                                    waiting.push((k.value().to_owned(), id.to_owned()));
-                                }
-                            }
-                            for (pending_key, group_id) in waiting {
-                                pending.remove(pending_key.as_str()).map_err(db)?;
-                                let Some(mut group) = load::<v1::Focus>(&focus_t, &group_id)?
-                                else {
-                                    continue;
-                                };
-                                group
-                                    .pending_members
-                                    .retain(|m| !member_keys.contains(&ref_key(m)));
-                                if !group.members.contains(&shadow.focus_id) {
-                                    group.members.push(shadow.focus_id.clone());
-                                }
-                                member_of
-                                    .insert(
-                                        format!("{}\0{}", shadow.focus_id, group.id).as_str(),
-                                        (),
-                                    )
-                                    .map_err(db)?;
-                                group.version += 1;
-                                focus_t
-                                    .insert(group.id.as_str(), group.encode_to_vec().as_slice())
-                                    .map_err(db)?;
-                                append_outbox(&mut outbox, &mut next_seq, group, false, origin)?;
-                            }
-                        }
-                    }
-                    Some(Op::DeleteShadow(del)) => {
-                        let k = del
-                            .key
-                            .as_ref()
-                            .ok_or_else(|| invalid("delete_shadow without a key"))?;
-                        let key = shadow_key(&k.resource, &k.entry_uuid);
-                        let previous = load::<v1::Shadow>(&shadows, &key)?;
-                        let found = previous.as_ref().map_or(0, |s| s.version);
-                        if let Some(p) = &previous {
-                            for k in shadow_member_keys(p) {
-                                by_member_key.remove(k.as_str()).map_err(db)?;
-                            }
-                        }
-                        if found != del.expected_version || found == 0 {
-                            return Err(StoreError::Conflict {
-                                object: format!("shadow {}/{}", k.resource, k.entry_uuid),
-                                expected: del.expected_version,
-                                found,
-                            });
-                        }
-                        shadows.remove(key.as_str()).map_err(db)?;
-                        versions.push(0);
-                    }
-                    None => return Err(invalid("operation is empty")),
-                }
-            }
-            meta.insert(NEXT_OUTBOX, next_seq).map_err(db)?;
-        }
-        txn.commit().map_err(db)?;
-        Ok(versions)
-    }
-
     /// The oldest `limit` outbox records, in commit order.
     pub fn outbox_batch(&self, limit: usize) -> Result<Vec<(u64, Vec<u8>)>, StoreError> {
         let txn = self.db.begin_read().map_err(db)?;
@@ -690,68 +469,6 @@ impl Store {
         }
         txn.commit().map_err(db)
     }
-}
-
-fn check_version(
-    op: &v1::Operation,
-    focus_t: &redb::Table<&str, &[u8]>,
-    shadows: &redb::Table<&str, &[u8]>,
-) -> Result<(), StoreError> {
-    use v1::operation::Op;
-    let focus_version = |id: &str| -> Result<u64, StoreError> {
-        Ok(load::<v1::Focus>(focus_t, id)?.map_or(0, |f| f.version))
-    };
-    let shadow_version = |resource: &str, uuid: &str| -> Result<u64, StoreError> {
-        Ok(load::<v1::Shadow>(shadows, &shadow_key(resource, uuid))?.map_or(0, |s| s.version))
-    };
-    let (object, expected, found) = match op.op.as_ref() {
-        Some(Op::PutFocus(p)) => {
-            let id = p.focus.as_ref().map(|f| f.id.as_str()).unwrap_or_default();
-            (
-                format!("focus {id}"),
-                p.expected_version,
-                focus_version(id)?,
-            )
-        }
-        Some(Op::DeleteFocus(d)) => (
-            format!("focus {}", d.id),
-            d.expected_version,
-            focus_version(&d.id)?,
-        ),
-        Some(Op::PutShadow(p)) => {
-            let (r, u) = p
-                .shadow
-                .as_ref()
-                .map(|s| (s.resource.as_str(), s.entry_uuid.as_str()))
-                .unwrap_or_default();
-            (
-                format!("shadow {r}/{u}"),
-                p.expected_version,
-                shadow_version(r, u)?,
-            )
-        }
-        Some(Op::DeleteShadow(d)) => {
-            let (r, u) = d
-                .key
-                .as_ref()
-                .map(|k| (k.resource.as_str(), k.entry_uuid.as_str()))
-                .unwrap_or_default();
-            (
-                format!("shadow {r}/{u}"),
-                d.expected_version,
-                shadow_version(r, u)?,
-            )
-        }
-        None => return Ok(()),
-    };
-    if expected != found {
-        return Err(StoreError::Conflict {
-            object,
-            expected,
-            found,
-        });
-    }
-    Ok(())
 }
 
 #[cfg(test)]
@@ -805,6 +522,7 @@ mod tests {
             s.commit(
                 &[put_focus(user("f1", "jack"), 0), put_shadow("u1", 0)],
                 "hr",
+                &Writer::admin(),
             )
             .unwrap();
         }
@@ -819,10 +537,15 @@ mod tests {
     fn a_stale_version_fails_the_whole_commit() {
         let dir = tempfile::tempdir().unwrap();
         let s = Store::open(dir.path()).unwrap();
-        s.commit(&[put_focus(user("f1", "jack"), 0)], "").unwrap();
+        s.commit(&[put_focus(user("f1", "jack"), 0)], "", &Writer::admin())
+            .unwrap();
         // Second writer read version 0 too: its commit must change nothing.
         let err = s
-            .commit(&[put_shadow("u1", 0), put_focus(user("f1", "jack"), 0)], "")
+            .commit(
+                &[put_shadow("u1", 0), put_focus(user("f1", "jack"), 0)],
+                "",
+                &Writer::admin(),
+            )
             .unwrap_err();
         assert!(
             matches!(
@@ -843,12 +566,17 @@ mod tests {
     fn two_creations_of_one_shadow_cannot_both_win() {
         let dir = tempfile::tempdir().unwrap();
         let s = Store::open(dir.path()).unwrap();
-        s.commit(&[put_shadow("u1", 0), put_focus(user("f1", "jack"), 0)], "")
-            .unwrap();
+        s.commit(
+            &[put_shadow("u1", 0), put_focus(user("f1", "jack"), 0)],
+            "",
+            &Writer::admin(),
+        )
+        .unwrap();
         let err = s
             .commit(
                 &[put_shadow("u1", 0), put_focus(user("f2", "jack2"), 0)],
                 "",
+                &Writer::admin(),
             )
             .unwrap_err();
         assert!(matches!(err, StoreError::Conflict { .. }));
@@ -859,10 +587,18 @@ mod tests {
     fn a_lost_race_is_a_conflict_even_when_the_name_is_taken_too() {
         let dir = tempfile::tempdir().unwrap();
         let s = Store::open(dir.path()).unwrap();
-        s.commit(&[put_focus(user("f1", "jack"), 0), put_shadow("u1", 0)], "")
-            .unwrap();
+        s.commit(
+            &[put_focus(user("f1", "jack"), 0), put_shadow("u1", 0)],
+            "",
+            &Writer::admin(),
+        )
+        .unwrap();
         let err = s
-            .commit(&[put_focus(user("f2", "jack"), 0), put_shadow("u1", 0)], "")
+            .commit(
+                &[put_focus(user("f2", "jack"), 0), put_shadow("u1", 0)],
+                "",
+                &Writer::admin(),
+            )
             .unwrap_err();
         assert!(matches!(err, StoreError::Conflict { .. }), "{err}");
     }
@@ -871,17 +607,20 @@ mod tests {
     fn names_are_unique_per_kind() {
         let dir = tempfile::tempdir().unwrap();
         let s = Store::open(dir.path()).unwrap();
-        s.commit(&[put_focus(user("f1", "jack"), 0)], "").unwrap();
+        s.commit(&[put_focus(user("f1", "jack"), 0)], "", &Writer::admin())
+            .unwrap();
         let err = s
-            .commit(&[put_focus(user("f2", "jack"), 0)], "")
+            .commit(&[put_focus(user("f2", "jack"), 0)], "", &Writer::admin())
             .unwrap_err();
         assert!(
             matches!(err, StoreError::NameTaken { ref holder, .. } if holder == "f1"),
             "{err}"
         );
         // Renaming frees the old name.
-        s.commit(&[put_focus(user("f1", "jacky"), 1)], "").unwrap();
-        s.commit(&[put_focus(user("f2", "jack"), 0)], "").unwrap();
+        s.commit(&[put_focus(user("f1", "jacky"), 1)], "", &Writer::admin())
+            .unwrap();
+        s.commit(&[put_focus(user("f2", "jack"), 0)], "", &Writer::admin())
+            .unwrap();
         assert_eq!(s.find_focus("user", "name", "jacky").unwrap()[0].id, "f1");
     }
 
@@ -889,14 +628,15 @@ mod tests {
     fn delete_writes_a_tombstone_to_the_outbox() {
         let dir = tempfile::tempdir().unwrap();
         let s = Store::open(dir.path()).unwrap();
-        s.commit(&[put_focus(user("f1", "jack"), 0)], "").unwrap();
+        s.commit(&[put_focus(user("f1", "jack"), 0)], "", &Writer::admin())
+            .unwrap();
         let del = v1::Operation {
             op: Some(Op::DeleteFocus(v1::DeleteFocus {
                 id: "f1".into(),
                 expected_version: 1,
             })),
         };
-        s.commit(&[del], "hr").unwrap();
+        s.commit(&[del], "hr", &Writer::admin()).unwrap();
         assert!(s.get_focus("f1").unwrap().is_none());
         assert!(s.find_focus("user", "name", "jack").unwrap().is_empty());
         let batch = s.outbox_batch(10).unwrap();
@@ -924,7 +664,7 @@ mod tests {
                 expected_version: expected,
             })),
         };
-        s.commit(&[put(&sh, 0)], "").unwrap();
+        s.commit(&[put(&sh, 0)], "", &Writer::admin()).unwrap();
         let by_dn = |dn: &str| v1::MemberRef {
             resource: "hr".into(),
             dn: dn.into(),
@@ -934,10 +674,10 @@ mod tests {
         assert_eq!(s.resolve_members(&dns).unwrap(), ["f1", ""]);
         // A dead shadow resolves to nobody; a rename moves the index.
         sh.dn = "uid=jacky,ou=people".into();
-        s.commit(&[put(&sh, 1)], "").unwrap();
+        s.commit(&[put(&sh, 1)], "", &Writer::admin()).unwrap();
         assert_eq!(s.resolve_members(&dns).unwrap(), ["", ""]);
         sh.dead = true;
-        s.commit(&[put(&sh, 2)], "").unwrap();
+        s.commit(&[put(&sh, 2)], "", &Writer::admin()).unwrap();
         assert_eq!(
             s.resolve_members(&[by_dn("uid=jacky,ou=people")]).unwrap(),
             [""]
@@ -946,7 +686,8 @@ mod tests {
         let mut group = user("g1", "crew");
         group.kind = "group".into();
         group.pending_members = vec![by_dn("uid=will,ou=people")];
-        s.commit(&[put_focus(group.clone(), 0)], "").unwrap();
+        s.commit(&[put_focus(group.clone(), 0)], "", &Writer::admin())
+            .unwrap();
         let found = s.find_pending_groups(&by_dn("UID=Will,ou=people")).unwrap();
         assert_eq!(found.len(), 1);
         assert!(
@@ -962,7 +703,7 @@ mod tests {
             focus_id: "f2".into(),
             ..Default::default()
         };
-        s.commit(&[put(&will, 0)], "hr").unwrap();
+        s.commit(&[put(&will, 0)], "hr", &Writer::admin()).unwrap();
         let g = s.get_focus("g1").unwrap().unwrap();
         assert_eq!(g.members, ["f2"]);
         assert!(g.pending_members.is_empty());
@@ -976,7 +717,8 @@ mod tests {
         let mut crew = user("g2", "crew2");
         crew.kind = "group".into();
         crew.pending_members = vec![by_dn("uid=will,ou=people")];
-        s.commit(&[put_focus(crew, 0)], "").unwrap();
+        s.commit(&[put_focus(crew, 0)], "", &Writer::admin())
+            .unwrap();
         let g2 = s.get_focus("g2").unwrap().unwrap();
         assert_eq!(g2.members, ["f2"]);
         assert!(g2.pending_members.is_empty());
@@ -990,7 +732,8 @@ mod tests {
         let mut posix = user("g3", "sailors");
         posix.kind = "group".into();
         posix.pending_members = vec![by_uid.clone()];
-        s.commit(&[put_focus(posix, 0)], "").unwrap();
+        s.commit(&[put_focus(posix, 0)], "", &Writer::admin())
+            .unwrap();
         assert_eq!(s.find_pending_groups(&by_uid).unwrap().len(), 1);
         let bob = v1::Shadow {
             resource: "hr".into(),
@@ -1000,19 +743,20 @@ mod tests {
             member_keys: vec!["uid:bob".into()],
             ..Default::default()
         };
-        s.commit(&[put(&bob, 0)], "hr").unwrap();
+        s.commit(&[put(&bob, 0)], "hr", &Writer::admin()).unwrap();
         assert_eq!(s.get_focus("g3").unwrap().unwrap().members, ["f3"]);
         assert_eq!(s.resolve_members(&[by_uid]).unwrap(), ["f3"]);
 
         // A deleted member leaves every group it was in, in the same commit.
-        s.commit(&[put_focus(user("f2", "will"), 0)], "").unwrap();
+        s.commit(&[put_focus(user("f2", "will"), 0)], "", &Writer::admin())
+            .unwrap();
         let del = v1::Operation {
             op: Some(Op::DeleteFocus(v1::DeleteFocus {
                 id: "f2".into(),
                 expected_version: 1,
             })),
         };
-        s.commit(&[del], "hr").unwrap();
+        s.commit(&[del], "hr", &Writer::admin()).unwrap();
         assert!(s.get_focus("g1").unwrap().unwrap().members.is_empty());
         assert!(s.get_focus("g2").unwrap().unwrap().members.is_empty());
         assert_eq!(s.get_focus("g3").unwrap().unwrap().members, ["f3"]);
@@ -1026,6 +770,7 @@ mod tests {
             s.commit(
                 &[put_focus(user(&format!("f{i}"), &format!("n{i}")), 0)],
                 "",
+                &Writer::admin(),
             )
             .unwrap();
         }

@@ -6,14 +6,13 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use idsync_bus::worker::{Handling, Message, Source, backoff, run_worker};
+use idsync_bus::worker::{Handling, Message, Source, backoff, run_gated_worker};
 use idsync_bus::{Bus, BusError, names};
-use idsync_core::config::Config;
-use idsync_core::inbound::utf8_values;
+use idsync_core::config::{Config, OnError};
 use idsync_core::inbound::{InboundState, Outcome, plan};
-use idsync_core::model::{MemberRef, ObjectType, SourceChange};
+use idsync_core::model::SourceChange;
 use idsync_core::situation::{Reaction, Situation};
-use idsync_idm_client::{CorrelateError, Correlation, IdmClient, IdmError, correlate};
+use idsync_idm_client::{CorrelateError, Correlation, IdmClient, IdmError, correlate, memberships};
 use idsync_ldap::{Connection, LdapError, Pool};
 use idsync_proto::v1;
 use prost::Message as _;
@@ -34,13 +33,15 @@ pub enum Error {
     Config(#[from] idsync_runtime::ConfigError),
 }
 
-/// Consumes the decision stream until `shutdown`.
+/// Consumes the decision stream until `shutdown`: one worker per agreement,
+/// each on its own durable consumer and with its own token, so an agreement
+/// that halts holds back only its own changes.
 ///
 /// # Errors
-/// NATS cannot be reached at start, or the IDM URL is malformed.
+/// NATS cannot be reached at start, a token cannot be read, or the IDM URL is malformed.
 pub async fn run(config: Arc<Config>, shutdown: CancellationToken) -> Result<(), Error> {
     let bus = Bus::connect(&config.nats.url).await?;
-    let idm = IdmClient::new(&config.idm.url)?;
+    let clients = idsync_runtime::agreement_clients(&config)?;
     // Connections only to resources whose reactions act on their accounts.
     let mut accounts = Pool::new();
     for r in &config.resources {
@@ -49,17 +50,110 @@ pub async fn run(config: Arc<Config>, shutdown: CancellationToken) -> Result<(),
             accounts.add(&r.name, conn, &r.id_attribute);
         }
     }
-    let source = Source {
-        service: SERVICE,
-        stream: names::DECISIONS_STREAM,
-        durable: names::APPLIER,
-        filter_subject: None,
-    };
-    run_worker(&bus, source, shutdown, |msg| {
-        handle(&config, &idm, &accounts, msg)
-    })
-    .await?;
+    let accounts = Arc::new(accounts);
+    // One task drives every agreement's worker: they wait on I/O, and a
+    // halted one costs nothing.
+    let workers = clients.iter().map(|(agreement, idm)| {
+        let (bus, config, accounts, shutdown) = (&bus, &config, &accounts, &shutdown);
+        async move {
+            let durable = names::applier_durable(agreement);
+            let filter = names::agreement_decisions(agreement);
+            let source = Source {
+                service: SERVICE,
+                stream: names::DECISIONS_STREAM,
+                durable: &durable,
+                filter_subject: Some(&filter),
+            };
+            let ctx = Agreement {
+                name: agreement,
+                idm,
+            };
+            run_gated_worker(
+                bus,
+                source,
+                shutdown.clone(),
+                || ctx.until_resumed(shutdown),
+                |msg| handle(config, ctx, accounts, msg),
+            )
+            .await
+        }
+    });
+    for result in futures::future::join_all(workers).await {
+        result?;
+    }
     Ok(())
+}
+
+/// The agreement a worker applies for, and its client (with its token).
+#[derive(Debug, Clone, Copy)]
+struct Agreement<'a> {
+    name: &'a str,
+    idm: &'a IdmClient,
+}
+
+impl Agreement<'_> {
+    /// Returns once the agreement is no longer halted (or no longer exists).
+    async fn until_resumed(&self, shutdown: &CancellationToken) {
+        loop {
+            tokio::select! {
+                _ = shutdown.cancelled() => return,
+                _ = tokio::time::sleep(Duration::from_secs(1)) => {}
+            }
+            match self.idm.get_agreement(self.name).await {
+                Ok(a) if !a.halted => return,
+                Ok(_) => {}
+                Err(e @ (IdmError::Unauthenticated(_) | IdmError::Rejected { .. })) => {
+                    tracing::warn!(agreement = self.name, error = %e, "cannot read the agreement; resuming to find out");
+                    return;
+                }
+                Err(_) => {}
+            }
+        }
+    }
+
+    /// An entry failed: by the agreement's policy, halt here (Kanidm) or park
+    /// the entry and go on (quarantine). Either way the status turns Err.
+    async fn fail(
+        &self,
+        config: &Config,
+        change: &SourceChange,
+        reason: String,
+        msg: &Message,
+    ) -> Handling {
+        let halt = config
+            .agreements
+            .get(self.name)
+            .is_none_or(|a| a.on_error == OnError::Halt);
+        let failure = v1::AgreementFailure {
+            resource: change.resource.clone(),
+            dn: change.dn.clone(),
+            entry_uuid: change.entry_uuid.clone(),
+            attribute: blamed_attribute(&reason).unwrap_or_default(),
+            reason: reason.clone(),
+            at_ms: 0,
+        };
+        match self.idm.report_failure(self.name, failure, halt).await {
+            Ok(_) => {}
+            Err(e) if e.is_transient() => return transient(msg, &e),
+            Err(e) => {
+                tracing::error!(agreement = self.name, error = %e, "could not record the failure");
+            }
+        }
+        if halt {
+            Handling::Halt(format!("agreement {} halted: {reason}", self.name))
+        } else {
+            Handling::Poison(format!(
+                "agreement {} quarantined the entry: {reason}",
+                self.name
+            ))
+        }
+    }
+}
+
+/// The attribute an IDM refusal names (`attribute "x"`), if any.
+fn blamed_attribute(reason: &str) -> Option<String> {
+    let rest = reason.split_once("attribute \"")?.1;
+    rest.split_once('"').map(|(a, _)| a.to_owned())
 }
 
 fn transient(msg: &Message, e: &dyn std::fmt::Display) -> Handling {
@@ -69,8 +163,9 @@ fn transient(msg: &Message, e: &dyn std::fmt::Display) -> Handling {
     }
 }
 
-#[tracing::instrument(skip_all, fields(seq = msg.stream_seq))]
-async fn handle(config: &Config, idm: &IdmClient, accounts: &Pool, msg: Message) -> Handling {
+#[tracing::instrument(skip_all, fields(seq = msg.stream_seq, agreement = ctx.name))]
+async fn handle(config: &Config, ctx: Agreement<'_>, accounts: &Pool, msg: Message) -> Handling {
+    let idm = ctx.idm;
     let decision = match v1::Decision::decode(msg.payload.as_ref()) {
         Ok(d) => d,
         Err(e) => return Handling::Poison(format!("not a Decision: {e}")),
@@ -85,6 +180,15 @@ async fn handle(config: &Config, idm: &IdmClient, accounts: &Pool, msg: Message)
         Ok(c) => c,
         Err(e) => return Handling::Poison(e.to_string()),
     };
+    if config.is_excluded(&change.resource, &change.entry_uuid) {
+        tracing::info!(resource = %change.resource, dn = %change.dn, "excluded by the agreement's configuration; skipped");
+        return Handling::Done;
+    }
+    if !decision.failure.is_empty() {
+        return ctx
+            .fail(config, &change, decision.failure.clone(), &msg)
+            .await;
+    }
     if !decision.resolution.is_empty() {
         return resolve(config, idm, &decision, &change, &msg).await;
     }
@@ -98,12 +202,12 @@ async fn handle(config: &Config, idm: &IdmClient, accounts: &Pool, msg: Message)
         let state = match state {
             Ok(s) => s,
             Err(CorrelateError::Idm(e)) if e.is_transient() => return transient(&msg, &e),
-            Err(e) => return Handling::Poison(format!("entry {:?}: {e}", change.dn)),
+            Err(e) => return ctx.fail(config, &change, e.to_string(), &msg).await,
         };
         let members = match memberships(config, idm, &change).await {
             Ok(m) => m,
             Err(CorrelateError::Idm(e)) if e.is_transient() => return transient(&msg, &e),
-            Err(e) => return Handling::Poison(format!("entry {:?}: {e}", change.dn)),
+            Err(e) => return ctx.fail(config, &change, e.to_string(), &msg).await,
         };
         let input = InboundState {
             shadow: state.shadow.as_ref(),
@@ -113,10 +217,10 @@ async fn handle(config: &Config, idm: &IdmClient, accounts: &Pool, msg: Message)
             members: &members,
             ..Default::default()
         };
-        let new_id = uuid::Uuid::new_v4().to_string();
+        let new_id = new_focus_id(config, &change);
         let outcome = match plan(config, &change, decision.change_seq, input, &new_id) {
             Ok(o) => o,
-            Err(e) => return Handling::Poison(format!("entry {:?}: {e}", change.dn)),
+            Err(e) => return ctx.fail(config, &change, e.to_string(), &msg).await,
         };
         let (situation, reaction, ops) = match outcome {
             Outcome::Stale { shadow_position } => {
@@ -149,15 +253,43 @@ async fn handle(config: &Config, idm: &IdmClient, accounts: &Pool, msg: Message)
                 tokio::time::sleep(Duration::from_millis(5 * attempt as u64)).await;
             }
             Err(e) if e.is_transient() => return transient(&msg, &e),
-            Err(e) => {
-                return Handling::Poison(format!(
-                    "entry {:?} on {}: the IDM refused the commit: {e}",
-                    change.dn, change.resource
-                ));
-            }
+            Err(e) => return refused(config, ctx, &change, e, &msg).await,
         }
     }
     transient(&msg, &"still losing races after several attempts")
+}
+
+/// The id a new focus gets: the agreement's `map_uuid` for the entry, or a new one.
+fn new_focus_id(config: &Config, change: &SourceChange) -> String {
+    config
+        .mapped_id(&change.resource, &change.entry_uuid)
+        .map_or_else(|| uuid::Uuid::new_v4().to_string(), str::to_owned)
+}
+
+/// The IDM refused a commit for good: a credential problem waits (nothing
+/// is lost while an operator fixes the token), a halted agreement halts this
+/// worker too, and anything else is the entry's failure.
+async fn refused(
+    config: &Config,
+    ctx: Agreement<'_>,
+    change: &SourceChange,
+    e: IdmError,
+    msg: &Message,
+) -> Handling {
+    match &e {
+        IdmError::Unauthenticated(_) => Handling::Retry {
+            delay: backoff(msg.delivered.max(8)),
+            reason: format!("agreement {}: {e}", ctx.name),
+        },
+        IdmError::Halted(_) => Handling::Halt(e.to_string()),
+        _ => {
+            let reason = format!(
+                "entry {:?} on {}: the IDM refused the commit: {e}",
+                change.dn, change.resource
+            );
+            ctx.fail(config, change, reason, msg).await
+        }
+    }
 }
 
 /// The state the correlator decided on, if the IDM still holds exactly that;
@@ -250,7 +382,7 @@ async fn resolve(
         members: &members,
         ..Default::default()
     };
-    let new_id = uuid::Uuid::new_v4().to_string();
+    let new_id = new_focus_id(config, change);
     let ops = match plan(config, change, decision.change_seq, input, &new_id) {
         Ok(Outcome::Commit { ops, .. }) => ops,
         Ok(_) => return Handling::Done,
@@ -271,43 +403,6 @@ async fn resolve(
             change.dn, change.resource
         )),
     }
-}
-
-/// For a group, who owns each member it names, by DN or by uid (the store
-/// resolves the rest when their accounts arrive).
-async fn memberships(
-    config: &Config,
-    idm: &IdmClient,
-    change: &SourceChange,
-) -> Result<Vec<(MemberRef, Option<String>)>, CorrelateError> {
-    if change.is_delete() || change.object_type != ObjectType::Group {
-        return Ok(Vec::new());
-    }
-    let resource = config.resource(&change.resource)?;
-    let Some(groups) = resource.groups.as_ref() else {
-        return Ok(Vec::new());
-    };
-    let mut refs: Vec<MemberRef> = utf8_values(change, &groups.member_attribute, "members")?
-        .into_iter()
-        .map(|dn| MemberRef {
-            resource: change.resource.clone(),
-            dn,
-            uid: String::new(),
-        })
-        .collect();
-    if let Some(attribute) = &groups.member_uid_attribute {
-        refs.extend(
-            utf8_values(change, attribute, "members")?
-                .into_iter()
-                .map(|uid| MemberRef {
-                    resource: change.resource.clone(),
-                    dn: String::new(),
-                    uid,
-                }),
-        );
-    }
-    let owners = idm.resolve_members(&refs).await?;
-    Ok(refs.into_iter().zip(owners).collect())
 }
 
 /// Deletes or disables the account on its resource (`delete_shadow`,

@@ -2,6 +2,7 @@
 //! runs the correlation rules, decides the situation and the configured
 //! reaction, and publishes that decision for the applier.
 
+use std::collections::BTreeMap;
 use std::sync::Arc;
 
 use idsync_bus::worker::{Handling, Message, Source, backoff, run_worker};
@@ -22,6 +23,8 @@ pub enum Error {
     Bus(#[from] BusError),
     #[error(transparent)]
     Idm(#[from] IdmError),
+    #[error(transparent)]
+    Config(#[from] idsync_runtime::ConfigError),
 }
 
 /// Consumes the change stream until `shutdown`.
@@ -30,7 +33,8 @@ pub enum Error {
 /// NATS cannot be reached at start, or the IDM URL is malformed.
 pub async fn run(config: Arc<Config>, shutdown: CancellationToken) -> Result<(), Error> {
     let bus = Bus::connect(&config.nats.url).await?;
-    let idm = IdmClient::new(&config.idm.url)?;
+    // Each agreement's entries are read with that agreement's token.
+    let clients = idsync_runtime::agreement_clients(&config)?;
     let source = Source {
         service: SERVICE,
         stream: names::CHANGES_STREAM,
@@ -38,14 +42,19 @@ pub async fn run(config: Arc<Config>, shutdown: CancellationToken) -> Result<(),
         filter_subject: None,
     };
     run_worker(&bus, source, shutdown, |msg| {
-        handle(&config, &idm, &bus, msg)
+        handle(&config, &clients, &bus, msg)
     })
     .await?;
     Ok(())
 }
 
 #[tracing::instrument(skip_all, fields(seq = msg.stream_seq))]
-async fn handle(config: &Config, idm: &IdmClient, bus: &Bus, msg: Message) -> Handling {
+async fn handle(
+    config: &Config,
+    clients: &BTreeMap<String, IdmClient>,
+    bus: &Bus,
+    msg: Message,
+) -> Handling {
     let event = match v1::ChangeEvent::decode(msg.payload.as_ref()) {
         Ok(e) => e,
         Err(e) => return Handling::Poison(format!("not a ChangeEvent: {e}")),
@@ -58,6 +67,25 @@ async fn handle(config: &Config, idm: &IdmClient, bus: &Bus, msg: Message) -> Ha
         Ok(r) => r,
         Err(e) => return Handling::Poison(e.to_string()),
     };
+    let Some((agreement, _)) = config.agreement_for(&change.resource) else {
+        return Handling::Poison(format!(
+            "resource {} writes under no sync agreement, so its changes cannot reach the IDM",
+            change.resource
+        ));
+    };
+    if config.is_excluded(&change.resource, &change.entry_uuid) {
+        tracing::info!(resource = %change.resource, dn = %change.dn, entry_uuid = %change.entry_uuid, agreement, "excluded by the agreement's configuration; skipped");
+        return Handling::Done;
+    }
+    let Some(idm) = clients.get(agreement) else {
+        return Handling::Poison(format!("agreement {agreement} has no IDM client"));
+    };
+    let mut decision = v1::Decision {
+        schema_version: idsync_proto::SCHEMA_VERSION,
+        change: Some(event),
+        change_seq: msg.stream_seq,
+        ..Default::default()
+    };
     let correlation = match correlate(idm, config, &change).await {
         Ok(c) => c,
         Err(CorrelateError::Idm(e)) if e.is_transient() => {
@@ -66,7 +94,18 @@ async fn handle(config: &Config, idm: &IdmClient, bus: &Bus, msg: Message) -> Ha
                 reason: e.to_string(),
             };
         }
-        Err(e) => return Handling::Poison(format!("entry {:?}: {e}", change.dn)),
+        Err(CorrelateError::Idm(e @ IdmError::Unauthenticated(_))) => {
+            return Handling::Retry {
+                delay: backoff(msg.delivered.max(8)),
+                reason: format!("agreement {agreement}: {e}"),
+            };
+        }
+        // An import error: the applier handles it, in order, under the
+        // agreement's failure policy.
+        Err(e) => {
+            decision.failure = format!("entry {:?}: {e}", change.dn);
+            return publish(bus, agreement, &change.resource, &decision, &msg).await;
+        }
     };
     let Some(situation) = correlation.situation else {
         tracing::debug!(entry_uuid = %change.entry_uuid, "deletion of an entry never seen; nothing to do");
@@ -74,22 +113,26 @@ async fn handle(config: &Config, idm: &IdmClient, bus: &Bus, msg: Message) -> Ha
     };
     let (action, _) = reaction(resource, situation);
     tracing::info!(resource = %change.resource, dn = %change.dn, %situation, reaction = %action, "decided");
-    let decision = v1::Decision {
-        schema_version: idsync_proto::SCHEMA_VERSION,
-        change: Some(event),
-        change_seq: msg.stream_seq,
-        situation: situation.to_string(),
-        reaction: action.to_string(),
-        focus_id: correlation
-            .focus
-            .as_ref()
-            .map(|f| f.id.clone())
-            .unwrap_or_default(),
-        shadow_version: correlation.shadow.as_ref().map_or(0, |s| s.version),
-        focus_version: correlation.focus.as_ref().map_or(0, |f| f.version),
-        resolution: String::new(),
-    };
-    let subject = names::decision_subject(&change.resource);
+    decision.situation = situation.to_string();
+    decision.reaction = action.to_string();
+    decision.focus_id = correlation
+        .focus
+        .as_ref()
+        .map(|f| f.id.clone())
+        .unwrap_or_default();
+    decision.shadow_version = correlation.shadow.as_ref().map_or(0, |s| s.version);
+    decision.focus_version = correlation.focus.as_ref().map_or(0, |f| f.version);
+    publish(bus, agreement, &change.resource, &decision, &msg).await
+}
+
+async fn publish(
+    bus: &Bus,
+    agreement: &str,
+    resource: &str,
+    decision: &v1::Decision,
+    msg: &Message,
+) -> Handling {
+    let subject = names::decision_subject(agreement, resource);
     match bus
         .publish_and_wait(
             &subject,

@@ -9,9 +9,11 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use idsync_bus::{Bus, BusError, PendingAck, names};
 use idsync_core::config::{Config, ResourceConfig};
+use idsync_core::schedule::Schedule;
 use idsync_ldap::{Connection, EntryState, LdapError, SyncMessage, SyncSession};
 use idsync_proto::v1;
 use prost::Message as _;
+use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
@@ -26,8 +28,10 @@ pub enum Error {
     Bus(#[from] BusError),
     #[error(transparent)]
     Config(#[from] idsync_runtime::ConfigError),
-    #[error("no resource has live_sync = true; nothing to detect")]
+    #[error("no resource has live_sync = true or a scheduled agreement; nothing to detect")]
     NothingToDo,
+    #[error("schedule: {0}")]
+    Schedule(String),
 }
 
 /// Runs live sync for every resource with `live_sync = true` until `shutdown`.
@@ -38,30 +42,86 @@ pub async fn run(config: Arc<Config>, shutdown: CancellationToken) -> Result<(),
     tracing::debug!(url = %config.nats.url, "connecting to NATS");
     let bus = Bus::connect(&config.nats.url).await?;
     let tracker = TaskTracker::new();
-    let mut any = false;
-    for resource in config.resources.iter().filter(|r| r.live_sync) {
-        any = true;
+    let mut refreshers: Vec<(String, Arc<Notify>)> = Vec::new();
+    for resource in &config.resources {
+        let schedule = resource
+            .agreement
+            .as_deref()
+            .and_then(|a| config.agreements.get(a))
+            .and_then(|a| a.schedule.as_deref());
+        let mode = match (resource.live_sync, schedule) {
+            (true, _) => Mode::Live,
+            (false, Some(expr)) => {
+                Mode::Scheduled(Schedule::parse(expr).map_err(|e| Error::Schedule(e.to_string()))?)
+            }
+            (false, None) => continue,
+        };
         let connection =
             Connection::for_resource(resource, idsync_runtime::bind_password(resource)?);
-        tracker.spawn(live_sync(
-            bus.clone(),
-            SyncScope::accounts(resource),
-            connection.clone(),
-            shutdown.clone(),
-        ));
-        if let Some(scope) = SyncScope::groups(resource) {
-            tracker.spawn(live_sync(bus.clone(), scope, connection, shutdown.clone()));
+        let agreement = resource.agreement.clone().unwrap_or_default();
+        let scopes =
+            std::iter::once(SyncScope::accounts(resource)).chain(SyncScope::groups(resource));
+        for scope in scopes {
+            let refresh = Arc::new(Notify::new());
+            refreshers.push((agreement.clone(), refresh.clone()));
+            tracker.spawn(sync_loop(
+                bus.clone(),
+                scope,
+                mode.clone(),
+                connection.clone(),
+                refresh,
+                shutdown.clone(),
+            ));
         }
     }
     tracker.close();
-    if !any {
+    if refreshers.is_empty() {
         return Err(Error::NothingToDo);
     }
+    tracker.spawn(refresh_requests(bus.clone(), refreshers, shutdown.clone()));
     tracker.wait().await;
     Ok(())
 }
 
-/// One sync session's part of a resource: its accounts or its groups.
+/// Live sync, or polls on a schedule.
+#[derive(Debug, Clone)]
+enum Mode {
+    Live,
+    Scheduled(Schedule),
+}
+
+/// Restarts the sessions of an agreement without a cookie when an operator
+/// asks (`idsync sync force-refresh`).
+async fn refresh_requests(
+    bus: Bus,
+    sessions: Vec<(String, Arc<Notify>)>,
+    shutdown: CancellationToken,
+) {
+    let mut requests = match bus.client().subscribe(names::REFRESH_SUBJECTS).await {
+        Ok(s) => s,
+        Err(e) => {
+            tracing::error!(error = %e, "cannot listen for refresh requests");
+            return;
+        }
+    };
+    loop {
+        let request = tokio::select! {
+            _ = shutdown.cancelled() => return,
+            r = futures::StreamExt::next(&mut requests) => r,
+        };
+        let Some(request) = request else { return };
+        let Some(agreement) = request.subject.as_str().strip_prefix(names::REFRESH_PREFIX) else {
+            continue;
+        };
+        tracing::info!(agreement, "full refresh requested");
+        for (a, notify) in &sessions {
+            if a == agreement {
+                notify.notify_one();
+            }
+        }
+    }
+}
+
 #[derive(Debug, Clone)]
 struct SyncScope {
     resource: String,
@@ -96,28 +156,58 @@ impl SyncScope {
 }
 
 /// Keeps one resource's sync session going, reconnecting with backoff.
-async fn live_sync(
+async fn sync_loop(
     bus: Bus,
     resource: SyncScope,
+    mode: Mode,
     connection: Connection,
+    refresh: Arc<Notify>,
     shutdown: CancellationToken,
 ) {
     let mut backoff = Duration::from_millis(250);
     let mut reset_cookie = false;
     loop {
-        let result = session(
-            &bus,
-            &resource,
-            &connection,
-            &shutdown,
-            &mut reset_cookie,
-            &mut backoff,
-        )
-        .await;
+        if let Mode::Scheduled(schedule) = &mode {
+            let now = SystemTime::now()
+                .duration_since(UNIX_EPOCH)
+                .map_or(0, |d| d.as_secs());
+            let Some(next) = schedule.next_after(now) else {
+                tracing::warn!(resource = %resource.resource, schedule = %schedule, "the schedule never fires again; polling stops");
+                return;
+            };
+            tracing::debug!(resource = %resource.resource, in_s = next - now, "next poll");
+            tokio::select! {
+                biased;
+                _ = shutdown.cancelled() => return,
+                _ = refresh.notified() => reset_cookie = true,
+                _ = tokio::time::sleep(Duration::from_secs(next - now)) => {}
+            }
+        }
+        let persist = matches!(mode, Mode::Live);
+        let result = tokio::select! {
+            r = session(
+                &bus,
+                &resource,
+                &connection,
+                &shutdown,
+                persist,
+                &mut reset_cookie,
+                &mut backoff,
+            ) => r,
+            _ = refresh.notified() => {
+                tracing::info!(resource = %resource.resource, "restarting without a cookie: full refresh");
+                reset_cookie = true;
+                continue;
+            }
+        };
         if shutdown.is_cancelled() {
             return;
         }
         match result {
+            Ok(()) if !persist => {
+                tracing::info!(resource = %resource.resource, "scheduled poll done");
+                continue;
+            }
             Ok(()) => {
                 tracing::info!(resource = %resource.resource, "sync session ended; reconnecting")
             }
@@ -149,6 +239,8 @@ enum SessionError {
 
 /// Events published and the cookie that becomes safe once they are acked.
 struct Publisher<'a> {
+    /// Suffix of event ids in a full refresh.
+    refresh: Option<String>,
     bus: &'a Bus,
     cookie_key: &'a str,
     subject: String,
@@ -160,6 +252,9 @@ struct Publisher<'a> {
 impl Publisher<'_> {
     async fn publish(&mut self, mut event: v1::ChangeEvent) -> Result<(), BusError> {
         event.object_type = self.object_type as i32;
+        if let Some(suffix) = &self.refresh {
+            event.event_id.push_str(suffix);
+        }
         if self.in_flight.len() >= MAX_IN_FLIGHT
             && let Some(oldest) = self.in_flight.pop_front()
         {
@@ -191,6 +286,7 @@ async fn session(
     resource: &SyncScope,
     connection: &Connection,
     shutdown: &CancellationToken,
+    persist: bool,
     reset_cookie: &mut bool,
     backoff: &mut Duration,
 ) -> Result<(), SessionError> {
@@ -205,12 +301,17 @@ async fn session(
         &resource.base_dn,
         &resource.filter,
         cookie,
-        true,
+        persist,
     )
     .await?;
     *reset_cookie = false;
+    // A full refresh reads every entry again: its events get ids of their
+    // own, so that JetStream's de-duplication does not drop them as the
+    // states they were the first time.
+    let refresh = (!resumed).then(|| format!(":full{}", now_ms()));
     tracing::info!(resource = %resource.resource, resumed, "live sync started");
     let mut out = Publisher {
+        refresh,
         bus,
         cookie_key: &resource.cookie_key,
         subject: names::change_subject(&resource.resource),

@@ -2,6 +2,7 @@
 //! objects, shadows and links in the embedded store, commits conditionally,
 //! and drains its transactional outbox to the focus stream.
 
+use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::path::Path;
 use std::sync::Arc;
@@ -11,10 +12,13 @@ use idsync_bus::{Bus, names};
 use idsync_core::config::Config;
 use idsync_proto::v1;
 use idsync_proto::v1::idm_server::{Idm, IdmServer};
-use idsync_store::{Store, StoreError};
+use idsync_store::token::{self, AdminCredential, TokenError};
+use idsync_store::{Principal, Store, StoreError, Writer};
 use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
 use tonic::{Request, Response, Status};
+
+mod status;
 
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
@@ -24,6 +28,50 @@ pub enum Error {
     Store(#[from] StoreError),
     #[error("IDM gRPC server: {0}")]
     Serve(String),
+    #[error(transparent)]
+    Config(#[from] idsync_runtime::ConfigError),
+}
+
+/// What the IDM knows of its configuration: who may call it and which
+/// agreement each resource writes under.
+#[derive(Debug, Clone)]
+pub struct Authority {
+    admin: AdminCredential,
+    /// Resource → agreement.
+    owners: Arc<BTreeMap<String, String>>,
+    /// Agreement → the resources that write under it.
+    resources: Arc<BTreeMap<String, Vec<String>>>,
+    /// Agreements whose configuration lets them adopt native entries.
+    adopters: Arc<std::collections::BTreeSet<String>>,
+}
+
+impl Authority {
+    /// # Errors
+    /// The administrator credential is not configured or cannot be read.
+    pub fn from_config(config: &Config) -> Result<Self, Error> {
+        let credential = idsync_runtime::admin_token(config)?;
+        let admin = AdminCredential::new(credential.expose()).map_err(Error::Serve)?;
+        let mut owners = BTreeMap::new();
+        let mut resources: BTreeMap<String, Vec<String>> = BTreeMap::new();
+        for r in &config.resources {
+            if let Some(a) = &r.agreement {
+                owners.insert(r.name.clone(), a.clone());
+                resources.entry(a.clone()).or_default().push(r.name.clone());
+            }
+        }
+        let adopters = config
+            .agreements
+            .iter()
+            .filter(|(_, a)| a.adopt_native)
+            .map(|(n, _)| n.clone())
+            .collect();
+        Ok(Self {
+            admin,
+            owners: Arc::new(owners),
+            resources: Arc::new(resources),
+            adopters: Arc::new(adopters),
+        })
+    }
 }
 
 /// Runs the IDM until `shutdown`: opens the store in `idm.data_dir`, serves
@@ -36,8 +84,10 @@ pub async fn run(config: Arc<Config>, shutdown: CancellationToken) -> Result<(),
         addr: config.idm.listen.clone(),
         reason: format!("{e}"),
     })?;
+    let authority = Authority::from_config(&config)?;
     let store = open_store(Path::new(&config.idm.data_dir)).await?;
-    serve(store, addr, config.nats.url.clone(), shutdown).await
+    status::start(&config, &store, &shutdown).await?;
+    serve(store, authority, addr, config.nats.url.clone(), shutdown).await
 }
 
 async fn open_store(dir: &Path) -> Result<Store, Error> {
@@ -54,6 +104,7 @@ async fn open_store(dir: &Path) -> Result<Store, Error> {
 /// The address cannot be bound or the server fails.
 pub async fn serve(
     store: Store,
+    authority: Authority,
     addr: SocketAddr,
     nats_url: String,
     shutdown: CancellationToken,
@@ -61,6 +112,7 @@ pub async fn serve(
     let outbox_ready = Arc::new(Notify::new());
     let service = IdmService {
         store: store.clone(),
+        authority,
         outbox_ready: outbox_ready.clone(),
     };
     let publisher = tokio::spawn(drain_outbox(
@@ -91,6 +143,7 @@ pub async fn serve(
 #[derive(Debug, Clone)]
 struct IdmService {
     store: Store,
+    authority: Authority,
     outbox_ready: Arc<Notify>,
 }
 
@@ -98,14 +151,82 @@ struct IdmService {
 fn status(e: StoreError) -> Status {
     match e {
         StoreError::Conflict { .. } => Status::aborted(e.to_string()),
-        StoreError::NameTaken { .. } => Status::already_exists(e.to_string()),
-        StoreError::Invalid { .. } => Status::invalid_argument(e.to_string()),
+        StoreError::NameTaken { .. } | StoreError::AgreementExists { .. } => {
+            Status::already_exists(e.to_string())
+        }
+        StoreError::NotOwned { .. } | StoreError::Yielded { .. } => {
+            Status::permission_denied(e.to_string())
+        }
+        StoreError::Halted { .. } => Status::failed_precondition(e.to_string()),
+        StoreError::NoAgreement { .. } => Status::not_found(e.to_string()),
+        StoreError::Invalid { .. } | StoreError::Schema { .. } | StoreError::BadRequest(_) => {
+            Status::invalid_argument(e.to_string())
+        }
         StoreError::Corrupt(_) => Status::data_loss(e.to_string()),
         StoreError::Open { .. } | StoreError::Db(_) => Status::internal(e.to_string()),
     }
 }
 
+const NEEDS_ADMIN: &str =
+    "this call needs the administrator credential; a sync token cannot make it";
+
 impl IdmService {
+    /// Who presents the request's credential. Errors name the problem, never
+    /// the credential.
+    fn principal<T>(&self, req: &Request<T>) -> Result<Principal, Status> {
+        let refuse = |e: TokenError| {
+            tracing::warn!(reason = %e, "refused a credential");
+            Status::unauthenticated(e.to_string())
+        };
+        let value = req
+            .metadata()
+            .get("authorization")
+            .ok_or_else(|| refuse(TokenError::Missing))?;
+        let value = value.to_str().map_err(|_| refuse(TokenError::Malformed))?;
+        let credential = value
+            .strip_prefix("Bearer ")
+            .ok_or_else(|| refuse(TokenError::Missing))?
+            .trim();
+        if credential.starts_with(&format!("{}.", token::SYNC_PREFIX)) {
+            return self.store.authenticate(credential).map_err(refuse);
+        }
+        if self.authority.admin.matches(credential) {
+            Ok(Principal::Admin)
+        } else {
+            Err(refuse(TokenError::BadAdmin))
+        }
+    }
+
+    fn admin<T>(&self, req: &Request<T>) -> Result<(), Status> {
+        match self.principal(req)? {
+            Principal::Admin => Ok(()),
+            Principal::Agreement(_) => Err(Status::permission_denied(NEEDS_ADMIN)),
+        }
+    }
+
+    /// An administrator, or agreement `name`'s own token.
+    fn admin_or_own<T>(&self, req: &Request<T>, name: &str) -> Result<(), Status> {
+        match self.principal(req)? {
+            Principal::Admin => Ok(()),
+            Principal::Agreement(a) if a == name => Ok(()),
+            Principal::Agreement(a) => Err(Status::permission_denied(format!(
+                "the token belongs to agreement {a:?}, not {name:?}"
+            ))),
+        }
+    }
+
+    fn writer(&self, principal: Principal) -> Writer {
+        let may_adopt = match &principal {
+            Principal::Agreement(a) => self.authority.adopters.contains(a),
+            Principal::Admin => false,
+        };
+        Writer {
+            principal,
+            owners: self.authority.owners.clone(),
+            may_adopt,
+        }
+    }
+
     /// Runs a blocking store call off the async runtime.
     async fn blocking<T, F>(&self, f: F) -> Result<T, Status>
     where
@@ -128,6 +249,7 @@ impl Idm for IdmService {
         &self,
         req: Request<v1::GetFocusRequest>,
     ) -> Result<Response<v1::Focus>, Status> {
+        self.principal(&req)?;
         let id = req.into_inner().id;
         let shown = id.clone();
         self.blocking(move |s| s.get_focus(&id))
@@ -140,6 +262,7 @@ impl Idm for IdmService {
         &self,
         req: Request<v1::FindFocusRequest>,
     ) -> Result<Response<v1::FocusList>, Status> {
+        self.principal(&req)?;
         let r = req.into_inner();
         let items = self
             .blocking(move |s| s.find_focus(&r.kind, &r.attribute, &r.value))
@@ -151,6 +274,7 @@ impl Idm for IdmService {
         &self,
         req: Request<v1::ListFocusRequest>,
     ) -> Result<Response<v1::FocusList>, Status> {
+        self.principal(&req)?;
         let r = req.into_inner();
         let limit = (r.limit as usize).clamp(1, MAX_PAGE);
         let items = self
@@ -163,6 +287,7 @@ impl Idm for IdmService {
         &self,
         req: Request<v1::ShadowKey>,
     ) -> Result<Response<v1::Shadow>, Status> {
+        self.principal(&req)?;
         let k = req.into_inner();
         let shown = format!("{}/{}", k.resource, k.entry_uuid);
         self.blocking(move |s| s.get_shadow(&k.resource, &k.entry_uuid))
@@ -175,6 +300,7 @@ impl Idm for IdmService {
         &self,
         req: Request<v1::ListShadowsRequest>,
     ) -> Result<Response<v1::ShadowList>, Status> {
+        self.principal(&req)?;
         let r = req.into_inner();
         let limit = (r.limit as usize).clamp(1, MAX_PAGE);
         let items = self
@@ -187,6 +313,7 @@ impl Idm for IdmService {
         &self,
         req: Request<v1::ResolveMembersRequest>,
     ) -> Result<Response<v1::ResolveMembersResponse>, Status> {
+        self.principal(&req)?;
         let r = req.into_inner();
         let focus_ids = self
             .blocking(move |s| s.resolve_members(&r.members))
@@ -198,6 +325,7 @@ impl Idm for IdmService {
         &self,
         req: Request<v1::ListCasesRequest>,
     ) -> Result<Response<v1::ShadowList>, Status> {
+        self.principal(&req)?;
         let limit = (req.into_inner().limit as usize).clamp(1, 10_000);
         let items = self.blocking(move |s| s.list_cases(limit)).await?;
         Ok(Response::new(v1::ShadowList { items }))
@@ -207,12 +335,208 @@ impl Idm for IdmService {
         &self,
         req: Request<v1::CommitRequest>,
     ) -> Result<Response<v1::CommitResponse>, Status> {
+        let principal = self.principal(&req)?;
         let r = req.into_inner();
+        if let Principal::Agreement(a) = &principal {
+            let owner = self.authority.owners.get(&r.origin_resource);
+            if owner != Some(a) {
+                return Err(Status::permission_denied(format!(
+                    "the token belongs to agreement {a:?}, but resource {:?} writes under {}",
+                    r.origin_resource,
+                    owner.map_or("no agreement".to_owned(), |o| format!("agreement {o:?}"))
+                )));
+            }
+        }
+        let writer = self.writer(principal);
         let versions = self
-            .blocking(move |s| s.commit(&r.operations, &r.origin_resource))
+            .blocking(move |s| s.commit(&r.operations, &r.origin_resource, &writer))
             .await?;
         self.outbox_ready.notify_one();
         Ok(Response::new(v1::CommitResponse { versions }))
+    }
+
+    async fn dry_run(
+        &self,
+        req: Request<v1::DryRunRequest>,
+    ) -> Result<Response<v1::DryRunResponse>, Status> {
+        self.admin(&req)?;
+        let r = req.into_inner();
+        let writer = self.writer(Principal::Agreement(r.agreement.clone()));
+        let commits: Vec<(Vec<v1::Operation>, String)> = r
+            .commits
+            .into_iter()
+            .map(|c| (c.operations, c.origin_resource))
+            .collect();
+        let results = self.blocking(move |s| s.dry_run(&commits, &writer)).await?;
+        Ok(Response::new(v1::DryRunResponse {
+            results: results
+                .into_iter()
+                .map(|r| match r {
+                    Ok(versions) => v1::DryRunResult {
+                        versions,
+                        error: String::new(),
+                    },
+                    Err(e) => v1::DryRunResult {
+                        versions: Vec::new(),
+                        error: e.to_string(),
+                    },
+                })
+                .collect(),
+        }))
+    }
+
+    async fn create_agreement(
+        &self,
+        req: Request<v1::AgreementName>,
+    ) -> Result<Response<v1::Agreement>, Status> {
+        self.admin(&req)?;
+        let name = req.into_inner().name;
+        let a = self.blocking(move |s| s.create_agreement(&name)).await?;
+        tracing::info!(agreement = %a.name, "agreement created");
+        Ok(Response::new(a))
+    }
+
+    async fn list_agreements(
+        &self,
+        req: Request<v1::ListAgreementsRequest>,
+    ) -> Result<Response<v1::AgreementList>, Status> {
+        self.admin(&req)?;
+        let items = self.blocking(Store::list_agreements).await?;
+        Ok(Response::new(v1::AgreementList { items }))
+    }
+
+    async fn get_agreement(
+        &self,
+        req: Request<v1::AgreementName>,
+    ) -> Result<Response<v1::Agreement>, Status> {
+        let name = req.get_ref().name.clone();
+        self.admin_or_own(&req, &name)?;
+        let shown = name.clone();
+        self.blocking(move |s| s.get_agreement(&name))
+            .await?
+            .map(Response::new)
+            .ok_or_else(|| Status::not_found(format!("agreement {shown:?} does not exist")))
+    }
+
+    async fn generate_token(
+        &self,
+        req: Request<v1::GenerateTokenRequest>,
+    ) -> Result<Response<v1::GenerateTokenResponse>, Status> {
+        self.admin(&req)?;
+        let r = req.into_inner();
+        let (token, agreement) = self
+            .blocking(move |s| s.generate_token(&r.agreement, &r.label))
+            .await?;
+        tracing::info!(agreement = %agreement.name, "sync token issued");
+        Ok(Response::new(v1::GenerateTokenResponse {
+            token,
+            agreement: Some(agreement),
+        }))
+    }
+
+    async fn destroy_token(
+        &self,
+        req: Request<v1::DestroyTokenRequest>,
+    ) -> Result<Response<v1::Agreement>, Status> {
+        self.admin(&req)?;
+        let r = req.into_inner();
+        let a = self
+            .blocking(move |s| {
+                let label = (!r.label.is_empty()).then_some(r.label.as_str());
+                s.destroy_token(&r.agreement, label)
+            })
+            .await?;
+        tracing::info!(agreement = %a.name, "sync token revoked");
+        Ok(Response::new(a))
+    }
+
+    async fn set_yield_attributes(
+        &self,
+        req: Request<v1::SetYieldAttributesRequest>,
+    ) -> Result<Response<v1::Agreement>, Status> {
+        self.admin(&req)?;
+        let r = req.into_inner();
+        let a = self
+            .blocking(move |s| s.set_yield_attributes(&r.agreement, &r.attributes))
+            .await?;
+        Ok(Response::new(a))
+    }
+
+    async fn finalise_agreement(
+        &self,
+        req: Request<v1::AgreementName>,
+    ) -> Result<Response<v1::EndAgreementResponse>, Status> {
+        self.admin(&req)?;
+        let name = req.into_inner().name;
+        let shown = name.clone();
+        let entries = self.blocking(move |s| s.finalise_agreement(&name)).await?;
+        self.outbox_ready.notify_one();
+        tracing::info!(agreement = %shown, entries, "agreement finalised: its entries are the IDM's now");
+        Ok(Response::new(v1::EndAgreementResponse { entries }))
+    }
+
+    async fn terminate_agreement(
+        &self,
+        req: Request<v1::AgreementName>,
+    ) -> Result<Response<v1::EndAgreementResponse>, Status> {
+        self.admin(&req)?;
+        let name = req.into_inner().name;
+        let shown = name.clone();
+        let resources = self
+            .authority
+            .resources
+            .get(&name)
+            .cloned()
+            .unwrap_or_default();
+        let entries = self
+            .blocking(move |s| s.terminate_agreement(&name, &resources))
+            .await?;
+        self.outbox_ready.notify_one();
+        tracing::info!(agreement = %shown, entries, "agreement terminated: its entries are deleted");
+        Ok(Response::new(v1::EndAgreementResponse { entries }))
+    }
+
+    async fn halt_agreement(
+        &self,
+        req: Request<v1::ReportFailureRequest>,
+    ) -> Result<Response<v1::Agreement>, Status> {
+        self.report(req, true).await
+    }
+
+    async fn report_failure(
+        &self,
+        req: Request<v1::ReportFailureRequest>,
+    ) -> Result<Response<v1::Agreement>, Status> {
+        self.report(req, false).await
+    }
+
+    async fn resume_agreement(
+        &self,
+        req: Request<v1::AgreementName>,
+    ) -> Result<Response<v1::Agreement>, Status> {
+        self.admin(&req)?;
+        let name = req.into_inner().name;
+        let a = self.blocking(move |s| s.resume_agreement(&name)).await?;
+        tracing::info!(agreement = %a.name, "agreement resumed");
+        Ok(Response::new(a))
+    }
+}
+
+impl IdmService {
+    async fn report(
+        &self,
+        req: Request<v1::ReportFailureRequest>,
+        halt: bool,
+    ) -> Result<Response<v1::Agreement>, Status> {
+        let name = req.get_ref().agreement.clone();
+        self.admin_or_own(&req, &name)?;
+        let failure = req.into_inner().failure.unwrap_or_default();
+        let shown = failure.clone();
+        let a = self
+            .blocking(move |s| s.record_failure(&name, failure, halt))
+            .await?;
+        tracing::error!(agreement = %a.name, halted = a.halted, resource = %shown.resource, dn = %shown.dn, attribute = %shown.attribute, reason = %shown.reason, "agreement failure");
+        Ok(Response::new(a))
     }
 }
 

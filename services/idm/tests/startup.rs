@@ -14,7 +14,47 @@ fn config(listen: &str, data_dir: &std::path::Path) -> Arc<Config> {
     config.idm.listen = listen.to_owned();
     config.idm.data_dir = data_dir.display().to_string();
     config.nats.url = format!("nats://127.0.0.1:{}", 1);
+    let credential = data_dir.join("admin");
+    std::fs::create_dir_all(data_dir).unwrap();
+    std::fs::write(&credential, "test-admin-credential").unwrap();
+    config.idm.admin_token_env = None;
+    config.idm.admin_token_file = Some(credential.display().to_string());
+    config.idm.http_bind = None;
+    config.agreements.clear();
     Arc::new(config)
+}
+
+#[tokio::test]
+async fn no_administrator_credential_is_named() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut c = (*config("127.0.0.1:0", dir.path())).clone();
+    c.idm.admin_token_file = None;
+    c.idm.admin_token_env = Some("IDSYNC_TEST_UNSET_ADMIN_TOKEN".into());
+    let err = idsync_idm::run(Arc::new(c), CancellationToken::new())
+        .await
+        .unwrap_err()
+        .to_string();
+    assert!(
+        err.contains("administrator credential") && err.contains("IDSYNC_TEST_UNSET_ADMIN_TOKEN"),
+        "{err}"
+    );
+}
+
+#[tokio::test]
+async fn a_taken_status_address_is_named() {
+    let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = taken.local_addr().unwrap().to_string();
+    let dir = tempfile::tempdir().unwrap();
+    let mut c = (*config("127.0.0.1:0", dir.path())).clone();
+    c.idm.http_bind = Some(addr.clone());
+    let err = idsync_idm::run(Arc::new(c), CancellationToken::new())
+        .await
+        .unwrap_err()
+        .to_string();
+    assert!(
+        err.contains(&addr) && err.contains("idm.http_bind"),
+        "{err}"
+    );
 }
 
 #[tokio::test]

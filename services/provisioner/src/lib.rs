@@ -37,7 +37,8 @@ pub enum Error {
 /// bind password cannot be read.
 pub async fn run(config: Arc<Config>, shutdown: CancellationToken) -> Result<(), Error> {
     let bus = Bus::connect(&config.nats.url).await?;
-    let idm = IdmClient::new(&config.idm.url)?;
+    // Provisioning is the IDM's own work: target shadows belong to no agreement.
+    let idm = idsync_runtime::admin_client(&config)?;
     let mut targets = Pool::new();
     for r in config.resources.iter().filter(|r| r.dn_template.is_some()) {
         let conn = Connection::for_resource(r, idsync_runtime::bind_password(r)?);

@@ -1,0 +1,711 @@
+//! Sync agreements: their records, tokens, status, and their end (finalise
+//! or terminate).
+
+use redb::{ReadableDatabase, ReadableTable};
+
+use idsync_proto::v1;
+
+use crate::commit::{Principal, Tables};
+use crate::token::{self, Claims, TokenError};
+use crate::{AGREEMENT, SHADOW, SYNC_CHILD, Store, StoreError, db, decode, load, now_ms};
+
+/// The origin recorded on focus changes that an agreement's end causes.
+const ORIGIN: &str = "";
+
+fn valid_name(name: &str) -> bool {
+    !name.is_empty()
+        && name.len() <= 64
+        && name
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_')
+}
+
+impl Store {
+    /// Runs `f` on the tables of one write transaction and commits.
+    fn write<T>(
+        &self,
+        f: impl FnOnce(&mut Tables<'_>) -> Result<T, StoreError>,
+    ) -> Result<T, StoreError> {
+        let txn = self.db.begin_write().map_err(db)?;
+        let out = {
+            let mut t = Tables::open(&txn)?;
+            let out = f(&mut t)?;
+            t.finish()?;
+            out
+        };
+        txn.commit().map_err(db)?;
+        Ok(out)
+    }
+
+    /// Changes agreement `name` with `f` and returns it as stored.
+    fn update_agreement(
+        &self,
+        name: &str,
+        f: impl FnOnce(&mut v1::Agreement) -> Result<(), StoreError>,
+    ) -> Result<v1::Agreement, StoreError> {
+        let mut a = self.write(|t| {
+            let mut a = t.agreement(name)?.ok_or_else(|| StoreError::NoAgreement {
+                name: name.to_owned(),
+            })?;
+            f(&mut a)?;
+            t.put_agreement(&a)?;
+            Ok(a)
+        })?;
+        a.entries = self.count_entries(name)?;
+        Ok(a)
+    }
+
+    /// Creates agreement `name`: no tokens, nothing yielded, status Unknown.
+    ///
+    /// # Errors
+    /// [`StoreError::AgreementExists`], or a name that cannot name NATS subjects.
+    pub fn create_agreement(&self, name: &str) -> Result<v1::Agreement, StoreError> {
+        if !valid_name(name) {
+            return Err(StoreError::BadRequest(format!(
+                "agreement name {name:?}: use 1 to 64 letters, digits, '-' or '_'"
+            )));
+        }
+        let id = token::new_id().map_err(StoreError::Db)?;
+        self.write(|t| {
+            if t.agreement(name)?.is_some() {
+                return Err(StoreError::AgreementExists {
+                    name: name.to_owned(),
+                });
+            }
+            let a = v1::Agreement {
+                name: name.to_owned(),
+                id,
+                created_at_ms: now_ms(),
+                ..Default::default()
+            };
+            t.put_agreement(&a)?;
+            Ok(a)
+        })
+    }
+
+    /// Every agreement, by name, with its entry count.
+    pub fn list_agreements(&self) -> Result<Vec<v1::Agreement>, StoreError> {
+        let txn = self.db.begin_read().map_err(db)?;
+        let table = txn.open_table(AGREEMENT).map_err(db)?;
+        let mut out: Vec<v1::Agreement> = Vec::new();
+        for row in table.iter().map_err(db)? {
+            let (_, v) = row.map_err(db)?;
+            out.push(decode(v.value())?);
+        }
+        drop(table);
+        drop(txn);
+        for a in &mut out {
+            a.entries = self.count_entries(&a.name)?;
+        }
+        Ok(out)
+    }
+
+    pub fn get_agreement(&self, name: &str) -> Result<Option<v1::Agreement>, StoreError> {
+        let txn = self.db.begin_read().map_err(db)?;
+        let table = txn.open_table(AGREEMENT).map_err(db)?;
+        let Some(mut a) = load::<v1::Agreement>(&table, name)? else {
+            return Ok(None);
+        };
+        a.entries = self.count_entries(name)?;
+        Ok(Some(a))
+    }
+
+    fn count_entries(&self, name: &str) -> Result<u64, StoreError> {
+        Ok(self.children(name)?.len() as u64)
+    }
+
+    /// Ids of the focus objects whose sync parent is `name`.
+    fn children(&self, name: &str) -> Result<Vec<String>, StoreError> {
+        let txn = self.db.begin_read().map_err(db)?;
+        let table = txn.open_table(SYNC_CHILD).map_err(db)?;
+        let prefix = format!("{name}\0");
+        let mut out = Vec::new();
+        for row in table.range(prefix.as_str()..).map_err(db)? {
+            let (k, _) = row.map_err(db)?;
+            let Some(id) = k.value().strip_prefix(prefix.as_str()) else {
+                break;
+            };
+            out.push(id.to_owned());
+        }
+        Ok(out)
+    }
+
+    /// Issues a token labelled `label` for agreement `name`. The token is
+    /// returned once; the store keeps its hash.
+    ///
+    /// # Errors
+    /// No such agreement, or `label` already names one of its tokens.
+    pub fn generate_token(
+        &self,
+        name: &str,
+        label: &str,
+    ) -> Result<(String, v1::Agreement), StoreError> {
+        if label.trim().is_empty() || label.len() > 128 || label.chars().any(char::is_control) {
+            return Err(StoreError::BadRequest(
+                "a token label has 1 to 128 printable characters".into(),
+            ));
+        }
+        let claims = Claims {
+            agreement: name.to_owned(),
+            id: token::new_id().map_err(StoreError::Db)?,
+            issued_ms: now_ms(),
+        };
+        let token = token::issue(&self.token_key, &claims);
+        let hash = token::hash(&token);
+        let a = self.update_agreement(name, |a| {
+            if a.tokens.iter().any(|t| t.label == label) {
+                return Err(StoreError::BadRequest(format!(
+                    "agreement {name:?} already has a token labelled {label:?}; destroy it first or pick another label"
+                )));
+            }
+            a.tokens.push(v1::TokenInfo {
+                label: label.to_owned(),
+                id: claims.id.clone(),
+                hash,
+                issued_at_ms: claims.issued_ms,
+            });
+            Ok(())
+        })?;
+        Ok((token, a))
+    }
+
+    /// Revokes the token labelled `label`, or every token when `label` is `None`.
+    ///
+    /// # Errors
+    /// No such agreement, or no token with that label.
+    pub fn destroy_token(
+        &self,
+        name: &str,
+        label: Option<&str>,
+    ) -> Result<v1::Agreement, StoreError> {
+        self.update_agreement(name, |a| {
+            match label {
+                None => a.tokens.clear(),
+                Some(label) => {
+                    let before = a.tokens.len();
+                    a.tokens.retain(|t| t.label != label);
+                    if a.tokens.len() == before {
+                        return Err(StoreError::BadRequest(format!(
+                            "agreement {name:?} has no token labelled {label:?}"
+                        )));
+                    }
+                }
+            }
+            Ok(())
+        })
+    }
+
+    /// Replaces the attributes agreement `name` yields to the IDM.
+    ///
+    /// # Errors
+    /// No such agreement, or an attribute the agreement cannot yield (`name`).
+    pub fn set_yield_attributes(
+        &self,
+        name: &str,
+        attributes: &[String],
+    ) -> Result<v1::Agreement, StoreError> {
+        if let Some(bad) = attributes
+            .iter()
+            .find(|a| a.is_empty() || a.chars().any(char::is_whitespace))
+        {
+            return Err(StoreError::BadRequest(format!(
+                "{bad:?} is not an attribute name"
+            )));
+        }
+        if attributes.iter().any(|a| a == crate::NAME) {
+            return Err(StoreError::BadRequest(
+                "an agreement cannot yield `name`: it identifies its entries".into(),
+            ));
+        }
+        let mut attributes = attributes.to_vec();
+        attributes.sort();
+        attributes.dedup();
+        self.update_agreement(name, |a| {
+            a.yield_attributes = attributes;
+            Ok(())
+        })
+    }
+
+    /// Stops agreement `name` at `failure` (halt), or only records it.
+    pub fn record_failure(
+        &self,
+        name: &str,
+        mut failure: v1::AgreementFailure,
+        halt: bool,
+    ) -> Result<v1::Agreement, StoreError> {
+        failure.at_ms = now_ms();
+        self.update_agreement(name, |a| {
+            a.state = v1::AgreementState::Err as i32;
+            // A halted agreement keeps the failure that stopped it.
+            if !a.halted {
+                a.last_error = Some(failure);
+            }
+            a.halted |= halt;
+            Ok(())
+        })
+    }
+
+    /// Lifts a halt; the status stays Err until the next success.
+    pub fn resume_agreement(&self, name: &str) -> Result<v1::Agreement, StoreError> {
+        self.update_agreement(name, |a| {
+            a.halted = false;
+            Ok(())
+        })
+    }
+
+    /// Ends agreement `name`, releasing its entries to the IDM: each loses its
+    /// sync parent. The agreement and its tokens are gone. Returns how many
+    /// entries were released.
+    pub fn finalise_agreement(&self, name: &str) -> Result<u64, StoreError> {
+        let ids = self.children(name)?;
+        self.write(|t| {
+            t.agreement(name)?.ok_or_else(|| StoreError::NoAgreement {
+                name: name.to_owned(),
+            })?;
+            let mut released = 0;
+            for id in &ids {
+                t.sync_child
+                    .remove(format!("{name}\0{id}").as_str())
+                    .map_err(db)?;
+                let Some(mut f) = load::<v1::Focus>(&t.focus, id)? else {
+                    continue;
+                };
+                f.sync_parent.clear();
+                t.rewrite_focus(f, ORIGIN)?;
+                released += 1;
+            }
+            t.agreements.remove(name).map_err(db)?;
+            Ok(released)
+        })
+    }
+
+    /// Ends agreement `name`, deleting every entry it created and the shadows
+    /// of `resources` (those that write under it). Entries already deleted
+    /// are simply not there. Returns how many entries were deleted.
+    pub fn terminate_agreement(&self, name: &str, resources: &[String]) -> Result<u64, StoreError> {
+        let ids = self.children(name)?;
+        let mut shadow_keys = Vec::new();
+        {
+            let txn = self.db.begin_read().map_err(db)?;
+            let shadows = txn.open_table(SHADOW).map_err(db)?;
+            for r in resources {
+                let prefix = format!("{r}\0");
+                for row in shadows.range(prefix.as_str()..).map_err(db)? {
+                    let (k, _) = row.map_err(db)?;
+                    if !k.value().starts_with(&prefix) {
+                        break;
+                    }
+                    shadow_keys.push(k.value().to_owned());
+                }
+            }
+        }
+        self.write(|t| {
+            t.agreement(name)?.ok_or_else(|| StoreError::NoAgreement {
+                name: name.to_owned(),
+            })?;
+            let mut deleted = 0;
+            for id in &ids {
+                if t.delete_focus(id, ORIGIN)?.is_some() {
+                    deleted += 1;
+                }
+            }
+            for k in &shadow_keys {
+                if let Some(s) = load::<v1::Shadow>(&t.shadows, k)? {
+                    for mk in crate::shadow_member_keys(&s) {
+                        t.by_member_key.remove(mk.as_str()).map_err(db)?;
+                    }
+                }
+                t.shadows.remove(&**k).map_err(db)?;
+            }
+            t.agreements.remove(name).map_err(db)?;
+            Ok(deleted)
+        })
+    }
+
+    /// Who presents `credential`: a sync token of an existing agreement whose
+    /// record still holds it.
+    ///
+    /// # Errors
+    /// Why the token is refused; never the token itself.
+    pub fn authenticate(&self, credential: &str) -> Result<Principal, TokenError> {
+        let claims = token::verify(&self.token_key, credential)?;
+        let record = self
+            .get_agreement_record(&claims.agreement)
+            .map_err(|_| TokenError::NoAgreement {
+                agreement: claims.agreement.clone(),
+            })?
+            .ok_or_else(|| TokenError::NoAgreement {
+                agreement: claims.agreement.clone(),
+            })?;
+        let hash = token::hash(credential);
+        if record
+            .tokens
+            .iter()
+            .any(|t| t.id == claims.id && t.hash == hash)
+        {
+            Ok(Principal::Agreement(claims.agreement))
+        } else {
+            Err(TokenError::Revoked {
+                agreement: claims.agreement,
+                id: claims.id,
+            })
+        }
+    }
+
+    fn get_agreement_record(&self, name: &str) -> Result<Option<v1::Agreement>, StoreError> {
+        let txn = self.db.begin_read().map_err(db)?;
+        let table = txn.open_table(AGREEMENT).map_err(db)?;
+        load(&table, name)
+    }
+}
+
+/// The one word a status listener answers for `a`.
+pub fn status_word(a: &v1::Agreement) -> &'static str {
+    match v1::AgreementState::try_from(a.state) {
+        Ok(v1::AgreementState::Ok) => "Ok",
+        Ok(v1::AgreementState::Err) => "Err",
+        _ => "Unknown",
+    }
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+mod tests {
+    use std::collections::BTreeMap;
+    use std::sync::Arc;
+
+    use idsync_proto::v1;
+    use v1::operation::Op;
+
+    use crate::token::TokenError;
+    use crate::{Principal, Store, StoreError, Writer};
+
+    fn user(id: &str, name: &str, attrs: &[(&str, &str)]) -> v1::Focus {
+        let mut attributes: std::collections::HashMap<String, v1::Values> = attrs
+            .iter()
+            .map(|(k, v)| {
+                (
+                    (*k).to_owned(),
+                    v1::Values {
+                        values: vec![(*v).to_owned()],
+                    },
+                )
+            })
+            .collect();
+        attributes.insert(
+            "name".into(),
+            v1::Values {
+                values: vec![name.into()],
+            },
+        );
+        v1::Focus {
+            id: id.into(),
+            kind: "user".into(),
+            attributes: attributes.into_iter().collect(),
+            ..Default::default()
+        }
+    }
+
+    fn put(f: &v1::Focus, expected: u64) -> Vec<v1::Operation> {
+        vec![v1::Operation {
+            op: Some(Op::PutFocus(v1::PutFocus {
+                focus: Some(f.clone()),
+                expected_version: expected,
+            })),
+        }]
+    }
+
+    fn delete(id: &str, expected: u64) -> Vec<v1::Operation> {
+        vec![v1::Operation {
+            op: Some(Op::DeleteFocus(v1::DeleteFocus {
+                id: id.into(),
+                expected_version: expected,
+            })),
+        }]
+    }
+
+    fn owners() -> Arc<BTreeMap<String, String>> {
+        Arc::new(
+            [("hr", "hr"), ("crm", "crm")]
+                .map(|(r, a)| (r.to_owned(), a.to_owned()))
+                .into(),
+        )
+    }
+
+    fn setup() -> (tempfile::TempDir, Store, Writer, Writer, Writer) {
+        let dir = tempfile::tempdir().unwrap();
+        let s = Store::open(dir.path()).unwrap();
+        s.create_agreement("hr").unwrap();
+        s.create_agreement("crm").unwrap();
+        let admin = Writer {
+            principal: Principal::Admin,
+            owners: owners(),
+            may_adopt: false,
+        };
+        (
+            dir,
+            s,
+            Writer::agreement("hr", owners()),
+            Writer::agreement("crm", owners()),
+            admin,
+        )
+    }
+
+    #[test]
+    fn an_agreement_owns_what_it_creates_and_nobody_else_writes_it() {
+        let (_d, s, hr, crm, admin) = setup();
+        s.commit(
+            &put(&user("u1", "jack", &[("fullName", "Jack")]), 0),
+            "hr",
+            &hr,
+        )
+        .unwrap();
+        let stored = s.get_focus("u1").unwrap().unwrap();
+        assert_eq!(stored.sync_parent, "hr");
+        assert_eq!(s.get_agreement("hr").unwrap().unwrap().entries, 1);
+
+        let mut changed = stored.clone();
+        changed.attributes.insert(
+            "fullName".into(),
+            v1::Values {
+                values: vec!["Captain Jack".into()],
+            },
+        );
+        let e = s.commit(&put(&changed, 1), "crm", &crm).unwrap_err();
+        assert!(matches!(e, StoreError::NotOwned { .. }), "{e}");
+        assert!(e.to_string().contains("owned by agreement \"hr\""), "{e}");
+        let e = s.commit(&put(&changed, 1), "", &admin).unwrap_err();
+        assert!(
+            e.to_string().contains("\"fullName\" is the agreement's"),
+            "{e}"
+        );
+        let e = s.commit(&delete("u1", 1), "", &admin).unwrap_err();
+        assert!(e.to_string().contains("idsync sync terminate hr"), "{e}");
+        s.commit(&put(&changed, 1), "hr", &hr).unwrap();
+    }
+
+    #[test]
+    fn yielded_attributes_are_the_idms_and_the_agreement_is_told_so() {
+        let (_d, s, hr, _crm, admin) = setup();
+        s.commit(&put(&user("u1", "jack", &[]), 0), "hr", &hr)
+            .unwrap();
+        s.set_yield_attributes("hr", &["preferredLanguage".into()])
+            .unwrap();
+        let local = user("u1", "jack", &[("preferredLanguage", "de")]);
+        let mut local = local;
+        local.sync_parent = "hr".into();
+        s.commit(&put(&local, 1), "", &admin).unwrap();
+        let mut from_source = local.clone();
+        from_source.attributes.insert(
+            "preferredLanguage".into(),
+            v1::Values {
+                values: vec!["en".into()],
+            },
+        );
+        let e = s.commit(&put(&from_source, 2), "hr", &hr).unwrap_err();
+        let text = e.to_string();
+        assert!(matches!(e, StoreError::Yielded { .. }), "{text}");
+        assert!(
+            text.contains("preferredLanguage") && text.contains("\"hr\""),
+            "{text}"
+        );
+        assert!(text.contains("set-yield-attributes hr"), "{text}");
+        // A write that leaves the yielded value alone is the agreement's to make.
+        let mut other = local.clone();
+        other.attributes.insert(
+            "mail".into(),
+            v1::Values {
+                values: vec!["j@x".into()],
+            },
+        );
+        s.commit(&put(&other, 2), "hr", &hr).unwrap();
+        assert!(
+            s.set_yield_attributes("hr", &["name".into()]).is_err(),
+            "name cannot be yielded"
+        );
+    }
+
+    #[test]
+    fn native_entries_are_not_an_agreements_and_names_say_who_holds_them() {
+        let (_d, s, hr, crm, admin) = setup();
+        s.commit(&put(&user("n1", "root", &[]), 0), "", &admin)
+            .unwrap();
+        let native = s.get_focus("n1").unwrap().unwrap();
+        assert_eq!(native.sync_parent, "");
+        let e = s.commit(&put(&native, 1), "hr", &hr).unwrap_err();
+        assert!(e.to_string().contains("a native IDM entry"), "{e}");
+        let e = s
+            .commit(&put(&user("u2", "root", &[]), 0), "hr", &hr)
+            .unwrap_err();
+        assert!(
+            e.to_string().contains("already taken") && e.to_string().contains("native"),
+            "{e}"
+        );
+        s.commit(&put(&user("u3", "jack", &[]), 0), "hr", &hr)
+            .unwrap();
+        let e = s
+            .commit(&put(&user("u4", "jack", &[]), 0), "crm", &crm)
+            .unwrap_err();
+        assert!(e.to_string().contains("owned by agreement \"hr\""), "{e}");
+    }
+
+    #[test]
+    fn an_adopting_agreement_takes_over_a_native_entry_it_writes() {
+        let (_d, s, hr, _crm, admin) = setup();
+        s.commit(&put(&user("n1", "will", &[]), 0), "", &admin)
+            .unwrap();
+        let native = s.get_focus("n1").unwrap().unwrap();
+        let adopting = Writer {
+            may_adopt: true,
+            ..hr.clone()
+        };
+        s.commit(&put(&native, 1), "hr", &adopting).unwrap();
+        let adopted = s.get_focus("n1").unwrap().unwrap();
+        assert_eq!(adopted.sync_parent, "hr");
+        assert_eq!(s.get_agreement("hr").unwrap().unwrap().entries, 1);
+        // Now the agreement's: an administrator may no longer change it.
+        let e = s.commit(&put(&adopted, 2), "", &admin);
+        assert!(e.is_ok(), "an unchanged write is allowed: {e:?}");
+        let mut changed = adopted.clone();
+        changed.attributes.insert(
+            "mail".into(),
+            v1::Values {
+                values: vec!["w@x".into()],
+            },
+        );
+        assert!(s.commit(&put(&changed, 3), "", &admin).is_err());
+    }
+
+    #[test]
+    fn schema_violations_are_refused_for_everyone() {
+        let (_d, s, hr, _crm, admin) = setup();
+        for w in [&hr, &admin] {
+            let e = s
+                .commit(&put(&user("u1", "john doe", &[]), 0), "hr", w)
+                .unwrap_err();
+            assert!(matches!(e, StoreError::Schema { .. }), "{e}");
+            let e = s
+                .commit(&put(&user("u1", " ", &[]), 0), "hr", w)
+                .unwrap_err();
+            assert!(matches!(e, StoreError::Schema { .. }), "{e}");
+        }
+    }
+
+    #[test]
+    fn tokens_authenticate_until_revoked_one_by_one() {
+        let (_d, s, ..) = setup();
+        let (t1, _) = s.generate_token("hr", "first").unwrap();
+        let (t2, _) = s.generate_token("hr", "second").unwrap();
+        assert!(
+            s.generate_token("hr", "first").is_err(),
+            "labels are unique"
+        );
+        assert_eq!(
+            s.authenticate(&t1).unwrap(),
+            Principal::Agreement("hr".into())
+        );
+        s.destroy_token("hr", Some("first")).unwrap();
+        assert!(matches!(
+            s.authenticate(&t1),
+            Err(TokenError::Revoked { .. })
+        ));
+        assert_eq!(
+            s.authenticate(&t2).unwrap(),
+            Principal::Agreement("hr".into())
+        );
+        let a = s.get_agreement("hr").unwrap().unwrap();
+        assert_eq!(a.tokens.len(), 1);
+        assert_ne!(a.tokens[0].hash, t2.as_bytes(), "only the hash is kept");
+        s.destroy_token("hr", None).unwrap();
+        assert!(matches!(
+            s.authenticate(&t2),
+            Err(TokenError::Revoked { .. })
+        ));
+        // A token of another store does not verify here.
+        let other_dir = tempfile::tempdir().unwrap();
+        let other = Store::open(other_dir.path()).unwrap();
+        other.create_agreement("hr").unwrap();
+        let (foreign, _) = other.generate_token("hr", "x").unwrap();
+        assert_eq!(s.authenticate(&foreign), Err(TokenError::Forged));
+    }
+
+    #[test]
+    fn finalise_releases_and_terminate_deletes() {
+        let (_d, s, hr, crm, admin) = setup();
+        s.commit(&put(&user("u1", "jack", &[]), 0), "hr", &hr)
+            .unwrap();
+        s.commit(&put(&user("u2", "will", &[]), 0), "hr", &hr)
+            .unwrap();
+        s.commit(&put(&user("c1", "anna", &[]), 0), "crm", &crm)
+            .unwrap();
+        s.commit(&delete("u2", 1), "hr", &hr).unwrap();
+        let (token, _) = s.generate_token("hr", "t").unwrap();
+        assert_eq!(s.finalise_agreement("hr").unwrap(), 1);
+        assert!(s.get_agreement("hr").unwrap().is_none());
+        assert!(s.authenticate(&token).is_err(), "the token ends with it");
+        let jack = s.get_focus("u1").unwrap().unwrap();
+        assert_eq!(jack.sync_parent, "");
+        s.commit(&put(&jack, jack.version), "", &admin).unwrap();
+
+        assert_eq!(s.terminate_agreement("crm", &["crm".into()]).unwrap(), 1);
+        assert!(s.get_focus("c1").unwrap().is_none());
+        assert!(s.get_agreement("crm").unwrap().is_none());
+        assert!(matches!(
+            s.terminate_agreement("crm", &[]),
+            Err(StoreError::NoAgreement { .. })
+        ));
+    }
+
+    #[test]
+    fn a_halted_agreement_cannot_commit_until_resumed() {
+        let (_d, s, hr, ..) = setup();
+        let failure = v1::AgreementFailure {
+            dn: "uid=x".into(),
+            reason: "name taken".into(),
+            ..Default::default()
+        };
+        let a = s.record_failure("hr", failure, true).unwrap();
+        assert!(a.halted);
+        assert_eq!(crate::status_word(&a), "Err");
+        let e = s
+            .commit(&put(&user("u1", "jack", &[]), 0), "hr", &hr)
+            .unwrap_err();
+        assert!(matches!(e, StoreError::Halted { .. }), "{e}");
+        s.resume_agreement("hr").unwrap();
+        s.commit(&put(&user("u1", "jack", &[]), 0), "hr", &hr)
+            .unwrap();
+        let a = s.get_agreement("hr").unwrap().unwrap();
+        assert_eq!(crate::status_word(&a), "Ok");
+        assert!(a.last_success_ms > 0);
+    }
+
+    #[test]
+    fn a_dry_run_checks_everything_and_keeps_nothing() {
+        let (_d, s, hr, ..) = setup();
+        assert_eq!(
+            crate::status_word(&s.get_agreement("hr").unwrap().unwrap()),
+            "Unknown"
+        );
+        let commits = vec![
+            (put(&user("u1", "jack", &[]), 0), "hr".to_owned()),
+            (put(&user("u2", "jack", &[]), 0), "hr".to_owned()),
+            (put(&user("u3", "bad name", &[]), 0), "hr".to_owned()),
+            (put(&user("u4", "will", &[]), 0), "hr".to_owned()),
+        ];
+        let results = s.dry_run(&commits, &hr).unwrap();
+        assert!(results[0].is_ok());
+        assert!(
+            matches!(results[1], Err(StoreError::NameTaken { .. })),
+            "sees the first"
+        );
+        assert!(matches!(results[2], Err(StoreError::Schema { .. })));
+        assert!(results[3].is_ok());
+        assert!(s.get_focus("u1").unwrap().is_none());
+        assert!(s.get_focus("u4").unwrap().is_none());
+        assert!(s.outbox_batch(10).unwrap().is_empty());
+        assert_eq!(
+            crate::status_word(&s.get_agreement("hr").unwrap().unwrap()),
+            "Unknown"
+        );
+    }
+}

@@ -1,0 +1,893 @@
+//! Commits: conditional, atomic, and under authority. Every write names who
+//! makes it ([`Writer`]); the store refuses what that writer does not own,
+//! inside the same transaction that checks versions.
+//!
+//! Ownership, after Kanidm's sync agreements: a focus created through an
+//! agreement records it as its sync parent, and only that agreement writes it —
+//! except its *yielded* attributes, which belong to the IDM (an administrator
+//! writes them; the agreement may no longer). A focus without a sync parent is
+//! the IDM's own: administrators write it, no agreement may. A shadow belongs
+//! to the agreement its resource writes under (configuration), or to the IDM
+//! when the resource has none (provisioning targets). Links to another
+//! owner's resources and assignments are the IDM's on every focus.
+
+use std::collections::{BTreeMap, HashMap};
+use std::sync::Arc;
+
+use prost::Message;
+use redb::{ReadableTable, WriteTransaction};
+
+use idsync_proto::v1;
+
+use crate::{
+    AGREEMENT, FOCUS, FOCUS_NAME, MEMBER_OF, META, NAME, NEXT_OUTBOX, OUTBOX, PENDING, SHADOW,
+    SHADOW_BY_MEMBER_KEY, SYNC_CHILD, Store, StoreError, db, focus_name, load, name_key, now_ms,
+    pending_key, ref_key, resolve_pending, shadow_key, shadow_member_keys,
+};
+
+/// Who makes a write.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Principal {
+    /// The IDM's administrator credential (the CLI, the provisioner).
+    Admin,
+    /// A sync agreement's token.
+    Agreement(String),
+}
+
+impl std::fmt::Display for Principal {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Principal::Admin => f.write_str("an administrator"),
+            Principal::Agreement(a) => write!(f, "agreement {a:?}"),
+        }
+    }
+}
+
+/// A principal, and which agreement each resource writes under.
+#[derive(Debug, Clone)]
+pub struct Writer {
+    pub principal: Principal,
+    /// Resource → agreement, from the configuration.
+    pub owners: Arc<BTreeMap<String, String>>,
+    /// Whether an agreement principal may take over native entries
+    /// (`adopt_native` in its configuration).
+    pub may_adopt: bool,
+}
+
+impl Writer {
+    /// An administrator, with no resource under any agreement (tests, tools).
+    pub fn admin() -> Self {
+        Self {
+            principal: Principal::Admin,
+            owners: Arc::default(),
+            may_adopt: false,
+        }
+    }
+
+    pub fn agreement(name: &str, owners: Arc<BTreeMap<String, String>>) -> Self {
+        Self {
+            principal: Principal::Agreement(name.to_owned()),
+            owners,
+            may_adopt: false,
+        }
+    }
+}
+
+/// Every table a commit touches, open in one write transaction.
+pub(crate) struct Tables<'t> {
+    pub focus: redb::Table<'t, &'static str, &'static [u8]>,
+    pub names: redb::Table<'t, &'static str, &'static str>,
+    pub shadows: redb::Table<'t, &'static str, &'static [u8]>,
+    pub by_member_key: redb::Table<'t, &'static str, &'static str>,
+    pub pending: redb::Table<'t, &'static str, ()>,
+    pub member_of: redb::Table<'t, &'static str, ()>,
+    pub outbox: redb::Table<'t, u64, &'static [u8]>,
+    pub meta: redb::Table<'t, &'static str, u64>,
+    pub agreements: redb::Table<'t, &'static str, &'static [u8]>,
+    pub sync_child: redb::Table<'t, &'static str, ()>,
+    pub next_seq: u64,
+}
+
+impl<'t> Tables<'t> {
+    pub fn open(txn: &'t WriteTransaction) -> Result<Self, StoreError> {
+        let meta = txn.open_table(META).map_err(db)?;
+        let next_seq = meta.get(NEXT_OUTBOX).map_err(db)?.map_or(1, |v| v.value());
+        Ok(Self {
+            focus: txn.open_table(FOCUS).map_err(db)?,
+            names: txn.open_table(FOCUS_NAME).map_err(db)?,
+            shadows: txn.open_table(SHADOW).map_err(db)?,
+            by_member_key: txn.open_table(SHADOW_BY_MEMBER_KEY).map_err(db)?,
+            pending: txn.open_table(PENDING).map_err(db)?,
+            member_of: txn.open_table(MEMBER_OF).map_err(db)?,
+            outbox: txn.open_table(OUTBOX).map_err(db)?,
+            agreements: txn.open_table(AGREEMENT).map_err(db)?,
+            sync_child: txn.open_table(SYNC_CHILD).map_err(db)?,
+            meta,
+            next_seq,
+        })
+    }
+
+    /// Records the outbox position; call before the transaction commits.
+    pub fn finish(mut self) -> Result<(), StoreError> {
+        self.meta.insert(NEXT_OUTBOX, self.next_seq).map_err(db)?;
+        Ok(())
+    }
+
+    /// Appends the change of `focus` to the outbox under the next sequence.
+    pub fn append_outbox(
+        &mut self,
+        focus: v1::Focus,
+        deleted: bool,
+        origin: &str,
+    ) -> Result<(), StoreError> {
+        let change = v1::FocusChange {
+            schema_version: idsync_proto::SCHEMA_VERSION,
+            outbox_seq: self.next_seq,
+            focus_id: focus.id.clone(),
+            focus: Some(focus),
+            deleted,
+            origin_resource: origin.to_owned(),
+        };
+        self.outbox
+            .insert(self.next_seq, change.encode_to_vec().as_slice())
+            .map_err(db)?;
+        self.next_seq += 1;
+        Ok(())
+    }
+
+    pub fn agreement(&self, name: &str) -> Result<Option<v1::Agreement>, StoreError> {
+        load(&self.agreements, name)
+    }
+
+    pub fn put_agreement(&mut self, a: &v1::Agreement) -> Result<(), StoreError> {
+        self.agreements
+            .insert(a.name.as_str(), a.encode_to_vec().as_slice())
+            .map_err(db)?;
+        Ok(())
+    }
+
+    /// Writes `focus` with the next version and its outbox record.
+    pub fn rewrite_focus(&mut self, mut focus: v1::Focus, origin: &str) -> Result<(), StoreError> {
+        focus.version += 1;
+        self.focus
+            .insert(focus.id.as_str(), focus.encode_to_vec().as_slice())
+            .map_err(db)?;
+        self.append_outbox(focus, false, origin)
+    }
+
+    /// Deletes focus `id` with its indexes; it leaves every group it was a
+    /// member of. Returns the deleted focus, or `None` when it is not there.
+    pub fn delete_focus(
+        &mut self,
+        id: &str,
+        origin: &str,
+    ) -> Result<Option<v1::Focus>, StoreError> {
+        let Some(last) = load::<v1::Focus>(&self.focus, id)? else {
+            return Ok(None);
+        };
+        if let Some(n) = focus_name(&last) {
+            self.names
+                .remove(name_key(&last.kind, n).as_str())
+                .map_err(db)?;
+        }
+        for m in &last.pending_members {
+            self.pending
+                .remove(pending_key(m, &last.id).as_str())
+                .map_err(db)?;
+        }
+        for m in &last.members {
+            self.member_of
+                .remove(format!("{m}\0{}", last.id).as_str())
+                .map_err(db)?;
+        }
+        if !last.sync_parent.is_empty() {
+            self.sync_child
+                .remove(format!("{}\0{id}", last.sync_parent).as_str())
+                .map_err(db)?;
+        }
+        self.focus.remove(id).map_err(db)?;
+        let prefix = format!("{id}\0");
+        let mut groups = Vec::new();
+        for row in self.member_of.range(prefix.as_str()..).map_err(db)? {
+            let (k, _) = row.map_err(db)?;
+            let Some(group_id) = k.value().strip_prefix(prefix.as_str()) else {
+                break;
+            };
+            groups.push(group_id.to_owned());
+        }
+        for group_id in groups {
+            self.member_of
+                .remove(format!("{prefix}{group_id}").as_str())
+                .map_err(db)?;
+            let Some(mut group) = load::<v1::Focus>(&self.focus, &group_id)? else {
+                continue;
+            };
+            group.members.retain(|m| m != id);
+            self.rewrite_focus(group, origin)?;
+        }
+        self.append_outbox(last.clone(), true, origin)?;
+        Ok(Some(last))
+    }
+}
+
+/// How a user or group is named in errors: kind, name and id.
+pub(crate) fn describe(f: &v1::Focus) -> String {
+    match focus_name(f) {
+        Some(n) => format!("{} {n:?} ({})", f.kind, f.id),
+        None => format!("{} {}", f.kind, f.id),
+    }
+}
+
+/// Who owns a focus, in words.
+pub(crate) fn owner_words(f: &v1::Focus) -> String {
+    if f.sync_parent.is_empty() {
+        "a native IDM entry".to_owned()
+    } else {
+        format!("owned by agreement {:?}", f.sync_parent)
+    }
+}
+
+/// The IDM's own rules for a focus, whoever writes it.
+fn check_schema(f: &v1::Focus) -> Result<(), StoreError> {
+    let schema = |reason: String| StoreError::Schema {
+        object: describe(f),
+        reason,
+    };
+    for name in f.attributes.keys() {
+        if name.is_empty() || name.chars().any(|c| c.is_whitespace() || c.is_control()) {
+            return Err(schema(format!(
+                "attribute name {name:?} is empty or holds spaces or control characters"
+            )));
+        }
+    }
+    let names = f
+        .attributes
+        .get(NAME)
+        .map(|v| v.values.as_slice())
+        .unwrap_or_default();
+    let name = match names {
+        [] => {
+            return Err(schema(
+                "has no name (the name attribute is required)".into(),
+            ));
+        }
+        [one] => one,
+        more => {
+            return Err(schema(format!(
+                "name is single-valued, but {} values were given",
+                more.len()
+            )));
+        }
+    };
+    if name.trim().is_empty() || name.len() > 256 {
+        return Err(schema("a name has 1 to 256 characters".into()));
+    }
+    if name.chars().any(char::is_control) || name.trim() != name {
+        return Err(schema(format!(
+            "name {name:?} has control characters or surrounding spaces"
+        )));
+    }
+    if f.kind == idsync_core::model::KIND_USER && name.chars().any(char::is_whitespace) {
+        return Err(schema(format!(
+            "user name {name:?} holds whitespace; a user's name is a login name"
+        )));
+    }
+    Ok(())
+}
+
+/// Agreements read during one commit, each once.
+struct Agreements(HashMap<String, v1::Agreement>);
+
+impl Agreements {
+    fn get(&mut self, t: &Tables<'_>, name: &str) -> Result<&v1::Agreement, StoreError> {
+        if !self.0.contains_key(name) {
+            let a = t.agreement(name)?.ok_or_else(|| StoreError::NoAgreement {
+                name: name.to_owned(),
+            })?;
+            self.0.insert(name.to_owned(), a);
+        }
+        self.0.get(name).ok_or_else(|| StoreError::NoAgreement {
+            name: name.to_owned(),
+        })
+    }
+}
+
+/// Attributes whose values differ between `a` and `b`.
+fn changed_attributes<'a>(a: &'a v1::Focus, b: &'a v1::Focus) -> Vec<&'a str> {
+    let mut names: Vec<&str> = a
+        .attributes
+        .keys()
+        .chain(b.attributes.keys())
+        .map(String::as_str)
+        .collect();
+    names.sort_unstable();
+    names.dedup();
+    names
+        .into_iter()
+        .filter(|n| {
+            let va = a.attributes.get(*n).map(|v| v.values.as_slice());
+            let vb = b.attributes.get(*n).map(|v| v.values.as_slice());
+            va.unwrap_or_default() != vb.unwrap_or_default()
+        })
+        .collect()
+}
+
+/// Links of `f` to resources that `owner` does not write under.
+fn foreign_links<'a>(
+    f: &'a v1::Focus,
+    owners: &BTreeMap<String, String>,
+    owner: &str,
+) -> Vec<&'a v1::Link> {
+    let mut links: Vec<&v1::Link> = f
+        .links
+        .iter()
+        .filter(|l| owners.get(&l.resource).map(String::as_str) != Some(owner))
+        .collect();
+    links.sort_by(|x, y| (&x.resource, &x.entry_uuid).cmp(&(&y.resource, &y.entry_uuid)));
+    links
+}
+
+/// Whether `writer` may store `next` over `current`; sets `next`'s sync parent.
+fn authorize_put(
+    writer: &Writer,
+    agreements: &mut Agreements,
+    t: &Tables<'_>,
+    current: Option<&v1::Focus>,
+    next: &mut v1::Focus,
+) -> Result<(), StoreError> {
+    let Some(current) = current else {
+        // A new entry belongs to whoever creates it.
+        next.sync_parent = match &writer.principal {
+            Principal::Admin => String::new(),
+            Principal::Agreement(a) => {
+                let yielded = &agreements.get(t, a)?.yield_attributes;
+                if let Some(attr) = yielded.iter().find(|y| next.attributes.contains_key(*y)) {
+                    return Err(StoreError::Yielded {
+                        agreement: a.clone(),
+                        attribute: attr.clone(),
+                        object: describe(next),
+                    });
+                }
+                a.clone()
+            }
+        };
+        return Ok(());
+    };
+    // An agreement allowed to adopt takes a native entry over by writing it.
+    if let Principal::Agreement(a) = &writer.principal
+        && writer.may_adopt
+        && current.sync_parent.is_empty()
+        && (next.sync_parent.is_empty() || next.sync_parent == *a)
+    {
+        next.sync_parent = a.clone();
+        return Ok(());
+    }
+    if next.sync_parent != current.sync_parent {
+        return Err(StoreError::NotOwned {
+            object: describe(current),
+            owner: owner_words(current),
+            writer: writer.principal.to_string(),
+            detail: "a commit cannot change an entry's sync parent; finalise or terminate the agreement instead".into(),
+        });
+    }
+    let not_owned = |detail: String| StoreError::NotOwned {
+        object: describe(current),
+        owner: owner_words(current),
+        writer: writer.principal.to_string(),
+        detail,
+    };
+    match &writer.principal {
+        Principal::Agreement(a) => {
+            if current.sync_parent != *a {
+                return Err(not_owned(String::new()));
+            }
+            let yielded = &agreements.get(t, a)?.yield_attributes;
+            if let Some(attr) = changed_attributes(current, next)
+                .into_iter()
+                .find(|c| yielded.iter().any(|y| y == c))
+            {
+                return Err(StoreError::Yielded {
+                    agreement: a.clone(),
+                    attribute: attr.to_owned(),
+                    object: describe(current),
+                });
+            }
+            if foreign_links(current, &writer.owners, a) != foreign_links(next, &writer.owners, a) {
+                return Err(not_owned(
+                    "links to accounts on resources outside the agreement are the IDM's".into(),
+                ));
+            }
+        }
+        Principal::Admin if current.sync_parent.is_empty() => {}
+        Principal::Admin => {
+            let owner = current.sync_parent.clone();
+            let yielded = agreements.get(t, &owner)?.yield_attributes.clone();
+            let shown = if yielded.is_empty() {
+                "none".to_owned()
+            } else {
+                yielded.join(", ")
+            };
+            if let Some(attr) = changed_attributes(current, next)
+                .into_iter()
+                .find(|c| !yielded.iter().any(|y| y == c))
+            {
+                return Err(not_owned(format!(
+                    "attribute {attr:?} is the agreement's; outside it only yielded attributes can change (yielded: {shown})"
+                )));
+            }
+            let same = current.kind == next.kind
+                && current.status == next.status
+                && current.members == next.members
+                && current.pending_members == next.pending_members
+                && owned_links(current, &writer.owners, &owner)
+                    == owned_links(next, &writer.owners, &owner);
+            if !same {
+                return Err(not_owned(format!(
+                    "its status, members and links to the agreement's accounts are the agreement's (yielded attributes: {shown})"
+                )));
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Links of `f` to resources that `owner` writes under.
+fn owned_links<'a>(
+    f: &'a v1::Focus,
+    owners: &BTreeMap<String, String>,
+    owner: &str,
+) -> Vec<&'a v1::Link> {
+    let mut links: Vec<&v1::Link> = f
+        .links
+        .iter()
+        .filter(|l| owners.get(&l.resource).map(String::as_str) == Some(owner))
+        .collect();
+    links.sort_by(|x, y| (&x.resource, &x.entry_uuid).cmp(&(&y.resource, &y.entry_uuid)));
+    links
+}
+
+fn authorize_delete(writer: &Writer, current: &v1::Focus) -> Result<(), StoreError> {
+    let allowed = match &writer.principal {
+        Principal::Admin => current.sync_parent.is_empty(),
+        Principal::Agreement(a) => current.sync_parent == *a,
+    };
+    if allowed {
+        return Ok(());
+    }
+    Err(StoreError::NotOwned {
+        object: describe(current),
+        owner: owner_words(current),
+        writer: writer.principal.to_string(),
+        detail: if current.sync_parent.is_empty() {
+            String::new()
+        } else {
+            format!(
+                "delete it at the source, or end the agreement with `idsync sync terminate {}`",
+                current.sync_parent
+            )
+        },
+    })
+}
+
+fn authorize_shadow(writer: &Writer, resource: &str, entry_uuid: &str) -> Result<(), StoreError> {
+    let owner = writer.owners.get(resource);
+    let allowed = match &writer.principal {
+        Principal::Admin => owner.is_none(),
+        Principal::Agreement(a) => owner == Some(a),
+    };
+    if allowed {
+        return Ok(());
+    }
+    Err(StoreError::NotOwned {
+        object: format!("the shadow of {resource}/{entry_uuid}"),
+        owner: match owner {
+            Some(a) => format!("owned by agreement {a:?} (resource {resource} writes under it)"),
+            None => format!("the IDM's (resource {resource} writes under no agreement)"),
+        },
+        writer: writer.principal.to_string(),
+        detail: String::new(),
+    })
+}
+
+/// Applies `ops` in the open transaction; on error the caller must not commit it.
+pub(crate) fn apply(
+    t: &mut Tables<'_>,
+    ops: &[v1::Operation],
+    origin: &str,
+    writer: &Writer,
+    dry_run: bool,
+) -> Result<Vec<u64>, StoreError> {
+    use v1::operation::Op;
+    let mut agreements = Agreements(HashMap::new());
+    if let Principal::Agreement(a) = &writer.principal {
+        let record = agreements.get(t, a)?;
+        if record.halted && !dry_run {
+            return Err(StoreError::Halted {
+                name: a.clone(),
+                reason: record
+                    .last_error
+                    .as_ref()
+                    .map(|e| e.reason.clone())
+                    .unwrap_or_default(),
+            });
+        }
+    }
+    // Version preconditions first, over all operations: a lost race is
+    // reported as a conflict, never as a side effect of it (such as a name
+    // taken by the winner).
+    for op in ops {
+        check_version(op, &t.focus, &t.shadows)?;
+    }
+    let mut versions = Vec::with_capacity(ops.len());
+    for (index, op) in ops.iter().enumerate() {
+        let invalid = |reason: &str| StoreError::Invalid {
+            index,
+            reason: reason.to_owned(),
+        };
+        match op.op.as_ref() {
+            Some(Op::PutFocus(put)) => {
+                let mut focus = put
+                    .focus
+                    .clone()
+                    .ok_or_else(|| invalid("put_focus without a focus"))?;
+                if focus.id.is_empty() || focus.kind.is_empty() {
+                    return Err(invalid("a focus needs an id and a kind"));
+                }
+                let current: Option<v1::Focus> = load(&t.focus, &focus.id)?;
+                let found = current.as_ref().map_or(0, |f| f.version);
+                if found != put.expected_version {
+                    return Err(StoreError::Conflict {
+                        object: format!("focus {}", focus.id),
+                        expected: put.expected_version,
+                        found,
+                    });
+                }
+                authorize_put(writer, &mut agreements, t, current.as_ref(), &mut focus)?;
+                check_schema(&focus)?;
+                let old_name = current.as_ref().and_then(focus_name).map(str::to_owned);
+                let new_name = focus_name(&focus).map(str::to_owned);
+                if old_name != new_name {
+                    if let Some(n) = &new_name {
+                        let key = name_key(&focus.kind, n);
+                        let holder = t
+                            .names
+                            .get(key.as_str())
+                            .map_err(db)?
+                            .map(|h| h.value().to_owned());
+                        if let Some(holder) = holder
+                            && holder != focus.id
+                        {
+                            let holder_focus: Option<v1::Focus> = load(&t.focus, &holder)?;
+                            return Err(StoreError::NameTaken {
+                                kind: focus.kind.clone(),
+                                name: n.clone(),
+                                holder: holder.clone(),
+                                holder_owner: holder_focus
+                                    .as_ref()
+                                    .map(owner_words)
+                                    .unwrap_or_default(),
+                            });
+                        }
+                        t.names
+                            .insert(key.as_str(), focus.id.as_str())
+                            .map_err(db)?;
+                    }
+                    if let Some(n) = &old_name {
+                        t.names
+                            .remove(name_key(&focus.kind, n).as_str())
+                            .map_err(db)?;
+                    }
+                }
+                let parent_before = current.as_ref().map(|c| c.sync_parent.as_str());
+                if !focus.sync_parent.is_empty()
+                    && parent_before != Some(focus.sync_parent.as_str())
+                {
+                    t.sync_child
+                        .insert(format!("{}\0{}", focus.sync_parent, focus.id).as_str(), ())
+                        .map_err(db)?;
+                }
+                // Pending members whose accounts are already here resolve now,
+                // inside this transaction: no account can slip in between.
+                resolve_pending(&mut focus, &t.by_member_key, &t.shadows)?;
+                if let Some(old) = &current {
+                    for m in &old.members {
+                        t.member_of
+                            .remove(format!("{m}\0{}", old.id).as_str())
+                            .map_err(db)?;
+                    }
+                    for m in &old.pending_members {
+                        t.pending
+                            .remove(pending_key(m, &old.id).as_str())
+                            .map_err(db)?;
+                    }
+                }
+                for m in &focus.members {
+                    t.member_of
+                        .insert(format!("{m}\0{}", focus.id).as_str(), ())
+                        .map_err(db)?;
+                }
+                for m in &focus.pending_members {
+                    t.pending
+                        .insert(pending_key(m, &focus.id).as_str(), ())
+                        .map_err(db)?;
+                }
+                focus.version = found + 1;
+                t.focus
+                    .insert(focus.id.as_str(), focus.encode_to_vec().as_slice())
+                    .map_err(db)?;
+                versions.push(focus.version);
+                t.append_outbox(focus, false, origin)?;
+            }
+            Some(Op::DeleteFocus(del)) => {
+                let current: Option<v1::Focus> = load(&t.focus, &del.id)?;
+                let found = current.as_ref().map_or(0, |f| f.version);
+                let Some(current) = current.filter(|_| found == del.expected_version) else {
+                    return Err(StoreError::Conflict {
+                        object: format!("focus {}", del.id),
+                        expected: del.expected_version,
+                        found,
+                    });
+                };
+                authorize_delete(writer, &current)?;
+                t.delete_focus(&del.id, origin)?;
+                versions.push(0);
+            }
+            Some(Op::PutShadow(put)) => {
+                let mut shadow = put
+                    .shadow
+                    .clone()
+                    .ok_or_else(|| invalid("put_shadow without a shadow"))?;
+                if shadow.resource.is_empty() || shadow.entry_uuid.is_empty() {
+                    return Err(invalid("a shadow needs a resource and an entry uuid"));
+                }
+                authorize_shadow(writer, &shadow.resource, &shadow.entry_uuid)?;
+                let key = shadow_key(&shadow.resource, &shadow.entry_uuid);
+                let previous = load::<v1::Shadow>(&t.shadows, &key)?;
+                let found = previous.as_ref().map_or(0, |s| s.version);
+                if found != put.expected_version {
+                    return Err(StoreError::Conflict {
+                        object: format!("shadow {}/{}", shadow.resource, shadow.entry_uuid),
+                        expected: put.expected_version,
+                        found,
+                    });
+                }
+                if let Some(p) = &previous {
+                    for k in shadow_member_keys(p) {
+                        t.by_member_key.remove(k.as_str()).map_err(db)?;
+                    }
+                }
+                if !shadow.dead {
+                    for k in shadow_member_keys(&shadow) {
+                        t.by_member_key
+                            .insert(k.as_str(), shadow.entry_uuid.as_str())
+                            .map_err(db)?;
+                    }
+                }
+                shadow.version = found + 1;
+                t.shadows
+                    .insert(key.as_str(), shadow.encode_to_vec().as_slice())
+                    .map_err(db)?;
+                versions.push(shadow.version);
+                // Groups waiting for this account get its owner, in this transaction.
+                let member_keys = shadow_member_keys(&shadow);
+                if !shadow.dead && !shadow.focus_id.is_empty() {
+                    let mut waiting = Vec::new();
+                    for member_key in &member_keys {
+                        let prefix = format!("{member_key}\0");
+                        for row in t.pending.range(prefix.as_str()..).map_err(db)? {
+                            let (k, _) = row.map_err(db)?;
+                            let Some(id) = k.value().strip_prefix(prefix.as_str()) else {
+                                break;
+                            };
+                            waiting.push((k.value().to_owned(), id.to_owned()));
+                        }
+                    }
+                    for (pending_key, group_id) in waiting {
+                        t.pending.remove(pending_key.as_str()).map_err(db)?;
+                        let Some(mut group) = load::<v1::Focus>(&t.focus, &group_id)? else {
+                            continue;
+                        };
+                        group
+                            .pending_members
+                            .retain(|m| !member_keys.contains(&ref_key(m)));
+                        if !group.members.contains(&shadow.focus_id) {
+                            group.members.push(shadow.focus_id.clone());
+                        }
+                        t.member_of
+                            .insert(format!("{}\0{}", shadow.focus_id, group.id).as_str(), ())
+                            .map_err(db)?;
+                        t.rewrite_focus(group, origin)?;
+                    }
+                }
+            }
+            Some(Op::DeleteShadow(del)) => {
+                let k = del
+                    .key
+                    .as_ref()
+                    .ok_or_else(|| invalid("delete_shadow without a key"))?;
+                authorize_shadow(writer, &k.resource, &k.entry_uuid)?;
+                let key = shadow_key(&k.resource, &k.entry_uuid);
+                let previous = load::<v1::Shadow>(&t.shadows, &key)?;
+                let found = previous.as_ref().map_or(0, |s| s.version);
+                if found != del.expected_version || found == 0 {
+                    return Err(StoreError::Conflict {
+                        object: format!("shadow {}/{}", k.resource, k.entry_uuid),
+                        expected: del.expected_version,
+                        found,
+                    });
+                }
+                if let Some(p) = &previous {
+                    for k in shadow_member_keys(p) {
+                        t.by_member_key.remove(k.as_str()).map_err(db)?;
+                    }
+                }
+                t.shadows.remove(key.as_str()).map_err(db)?;
+                versions.push(0);
+            }
+            None => return Err(invalid("operation is empty")),
+        }
+    }
+    if let Principal::Agreement(a) = &writer.principal
+        && !dry_run
+    {
+        record_success(t, a)?;
+    }
+    Ok(versions)
+}
+
+/// Marks agreement `name` Ok as of now. Written at most about once a second
+/// while it stays Ok, so a busy agreement does not rewrite its record on
+/// every commit.
+fn record_success(t: &mut Tables<'_>, name: &str) -> Result<(), StoreError> {
+    let Some(mut a) = t.agreement(name)? else {
+        return Ok(());
+    };
+    let now = now_ms();
+    let ok = v1::AgreementState::Ok as i32;
+    if a.state == ok && now - a.last_success_ms < 1000 {
+        return Ok(());
+    }
+    a.state = ok;
+    a.last_success_ms = now;
+    t.put_agreement(&a)
+}
+
+impl Store {
+    /// Applies `ops` atomically as `writer`: every precondition and every
+    /// rule of ownership holds and every write is made, or nothing is.
+    /// Returns the new version of each object written (0 for deletions), in order.
+    ///
+    /// # Errors
+    /// [`StoreError::Conflict`] when a stored version differs from the one the
+    /// operation expects, [`StoreError::NameTaken`] when a focus would take
+    /// another's name, [`StoreError::NotOwned`] and [`StoreError::Yielded`]
+    /// for a write the writer does not own, [`StoreError::Schema`] for a focus
+    /// the IDM cannot hold, [`StoreError::Halted`] while the writer's
+    /// agreement is halted, [`StoreError::Invalid`] for an operation without
+    /// its object.
+    pub fn commit(
+        &self,
+        ops: &[v1::Operation],
+        origin: &str,
+        writer: &Writer,
+    ) -> Result<Vec<u64>, StoreError> {
+        let txn = self.db.begin_write().map_err(db)?;
+        let versions = {
+            let mut t = Tables::open(&txn)?;
+            let versions = apply(&mut t, ops, origin, writer, false)?;
+            t.finish()?;
+            versions
+        };
+        txn.commit().map_err(db)?;
+        Ok(versions)
+    }
+
+    /// Runs `commits` one after another as `writer` would, each seeing the
+    /// ones before it that succeeded, with every check a commit makes; then
+    /// rolls everything back. A commit that fails is left out of the state
+    /// the later ones see (its transaction is replayed without it).
+    ///
+    /// # Errors
+    /// The database fails; each commit's own refusal is in its result.
+    pub fn dry_run(
+        &self,
+        commits: &[(Vec<v1::Operation>, String)],
+        writer: &Writer,
+    ) -> Result<Vec<Result<Vec<u64>, StoreError>>, StoreError> {
+        let mut results: Vec<Result<Vec<u64>, StoreError>> = Vec::with_capacity(commits.len());
+        let mut txn = self.db.begin_write().map_err(db)?;
+        let mut i = 0;
+        while i < commits.len() {
+            let (ops, origin) = &commits[i];
+            let outcome = {
+                let mut t = Tables::open(&txn)?;
+                apply(&mut t, ops, origin, writer, true)
+            };
+            match outcome {
+                Ok(v) => results.push(Ok(v)),
+                Err(e @ (StoreError::Db(_) | StoreError::Corrupt(_) | StoreError::Open { .. })) => {
+                    txn.abort().map_err(db)?;
+                    return Err(e);
+                }
+                Err(e) => {
+                    results.push(Err(e));
+                    // Start again from the stored state with only the successes.
+                    txn.abort().map_err(db)?;
+                    txn = self.db.begin_write().map_err(db)?;
+                    let mut t = Tables::open(&txn)?;
+                    for (j, r) in results.iter().enumerate() {
+                        if r.is_ok() {
+                            let (ops, origin) = &commits[j];
+                            apply(&mut t, ops, origin, writer, true)?;
+                        }
+                    }
+                }
+            }
+            i += 1;
+        }
+        txn.abort().map_err(db)?;
+        Ok(results)
+    }
+}
+
+fn check_version(
+    op: &v1::Operation,
+    focus_t: &redb::Table<&str, &[u8]>,
+    shadows: &redb::Table<&str, &[u8]>,
+) -> Result<(), StoreError> {
+    use v1::operation::Op;
+    let focus_version = |id: &str| -> Result<u64, StoreError> {
+        Ok(load::<v1::Focus>(focus_t, id)?.map_or(0, |f| f.version))
+    };
+    let shadow_version = |resource: &str, uuid: &str| -> Result<u64, StoreError> {
+        Ok(load::<v1::Shadow>(shadows, &shadow_key(resource, uuid))?.map_or(0, |s| s.version))
+    };
+    let (object, expected, found) = match op.op.as_ref() {
+        Some(Op::PutFocus(p)) => {
+            let id = p.focus.as_ref().map(|f| f.id.as_str()).unwrap_or_default();
+            (
+                format!("focus {id}"),
+                p.expected_version,
+                focus_version(id)?,
+            )
+        }
+        Some(Op::DeleteFocus(d)) => (
+            format!("focus {}", d.id),
+            d.expected_version,
+            focus_version(&d.id)?,
+        ),
+        Some(Op::PutShadow(p)) => {
+            let (r, u) = p
+                .shadow
+                .as_ref()
+                .map(|s| (s.resource.as_str(), s.entry_uuid.as_str()))
+                .unwrap_or_default();
+            (
+                format!("shadow {r}/{u}"),
+                p.expected_version,
+                shadow_version(r, u)?,
+            )
+        }
+        Some(Op::DeleteShadow(d)) => {
+            let (r, u) = d
+                .key
+                .as_ref()
+                .map(|k| (k.resource.as_str(), k.entry_uuid.as_str()))
+                .unwrap_or_default();
+            (
+                format!("shadow {r}/{u}"),
+                d.expected_version,
+                shadow_version(r, u)?,
+            )
+        }
+        None => return Ok(()),
+    };
+    if expected != found {
+        return Err(StoreError::Conflict {
+            object,
+            expected,
+            found,
+        });
+    }
+    Ok(())
+}
