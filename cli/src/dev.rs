@@ -168,6 +168,32 @@ impl Deployment {
         Ok(deployment)
     }
 
+    /// Changes the configuration that services started from now on run (and
+    /// the file the CLI reads), as an operator edits it before a restart.
+    ///
+    /// # Errors
+    /// The changed configuration is invalid or cannot be written.
+    pub fn reconfigure(&mut self, change: impl FnOnce(&mut Config)) -> Result<()> {
+        let mut config = (*self.config).clone();
+        change(&mut config);
+        let problems = config.validate();
+        if !problems.is_empty() {
+            anyhow::bail!("invalid configuration: {problems:?}");
+        }
+        std::fs::write(self.dir.join("idsync.toml"), toml_string(&config)?)?;
+        self.config = Arc::new(config);
+        Ok(())
+    }
+
+    /// Restarts service `name` with the current configuration.
+    ///
+    /// # Errors
+    /// The service had failed, or an unknown name.
+    pub async fn restart_service(&mut self, name: &str) -> Result<()> {
+        self.stop_service(name).await?;
+        self.start_service(name)
+    }
+
     /// An IDM client with the administrator credential.
     ///
     /// # Errors

@@ -733,6 +733,72 @@ mod tests {
     }
 
     #[test]
+    fn agreement_problems_are_named() {
+        let errors_of = |change: &dyn Fn(&mut Config)| -> Vec<String> {
+            let mut cfg: Config = toml::from_str(EXAMPLE).unwrap();
+            change(&mut cfg);
+            cfg.validate().iter().map(ToString::to_string).collect()
+        };
+        let one = |change: &dyn Fn(&mut Config), expected: &str| {
+            let errors = errors_of(change);
+            assert!(
+                errors.len() == 1 && errors[0].contains(expected),
+                "expected {expected:?}, got {errors:#?}"
+            );
+        };
+        one(
+            &|c| c.resources[0].agreement = None,
+            "resources[0] (hr).agreement: a resource with inbound mappings or groups writes to the IDM under a sync agreement",
+        );
+        one(
+            &|c| c.resources[0].agreement = Some("crm".into()),
+            "names agreement \"crm\", which is not in [agreements]",
+        );
+        let hr = |c: &mut Config| c.agreements.get_mut("hr").unwrap().clone();
+        let set = |f: fn(&mut AgreementConfig)| {
+            move |c: &mut Config| {
+                let mut a = hr(c);
+                f(&mut a);
+                c.agreements.insert("hr".into(), a);
+            }
+        };
+        one(
+            &set(|a| a.token_env = None),
+            "agreements.hr: needs the agreement's sync token",
+        );
+        one(
+            &set(|a| a.token_file = Some("/x".into())),
+            "agreements.hr.token_file: set token_file or token_env, not both",
+        );
+        one(
+            &set(|a| a.schedule = Some("61 * * * *".into())),
+            "agreements.hr.schedule: cron expression \"61 * * * *\"",
+        );
+        one(
+            &set(|a| a.status_bind = Some("localhost".into())),
+            "agreements.hr.status_bind: \"localhost\" is not an address",
+        );
+        one(
+            &set(|a| {
+                a.map_uuid.insert("e1".into(), "not-a-uuid".into());
+            }),
+            "agreements.hr.map_uuid.e1: \"not-a-uuid\" is not a UUID",
+        );
+        one(
+            &|c| {
+                let mut a = hr(c);
+                a.status_bind = None;
+                c.agreements.insert("bad name".into(), a);
+            },
+            "agreements.bad name: an agreement's name must be letters",
+        );
+        one(
+            &|c| c.idm.admin_token_file = Some("/x".into()),
+            "idm.admin_token_file: set admin_token_file or admin_token_env, not both",
+        );
+    }
+
+    #[test]
     fn every_problem_is_reported_with_its_path() {
         let mut cfg: Config = toml::from_str(EXAMPLE).unwrap();
         cfg.templates[0].assignments.push("nowhere".into());

@@ -187,6 +187,9 @@ impl IdmService {
             .strip_prefix("Bearer ")
             .ok_or_else(|| refuse(TokenError::Missing))?
             .trim();
+        if credential.is_empty() {
+            return Err(refuse(TokenError::Missing));
+        }
         if credential.starts_with(&format!("{}.", token::SYNC_PREFIX)) {
             return self.store.authenticate(credential).map_err(refuse);
         }
