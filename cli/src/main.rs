@@ -525,6 +525,11 @@ fn print_users(users: &[Focus]) {
             id = u.id,
             v = u.version
         );
+        if u.sync_parent.is_empty() {
+            println!("    owner: the IDM (native)");
+        } else {
+            println!("    owner: agreement {}", u.sync_parent);
+        }
         for (attr, values) in &u.attributes {
             if attr != "name" {
                 println!("    {attr}: {}", values.join(" | "));
@@ -548,6 +553,7 @@ fn users_json(users: &[Focus]) -> serde_json::Value {
                     "id": u.id,
                     "version": u.version,
                     "status": status(u),
+                    "sync_parent": (!u.sync_parent.is_empty()).then_some(&u.sync_parent),
                     "attributes": u.attributes,
                     "assignments": u.assignments.iter().map(|a| serde_json::json!({"resource": a.resource, "source": a.source})).collect::<Vec<_>>(),
                     "links": u.links.iter().map(|l| serde_json::json!({"resource": l.resource, "dn": l.dn, "entry_uuid": l.entry_uuid})).collect::<Vec<_>>(),
