@@ -500,16 +500,18 @@ async fn quarantine_parks_the_entry_and_the_rest_go_on() {
     env.user_where("jack", "synced", |_| true).await;
     env.ok(&["users", "create", "will"]).await;
     env.ok(&["users", "create", "bob"]).await;
+    env.ok(&["users", "create", "kate"]).await;
     add_person(&env.d.source, "will", "Will Turner").await;
     add_person(&env.d.source, "anna", "Anna Bell").await;
     add_person(&env.d.source, "bob", "Bob Ross").await;
+    add_person(&env.d.source, "kate", "Kate Bush").await;
     env.user_where("anna", "applied past the conflict", |u| {
         u.sync_parent == "hr"
     })
     .await;
-    let parked = eventually("two parked entries", WAIT, || async {
+    let parked = eventually("three parked entries", WAIT, || async {
         let out = env.ok(&["sync", "parked", "hr"]).await;
-        Ok((out.matches("a native IDM entry").count() == 2).then_some(out))
+        Ok((out.matches("a native IDM entry").count() == 3).then_some(out))
     })
     .await
     .unwrap();
@@ -530,7 +532,7 @@ async fn quarantine_parks_the_entry_and_the_rest_go_on() {
             .unwrap()
             .to_owned()
     };
-    let (will_seq, bob_seq) = (seq_of("will"), seq_of("bob"));
+    let (will_seq, bob_seq, kate_seq) = (seq_of("will"), seq_of("bob"), seq_of("kate"));
     let uuid_of = |uid: &str| -> String {
         let line = parked
             .lines()
@@ -544,22 +546,30 @@ async fn quarantine_parks_the_entry_and_the_rest_go_on() {
             .unwrap()
             .to_owned()
     };
-    let will_uuid = uuid_of("will");
+    let (will_uuid, kate_uuid) = (uuid_of("will"), uuid_of("kate"));
+    let kate_id = "6b61a7e0-0000-4000-8000-00000000ca7e";
 
-    // Remap will to a free name and retry it; drop bob.
+    // Remap will to a free name, and kate to a free name and a chosen id;
+    // retry them and drop bob.
     env.d
         .reconfigure(|c: &mut Config| {
-            c.agreements
-                .get_mut("hr")
-                .unwrap()
-                .map_name
-                .insert(will_uuid, "will.turner".into());
+            let hr = c.agreements.get_mut("hr").unwrap();
+            hr.map_name.insert(will_uuid, "will.turner".into());
+            hr.map_name.insert(kate_uuid.clone(), "kate.bush".into());
+            hr.map_uuid.insert(kate_uuid, kate_id.into());
         })
         .unwrap();
     env.d.restart_service("correlator").await.unwrap();
     env.d.restart_service("applier").await.unwrap();
     env.ok(&["sync", "retry-parked", "hr", &will_seq]).await;
+    env.ok(&["sync", "retry-parked", "hr", &kate_seq]).await;
     env.ok(&["sync", "drop-parked", "hr", &bob_seq]).await;
+    let kate = env
+        .user_where("kate.bush", "imported with its mapped id", |u| {
+            u.link_to("hr").is_some()
+        })
+        .await;
+    assert_eq!(kate.id, kate_id);
     let will = env
         .user_where("will.turner", "imported under its mapped name", |u| {
             u.link_to("hr").is_some()

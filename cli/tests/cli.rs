@@ -99,3 +99,13 @@ fn admin_commands_without_a_credential_say_how_to_give_one() {
         "{t}"
     );
 }
+
+#[test]
+fn admin_new_credential_is_random_and_long() {
+    let a = idsync(&["admin", "new-credential"]);
+    let b = idsync(&["admin", "new-credential"]);
+    assert!(a.status.success(), "{}", text(&a));
+    let (a, b) = (text(&a), text(&b));
+    assert!(a.starts_with("idsync-admin.") && a.trim().len() > 40, "{a}");
+    assert_ne!(a, b);
+}
