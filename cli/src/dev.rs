@@ -37,6 +37,22 @@ fn target_seed() -> String {
     format!("dn: {TARGET_SUFFIX}\nobjectClass: organization\no: Acme\n")
 }
 
+/// How the deployment's servers are set up.
+#[derive(Debug, Clone, Copy)]
+pub struct Options {
+    /// The source's syncprov keeps a session log, so a resumed refresh names
+    /// deletions (syncIdSet); without one it uses the present phase.
+    pub source_session_log: bool,
+}
+
+impl Default for Options {
+    fn default() -> Self {
+        Self {
+            source_session_log: true,
+        }
+    }
+}
+
 /// The services, in start order.
 pub const SERVICES: [&str; 5] = ["idm", "detector", "correlator", "applier", "provisioner"];
 
@@ -75,6 +91,18 @@ impl Deployment {
     /// # Errors
     /// As [`Deployment::start`], and an invalid configuration.
     pub async fn start_with(dir: &Path, config_text: &str) -> Result<Self> {
+        Self::start_with_options(dir, config_text, Options::default()).await
+    }
+
+    /// As [`Deployment::start_with`], with the servers set up as `options` say.
+    ///
+    /// # Errors
+    /// As [`Deployment::start_with`].
+    pub async fn start_with_options(
+        dir: &Path,
+        config_text: &str,
+        options: Options,
+    ) -> Result<Self> {
         std::fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
         let dir = std::fs::canonicalize(dir)?;
         let secrets = dir.join("secrets");
@@ -88,7 +116,7 @@ impl Deployment {
                 suffix: SOURCE_SUFFIX.into(),
                 admin_password: hr_password,
                 seed_ldif: source_seed(),
-                session_log: true,
+                session_log: options.source_session_log,
             },
         )
         .await?;
@@ -107,23 +135,15 @@ impl Deployment {
         idsync_bus::Bus::connect(nats.url()).await?;
 
         let mut config = idsync_runtime::parse_config(config_text, "deploy/local/idsync.toml")?;
-        let idm_port = free_port()?;
         config.nats.url = nats.url().to_owned();
-        config.idm.listen = format!("127.0.0.1:{idm_port}");
-        config.idm.url = format!("http://127.0.0.1:{idm_port}");
+        assign_idm_ports(&mut config)?;
         config.idm.data_dir = dir.join("idm").display().to_string();
         secret(&secrets.join("admin"))?;
         config.idm.admin_token_env = None;
         config.idm.admin_token_file = Some(secrets.join("admin").display().to_string());
-        if config.idm.http_bind.is_some() {
-            config.idm.http_bind = Some(format!("127.0.0.1:{}", free_port()?));
-        }
         for (name, a) in &mut config.agreements {
             a.token_env = None;
             a.token_file = Some(secrets.join(format!("{name}.token")).display().to_string());
-            if a.status_bind.is_some() {
-                a.status_bind = Some(format!("127.0.0.1:{}", free_port()?));
-            }
         }
         for r in &mut config.resources {
             // Resources named hr… (account types of the source) are on the
@@ -137,20 +157,6 @@ impl Deployment {
         }
         let text = toml_string(&config)?;
         std::fs::write(dir.join("idsync.toml"), text)?;
-        std::fs::write(
-            dir.join("env"),
-            format!(
-                "export IDSYNC_CONFIG={}\nexport IDSYNC_ADMIN_TOKEN_FILE={}\n\
-                 export IDSYNC_IDM_URL={}\nexport IDSYNC_NATS_URL={}\n\
-                 export SOURCE_URL={}\nexport TARGET_URL={}\n",
-                dir.join("idsync.toml").display(),
-                secrets.join("admin").display(),
-                config.idm.url,
-                config.nats.url,
-                source.url(),
-                target.url()
-            ),
-        )?;
 
         let mut deployment = Self {
             dir,
@@ -160,8 +166,24 @@ impl Deployment {
             config: Arc::new(config),
             running: Vec::new(),
         };
-        deployment.start_service("idm")?;
-        deployment.bootstrap_agreements().await?;
+        // Ports picked free can be taken before the IDM binds them (other
+        // tests, other programs): then pick again.
+        let mut attempts = 0;
+        loop {
+            deployment.start_service("idm")?;
+            match deployment.bootstrap_agreements().await {
+                Ok(()) => break,
+                Err(e) if attempts < 5 && format!("{e:#}").contains("in use") => {
+                    attempts += 1;
+                    tracing::warn!(error = %format!("{e:#}"), "the IDM's port was taken; trying others");
+                    let mut config = (*deployment.config).clone();
+                    assign_idm_ports(&mut config)?;
+                    deployment.reconfigure(|c| *c = config)?;
+                }
+                Err(e) => return Err(e),
+            }
+        }
+        deployment.write_env()?;
         for name in SERVICES.into_iter().skip(1) {
             deployment.start_service(name)?;
         }
@@ -202,16 +224,43 @@ impl Deployment {
         Ok(idsync_runtime::admin_client(&self.config)?)
     }
 
+    /// Writes `env`: what a shell needs to talk to this deployment.
+    fn write_env(&self) -> Result<()> {
+        std::fs::write(
+            self.dir.join("env"),
+            format!(
+                "export IDSYNC_CONFIG={}\nexport IDSYNC_ADMIN_TOKEN_FILE={}\n\
+                 export IDSYNC_IDM_URL={}\nexport IDSYNC_NATS_URL={}\n\
+                 export SOURCE_URL={}\nexport TARGET_URL={}\n",
+                self.dir.join("idsync.toml").display(),
+                self.dir.join("secrets").join("admin").display(),
+                self.config.idm.url,
+                self.config.nats.url,
+                self.source.url(),
+                self.target.url()
+            ),
+        )?;
+        Ok(())
+    }
+
     /// Creates each configured agreement that the IDM does not have yet, with
     /// a token in the file the configuration names (as an operator would with
     /// `idsync sync create` and `idsync sync generate-token`).
-    async fn bootstrap_agreements(&self) -> Result<()> {
+    async fn bootstrap_agreements(&mut self) -> Result<()> {
         let idm = self.admin()?;
         let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
         let existing = loop {
             match idm.list_agreements().await {
                 Ok(list) => break list,
                 Err(e) if e.is_transient() && tokio::time::Instant::now() < deadline => {
+                    let failed = self
+                        .running
+                        .iter()
+                        .any(|r| r.name == "idm" && r.task.is_finished());
+                    if failed {
+                        // Its error says why (an address in use, a bad store).
+                        return Err(self.stop_failed("idm").await);
+                    }
                     tokio::time::sleep(Duration::from_millis(100)).await;
                 }
                 Err(e) => return Err(e).context("the IDM did not answer"),
@@ -276,6 +325,14 @@ impl Deployment {
         Ok(())
     }
 
+    /// The error of a service that stopped on its own.
+    async fn stop_failed(&mut self, name: &str) -> anyhow::Error {
+        match self.stop_service(name).await {
+            Err(e) => e,
+            Ok(()) => anyhow::anyhow!("{name} stopped without an error"),
+        }
+    }
+
     /// Stops one service and waits until it has drained.
     ///
     /// # Errors
@@ -314,6 +371,22 @@ async fn stop(r: Running) -> Result<()> {
         Ok(Err(e)) => anyhow::bail!("{} panicked: {e}", r.name),
         Err(_) => anyhow::bail!("{} did not stop within 15 s", r.name),
     }
+}
+
+/// Free loopback ports for the IDM's gRPC and status listeners.
+fn assign_idm_ports(config: &mut Config) -> Result<()> {
+    let idm_port = free_port()?;
+    config.idm.listen = format!("127.0.0.1:{idm_port}");
+    config.idm.url = format!("http://127.0.0.1:{idm_port}");
+    if config.idm.http_bind.is_some() {
+        config.idm.http_bind = Some(format!("127.0.0.1:{}", free_port()?));
+    }
+    for a in config.agreements.values_mut() {
+        if a.status_bind.is_some() {
+            a.status_bind = Some(format!("127.0.0.1:{}", free_port()?));
+        }
+    }
+    Ok(())
 }
 
 /// Reads the password in `path`, creating a random one (mode 0600) first.

@@ -80,3 +80,83 @@ async fn detector_restart_loses_nothing_and_reloads_nothing() {
     .await;
     env.deployment.shutdown().await.unwrap();
 }
+
+/// Without a session log, a resumed refresh lists what is still there (the
+/// present phase); the detector publishes the deletion of everything else the
+/// IDM holds.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn deletes_while_away_are_found_by_the_present_phase() {
+    init_tracing();
+    let dir = tempfile::tempdir().unwrap();
+    let deployment = idsync::dev::Deployment::start_with_options(
+        dir.path(),
+        idsync::dev::EXAMPLE_CONFIG,
+        idsync::dev::Options {
+            source_session_log: false,
+        },
+    )
+    .await
+    .unwrap();
+    let mut env = Env::from(deployment, dir);
+    add_person(&env.deployment.source, "will", "Will", "Turner").await;
+    add_person(&env.deployment.source, "anna", "Anna", "Bell").await;
+    env.user_where("will", "synced", |u| links_to(u, "acme"))
+        .await;
+    env.user_where("anna", "synced", |u| links_to(u, "acme"))
+        .await;
+
+    env.deployment.stop_service("detector").await.unwrap();
+    delete_person(&env.deployment.source, "will").await;
+    set_cn(&env.deployment.source, "jack", "cpt. Jack Sparrow").await;
+    env.deployment.start_service("detector").unwrap();
+
+    env.user_gone("will").await;
+    env.target_where("cn=will,o=Acme", "deleted", |e| e.is_none())
+        .await;
+    env.user_where("jack", "renamed", |u| {
+        u.first("fullName") == Some("cpt. Jack Sparrow")
+    })
+    .await;
+    let users = env.idm.all_focus("user").await.unwrap();
+    let mut names: Vec<_> = users.iter().filter_map(|u| u.first("name")).collect();
+    names.sort_unstable();
+    assert_eq!(names, ["anna", "jack"], "only will is gone");
+    let groups = env.idm.all_focus("group").await.unwrap();
+    assert_eq!(groups.len(), 1, "the crew group is still there");
+    env.deployment.shutdown().await.unwrap();
+}
+
+/// The source directory goes away during live sync and comes back: the
+/// detector reconnects with backoff and resumes from its cookie.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_source_restart_during_live_sync_is_survived_without_a_reload() {
+    let mut env = start().await;
+    for i in 0..20 {
+        add_person(
+            &env.deployment.source,
+            &format!("p{i}"),
+            "P",
+            &format!("Person{i}"),
+        )
+        .await;
+    }
+    env.user_where("p19", "synced", |u| links_to(u, "hr")).await;
+    let bus = Bus::connect(env.deployment.nats.url()).await.unwrap();
+    let before = bus.stream_messages(names::CHANGES_STREAM).await.unwrap();
+
+    env.deployment.source.stop().await.unwrap();
+    tokio::time::sleep(std::time::Duration::from_secs(2)).await;
+    env.deployment.source.restart().await.unwrap();
+    set_cn(&env.deployment.source, "jack", "cpt. Jack Sparrow").await;
+    env.user_where("jack", "renamed after the restart", |u| {
+        u.first("fullName") == Some("cpt. Jack Sparrow")
+    })
+    .await;
+    let after = bus.stream_messages(names::CHANGES_STREAM).await.unwrap();
+    assert!(
+        after - before <= 3,
+        "{} events after the restart: the 22 entries were read again",
+        after - before
+    );
+    env.deployment.shutdown().await.unwrap();
+}

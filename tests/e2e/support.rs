@@ -19,7 +19,7 @@ pub struct Env {
 }
 
 /// Logs of the services go to the test's captured output (shown on failure).
-fn init_tracing() {
+pub fn init_tracing() {
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info,async_nats=warn"));
     let _ = tracing_subscriber::fmt()

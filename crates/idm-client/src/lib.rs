@@ -183,6 +183,22 @@ impl IdmClient {
     }
 
     /// Every shadow of `resource`, page by page.
+    /// Up to `limit` shadows of `resource` after `after`, in entry UUID order.
+    pub async fn shadows_page(
+        &self,
+        resource: &str,
+        after: &str,
+        limit: u32,
+    ) -> Result<Vec<Shadow>, IdmError> {
+        let req = v1::ListShadowsRequest {
+            resource: resource.to_owned(),
+            after_entry_uuid: after.to_owned(),
+            limit,
+        };
+        let page = self.raw.clone().list_shadows(req).await?.into_inner().items;
+        Ok(page.into_iter().map(Shadow::from).collect())
+    }
+
     pub async fn all_shadows(&self, resource: &str) -> Result<Vec<Shadow>, IdmError> {
         let mut out: Vec<Shadow> = Vec::new();
         loop {

@@ -3,13 +3,15 @@
 //! is stored only after JetStream has acknowledged every event before it, so a
 //! restart resumes where it left off: nothing lost, nothing reloaded.
 
-use std::collections::VecDeque;
+use std::collections::{HashSet, VecDeque};
 use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use idsync_bus::{Bus, BusError, PendingAck, names};
 use idsync_core::config::{Config, ResourceConfig};
+use idsync_core::model::ObjectType;
 use idsync_core::schedule::Schedule;
+use idsync_idm_client::{IdmClient, IdmError};
 use idsync_ldap::{Connection, EntryState, LdapError, SyncMessage, SyncSession};
 use idsync_proto::v1;
 use prost::Message as _;
@@ -41,6 +43,9 @@ pub enum Error {
 pub async fn run(config: Arc<Config>, shutdown: CancellationToken) -> Result<(), Error> {
     tracing::debug!(url = %config.nats.url, "connecting to NATS");
     let bus = Bus::connect(&config.nats.url).await?;
+    // Each agreement's shadows are read with its token, to find what a
+    // refresh implies is gone.
+    let clients = idsync_runtime::agreement_clients(&config)?;
     let tracker = TaskTracker::new();
     let mut refreshers: Vec<(String, Arc<Notify>)> = Vec::new();
     for resource in &config.resources {
@@ -59,6 +64,7 @@ pub async fn run(config: Arc<Config>, shutdown: CancellationToken) -> Result<(),
         let connection =
             Connection::for_resource(resource, idsync_runtime::bind_password(resource)?);
         let agreement = resource.agreement.clone().unwrap_or_default();
+        let idm = clients.get(&agreement).cloned();
         let scopes =
             std::iter::once(SyncScope::accounts(resource)).chain(SyncScope::groups(resource));
         for scope in scopes {
@@ -66,6 +72,7 @@ pub async fn run(config: Arc<Config>, shutdown: CancellationToken) -> Result<(),
             refreshers.push((agreement.clone(), refresh.clone()));
             tracker.spawn(sync_loop(
                 bus.clone(),
+                idm.clone(),
                 scope,
                 mode.clone(),
                 connection.clone(),
@@ -158,6 +165,7 @@ impl SyncScope {
 /// Keeps one resource's sync session going, reconnecting with backoff.
 async fn sync_loop(
     bus: Bus,
+    idm: Option<IdmClient>,
     resource: SyncScope,
     mode: Mode,
     connection: Connection,
@@ -186,7 +194,7 @@ async fn sync_loop(
         let persist = matches!(mode, Mode::Live);
         let result = tokio::select! {
             r = session(
-                &bus,
+                Outputs { bus: &bus, idm: idm.as_ref() },
                 &resource,
                 &connection,
                 &shutdown,
@@ -235,6 +243,8 @@ enum SessionError {
     Ldap(#[from] LdapError),
     #[error(transparent)]
     Bus(#[from] BusError),
+    #[error("reading the IDM's shadows: {0}")]
+    Idm(#[from] IdmError),
 }
 
 /// Events published and the cookie that becomes safe once they are acked.
@@ -281,8 +291,15 @@ impl Publisher<'_> {
     }
 }
 
+/// Where a session's results go: the bus, and the IDM it compares with.
+#[derive(Clone, Copy)]
+struct Outputs<'a> {
+    bus: &'a Bus,
+    idm: Option<&'a IdmClient>,
+}
+
 async fn session(
-    bus: &Bus,
+    outputs: Outputs<'_>,
     resource: &SyncScope,
     connection: &Connection,
     shutdown: &CancellationToken,
@@ -290,6 +307,7 @@ async fn session(
     reset_cookie: &mut bool,
     backoff: &mut Duration,
 ) -> Result<(), SessionError> {
+    let Outputs { bus, idm } = outputs;
     let cookie = if *reset_cookie {
         None
     } else {
@@ -309,7 +327,8 @@ async fn session(
     // own, so that JetStream's de-duplication does not drop them as the
     // states they were the first time.
     let refresh = (!resumed).then(|| format!(":full{}", now_ms()));
-    tracing::info!(resource = %resource.resource, resumed, "live sync started");
+    tracing::info!(resource = %resource.resource, resumed, persist, "sync session started");
+    let mut refreshing = Some(Refreshing::default());
     let mut out = Publisher {
         refresh,
         bus,
@@ -339,12 +358,28 @@ async fn session(
         match message {
             SyncMessage::Entry {
                 entry_uuid,
+                state: EntryState::Present,
+                cookie,
+                ..
+            } => {
+                // Unchanged since the cookie: not a change, only a name the
+                // present phase lists.
+                if let Some(r) = refreshing.as_mut() {
+                    r.see(&entry_uuid);
+                }
+                hold_or_commit(&mut out, &mut refreshing, cookie).await?;
+            }
+            SyncMessage::Entry {
+                entry_uuid,
                 dn,
                 state,
                 attributes,
                 csn,
                 cookie,
             } => {
+                if let Some(r) = refreshing.as_mut() {
+                    r.see(&entry_uuid);
+                }
                 let event = change_event(
                     resource,
                     entry_uuid,
@@ -356,9 +391,7 @@ async fn session(
                 );
                 tracing::debug!(resource = %resource.resource, dn = %event.dn, ?state, "change");
                 out.publish(event).await?;
-                if cookie.is_some() {
-                    out.commit(cookie.as_deref()).await?;
-                }
+                hold_or_commit(&mut out, &mut refreshing, cookie).await?;
             }
             SyncMessage::Deleted {
                 entry_uuids,
@@ -377,23 +410,140 @@ async fn session(
                     );
                     out.publish(event).await?;
                 }
-                out.commit(cookie.as_deref()).await?;
+                hold_or_commit(&mut out, &mut refreshing, cookie).await?;
             }
             SyncMessage::Present {
                 entry_uuids,
                 cookie,
             } => {
                 tracing::debug!(resource = %resource.resource, present = entry_uuids.len(), "present phase ids");
-                out.commit(cookie.as_deref()).await?;
+                if let Some(r) = refreshing.as_mut() {
+                    entry_uuids.iter().for_each(|u| r.see(u));
+                }
+                hold_or_commit(&mut out, &mut refreshing, cookie).await?;
             }
             SyncMessage::RefreshDone { cookie, deletes } => {
-                out.commit(cookie.as_deref()).await?;
-                if !deletes && resumed {
-                    tracing::warn!(resource = %resource.resource, "the source ended refresh with a present phase; deletions it implies are found by reconciliation, not live sync");
+                if let Some(r) = refreshing.take() {
+                    // A present phase (or a refresh from nothing) names what
+                    // is still there; whatever the IDM knows beyond that is gone.
+                    if !resumed || !deletes {
+                        let gone = publish_gone(&mut out, resource, idm, &r).await?;
+                        if gone > 0 {
+                            tracing::info!(resource = %resource.resource, gone, "entries gone from the source while nobody listened");
+                        }
+                    }
+                    out.commit(cookie.as_deref().or(r.cookie.as_deref()))
+                        .await?;
+                } else {
+                    out.commit(cookie.as_deref()).await?;
                 }
-                tracing::info!(resource = %resource.resource, events = out.published, "refresh done; persisting");
+                out.refresh = None;
+                tracing::info!(resource = %resource.resource, events = out.published, "refresh done");
             }
-            SyncMessage::Cookie(cookie) => out.commit(Some(&cookie)).await?,
+            SyncMessage::Cookie(cookie) => {
+                hold_or_commit(&mut out, &mut refreshing, Some(cookie)).await?;
+            }
+        }
+    }
+}
+
+/// What a refresh has named so far, and the cookie it will store at its end.
+/// During a refresh no cookie is stored: if the session breaks before the
+/// deletions the refresh implies are published, the next one starts over.
+#[derive(Default)]
+struct Refreshing {
+    /// Entry UUIDs as numbers (16 bytes each: a million entries take 16 MB).
+    seen: HashSet<u128>,
+    /// UUIDs that do not parse as such, kept as text.
+    seen_text: HashSet<String>,
+    cookie: Option<Vec<u8>>,
+}
+
+impl Refreshing {
+    fn see(&mut self, uuid: &str) {
+        match uuid_number(uuid) {
+            Some(n) => {
+                self.seen.insert(n);
+            }
+            None => {
+                self.seen_text.insert(uuid.to_owned());
+            }
+        }
+    }
+
+    fn has_seen(&self, uuid: &str) -> bool {
+        match uuid_number(uuid) {
+            Some(n) => self.seen.contains(&n),
+            None => self.seen_text.contains(uuid),
+        }
+    }
+}
+
+fn uuid_number(uuid: &str) -> Option<u128> {
+    let hex: String = uuid.chars().filter(|c| *c != '-').collect();
+    if hex.len() != 32 {
+        return None;
+    }
+    u128::from_str_radix(&hex, 16).ok()
+}
+
+/// Stores `cookie` now, or keeps it for the end of the refresh.
+async fn hold_or_commit(
+    out: &mut Publisher<'_>,
+    refreshing: &mut Option<Refreshing>,
+    cookie: Option<Vec<u8>>,
+) -> Result<(), BusError> {
+    match refreshing {
+        Some(r) => {
+            if cookie.is_some() {
+                r.cookie = cookie;
+            }
+            Ok(())
+        }
+        None if cookie.is_some() => out.commit(cookie.as_deref()).await,
+        None => Ok(()),
+    }
+}
+
+/// Publishes a deletion for every live shadow of this session's kind that
+/// the refresh did not name, reading the IDM's shadows page by page.
+async fn publish_gone(
+    out: &mut Publisher<'_>,
+    scope: &SyncScope,
+    idm: Option<&IdmClient>,
+    refresh: &Refreshing,
+) -> Result<u64, SessionError> {
+    let Some(idm) = idm else {
+        tracing::warn!(resource = %scope.resource, "no agreement, so no IDM to compare with: deletions implied by the refresh are not published");
+        return Ok(0);
+    };
+    let kind = match scope.object_type {
+        v1::ObjectType::Group => ObjectType::Group,
+        v1::ObjectType::Account => ObjectType::Account,
+    };
+    let mut after = String::new();
+    let mut gone = 0;
+    loop {
+        let page = idm.shadows_page(&scope.resource, &after, 1000).await?;
+        let Some(last) = page.last() else {
+            return Ok(gone);
+        };
+        after = last.entry_uuid.clone();
+        for shadow in page {
+            if shadow.dead || shadow.object_type != kind || refresh.has_seen(&shadow.entry_uuid) {
+                continue;
+            }
+            let event = change_event(
+                scope,
+                shadow.entry_uuid,
+                shadow.dn,
+                EntryState::Delete,
+                Vec::new(),
+                None,
+                None,
+            );
+            out.publish(event).await?;
+            gone += 1;
         }
     }
 }
