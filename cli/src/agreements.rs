@@ -46,6 +46,12 @@ pub enum SyncCommand {
     ForceRefresh { name: String },
     /// Lifts a halt: the agreement's pending changes are tried again.
     Retry { name: String },
+    /// Lets a resource's deletions through its deletion guard for one window,
+    /// and resumes the agreement.
+    AcceptDeletions { name: String, resource: String },
+    /// Skips a resource's deletions that are waiting (their entries stay in
+    /// the IDM), and resumes the agreement.
+    DiscardDeletions { name: String, resource: String },
     /// Shows what a sync would change, with the IDM's checks, writing nothing.
     DryRun {
         name: String,
@@ -299,6 +305,24 @@ pub async fn run(global: &Global, command: SyncCommand) -> Result<ExitCode> {
                 "agreement {} resumed; its pending changes are applied again (status {} until the next success)",
                 a.name,
                 status_word(&a)
+            );
+        }
+        SyncCommand::AcceptDeletions { name, resource } => {
+            let (idm, _) = global.admin()?;
+            idm.accept_deletions(&name, &resource)
+                .await
+                .with_context(|| format!("cannot accept the deletions of {resource}"))?;
+            println!("deletions of {resource} accepted for one window; agreement {name} resumed");
+        }
+        SyncCommand::DiscardDeletions { name, resource } => {
+            let (idm, _) = global.admin()?;
+            let bus = idsync_bus::Bus::connect(&global.nats_url()?).await?;
+            let through = bus.last_sequence(idsync_bus::names::CHANGES_STREAM).await?;
+            idm.discard_deletions(&name, &resource, through)
+                .await
+                .with_context(|| format!("cannot discard the deletions of {resource}"))?;
+            println!(
+                "deletions of {resource} detected so far (through change {through}) discarded; agreement {name} resumed"
             );
         }
         SyncCommand::DryRun { name, all } => {

@@ -324,8 +324,11 @@ async fn tokens_are_refused_for_every_reason_and_never_echoed() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn authority_and_yield_hold_from_grpc_and_from_the_cli() {
     let env = start(EXAMPLE_CONFIG).await;
+    // Once provisioned, jack changes no more by himself.
     let jack = env
-        .user_where("jack", "synced by hr", |u| u.sync_parent == "hr")
+        .user_where("jack", "synced by hr and provisioned", |u| {
+            u.sync_parent == "hr" && u.link_to("acme").is_some()
+        })
         .await;
     // The administrator cannot write what the agreement owns...
     let out = env
@@ -751,4 +754,78 @@ async fn a_scheduled_agreement_polls_a_source_without_live_sync() {
     .unwrap();
     assert_eq!(jack.sync_parent, "hr");
     env.d.shutdown().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_deletion_guard_stops_a_mass_deletion_until_an_operator_decides() {
+    // Ten accounts and the crew group: eleven entries of hr.
+    let config = EXAMPLE_CONFIG.replace(
+        "[resources.reactions]\nlinked = { action = \"synchronize\" }",
+        "[resources.deletion_guard]\nmax_share = 0.5\n\n[resources.reactions]\nlinked = { action = \"synchronize\" }",
+    );
+    assert_ne!(config, EXAMPLE_CONFIG);
+    let env = start(&config).await;
+    assert!(env.d.config.resources[0].deletion_guard.is_some());
+    for i in 0..9 {
+        add_person(&env.d.source, &format!("p{i}"), &format!("Person {i}")).await;
+    }
+    env.user_where("p8", "synced", |_| true).await;
+    // 7 of 11 (64%) go; the guard lets 5 (45%) through and stops the 6th.
+    for i in 0..7 {
+        delete_person(&env.d.source, &format!("p{i}")).await;
+    }
+    let a = env
+        .agreement_where("hr", "halted by the guard", |a| a.halted)
+        .await;
+    let reason = a.last_error.unwrap().reason;
+    assert!(
+        reason.contains("deletion 6") && reason.contains("of 11 entries"),
+        "{reason}"
+    );
+    assert!(reason.contains("accept-deletions"), "{reason}");
+    assert_eq!(env.status_word("hr").await, "Err");
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let owned = env;
+    let env = &owned;
+    let present = |names: &[&str]| {
+        let names: Vec<String> = names.iter().map(|n| (*n).to_owned()).collect();
+        async move {
+            let mut found = Vec::new();
+            for n in &names {
+                if env.user(n).await.is_some() {
+                    found.push(n.clone());
+                }
+            }
+            found
+        }
+    };
+    assert_eq!(
+        present(&["p0", "p1", "p2", "p3", "p4", "p5", "p6"]).await,
+        ["p5", "p6"],
+        "exactly five deletions applied, none beyond the threshold"
+    );
+
+    // Discard: p5 and p6 stay in the IDM; the agreement goes on.
+    let out = env.ok(&["sync", "discard-deletions", "hr", "hr"]).await;
+    assert!(out.contains("discarded"), "{out}");
+    env.agreement_where("hr", "resumed", |a| !a.halted).await;
+    add_person(&env.d.source, "anna", "Anna Bell").await;
+    env.user_where("anna", "applied after the discard", |_| true)
+        .await;
+    assert_eq!(present(&["p5", "p6"]).await, ["p5", "p6"]);
+
+    // Within the same window: p7 still fits (6 of 12), p8 crosses it again.
+    delete_person(&env.d.source, "p7").await;
+    delete_person(&env.d.source, "p8").await;
+    env.agreement_where("hr", "halted again", |a| a.halted)
+        .await;
+    assert_eq!(present(&["p7", "p8"]).await, ["p8"]);
+    env.ok(&["sync", "accept-deletions", "hr", "hr"]).await;
+    eventually("p8 deleted once accepted", WAIT, || async {
+        Ok(env.user("p8").await.is_none().then_some(()))
+    })
+    .await
+    .unwrap();
+
+    owned.d.shutdown().await.unwrap();
 }

@@ -4,6 +4,10 @@
 /// Version of the bus message schema this build writes and understands.
 pub const SCHEMA_VERSION: u32 = 1;
 
+/// gRPC response header that tells FAILED_PRECONDITIONs apart: `halted`,
+/// `deletion-guard` or `deletion-discarded`.
+pub const ERROR_KIND_HEADER: &str = "idsync-error";
+
 #[allow(
     missing_docs,
     clippy::all,

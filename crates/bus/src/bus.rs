@@ -364,6 +364,24 @@ impl Bus {
         Ok(handle.cached_info().state.messages)
     }
 
+    /// Sequence of the last message stored in `stream` (0 when none ever was).
+    ///
+    /// # Errors
+    ///
+    /// [`BusError::Stream`] when the stream does not exist or cannot be asked.
+    pub async fn last_sequence(&self, stream: &str) -> Result<u64, BusError> {
+        let handle = self
+            .js
+            .get_stream(stream)
+            .await
+            .map_err(|e| BusError::Stream {
+                stream: stream.to_owned(),
+                operation: "get info of",
+                source: Box::new(e),
+            })?;
+        Ok(handle.cached_info().state.last_sequence)
+    }
+
     /// Up to `limit` messages of `stream` from sequence `from` on, without
     /// consuming them (for the admin CLI and tests). Sequences that were
     /// removed are skipped.

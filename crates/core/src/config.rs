@@ -163,6 +163,30 @@ pub struct ResourceConfig {
     pub tls: Option<TlsConfig>,
     /// How an account is disabled here (the `inactivate_shadow` reaction).
     pub disable: Option<DisableConfig>,
+    /// Stops mass deletions of this resource's entries before they reach
+    /// the IDM (Entra Connect's export threshold, midPoint's policy thresholds).
+    pub deletion_guard: Option<DeletionGuard>,
+}
+
+/// Thresholds on deletions within a sliding window. Crossing one halts the
+/// resource's agreement before the deletion is applied, with the count, until
+/// an operator accepts (`idsync sync accept-deletions`) or discards
+/// (`idsync sync discard-deletions`) them. Counted by the IDM inside its
+/// commits, so no number of workers makes it overshoot.
+#[derive(Debug, Clone, Deserialize, Serialize, PartialEq, schemars::JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct DeletionGuard {
+    /// At most this many deletions within the window.
+    pub max_count: Option<u64>,
+    /// At most this share (0.0 to 1.0) of the resource's entries within the window.
+    pub max_share: Option<f64>,
+    /// The window, in seconds (default 3,600).
+    #[serde(default = "default_guard_window")]
+    pub window_seconds: u64,
+}
+
+fn default_guard_window() -> u64 {
+    3600
 }
 
 /// Disabling an account: set `attribute` to `value` (`nsAccountLock: TRUE` on
@@ -473,6 +497,26 @@ impl Config {
                     format!("{at}.tls.starttls"),
                     "an ldaps:// URL is TLS from the start; StartTLS is for ldap:// URLs".into(),
                 );
+            }
+            if let Some(g) = &r.deletion_guard {
+                if g.max_count.is_none() && g.max_share.is_none() {
+                    err(
+                        format!("{at}.deletion_guard"),
+                        "set max_count, max_share or both".into(),
+                    );
+                }
+                if g.max_share.is_some_and(|s| !(0.0..=1.0).contains(&s)) {
+                    err(
+                        format!("{at}.deletion_guard.max_share"),
+                        "is a share of the resource's entries, from 0.0 to 1.0".into(),
+                    );
+                }
+                if g.window_seconds == 0 {
+                    err(
+                        format!("{at}.deletion_guard.window_seconds"),
+                        "must be at least 1".into(),
+                    );
+                }
             }
             let writes_inbound = !r.inbound.is_empty() || r.groups.is_some();
             match &r.agreement {

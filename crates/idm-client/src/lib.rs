@@ -32,6 +32,12 @@ pub enum IdmError {
     /// The agreement is halted: nothing of it is applied until it is resumed.
     #[error("IDM: {0}")]
     Halted(String),
+    /// A deletion would cross its resource's deletion guard.
+    #[error("IDM: {0}")]
+    MassDeletion(String),
+    /// An operator discarded this deletion: skip it.
+    #[error("IDM: {0}")]
+    DeletionDiscarded(String),
     /// The IDM refused the credential (missing, malformed, revoked, foreign).
     #[error("IDM refused the credential: {0}")]
     Unauthenticated(String),
@@ -58,7 +64,17 @@ impl From<tonic::Status> for IdmError {
             | Code::Cancelled
             | Code::Unknown => IdmError::Unavailable(message),
             Code::Unauthenticated => IdmError::Unauthenticated(message),
-            Code::FailedPrecondition => IdmError::Halted(message),
+            Code::FailedPrecondition => {
+                let kind = s
+                    .metadata()
+                    .get(idsync_proto::ERROR_KIND_HEADER)
+                    .and_then(|v| v.to_str().ok());
+                match kind {
+                    Some("deletion-guard") => IdmError::MassDeletion(message),
+                    Some("deletion-discarded") => IdmError::DeletionDiscarded(message),
+                    _ => IdmError::Halted(message),
+                }
+            }
             code => IdmError::Rejected { code, message },
         }
     }
@@ -395,6 +411,35 @@ impl IdmClient {
             self.raw.clone().report_failure(req).await?
         };
         Ok(r.into_inner())
+    }
+
+    /// Lets `resource`'s deletions through its guard for one window.
+    pub async fn accept_deletions(
+        &self,
+        agreement: &str,
+        resource: &str,
+    ) -> Result<v1::Agreement, IdmError> {
+        let req = v1::GuardRequest {
+            agreement: agreement.to_owned(),
+            resource: resource.to_owned(),
+            through_seq: 0,
+        };
+        Ok(self.raw.clone().accept_deletions(req).await?.into_inner())
+    }
+
+    /// Skips `resource`'s deletions from changes up to `through_seq`.
+    pub async fn discard_deletions(
+        &self,
+        agreement: &str,
+        resource: &str,
+        through_seq: u64,
+    ) -> Result<v1::Agreement, IdmError> {
+        let req = v1::GuardRequest {
+            agreement: agreement.to_owned(),
+            resource: resource.to_owned(),
+            through_seq,
+        };
+        Ok(self.raw.clone().discard_deletions(req).await?.into_inner())
     }
 
     pub async fn resume_agreement(&self, name: &str) -> Result<v1::Agreement, IdmError> {

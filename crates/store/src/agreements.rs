@@ -253,6 +253,53 @@ impl Store {
         })
     }
 
+    /// Lets `resource`'s deletions through its guard for `window_ms`, and
+    /// resumes agreement `name`.
+    pub fn accept_deletions(
+        &self,
+        name: &str,
+        resource: &str,
+        window_ms: i64,
+    ) -> Result<v1::Agreement, StoreError> {
+        self.guard_and_resume(name, resource, |g| {
+            g.allow_until_ms = now_ms() + window_ms;
+        })
+    }
+
+    /// Skips `resource`'s deletions from changes up to `through_seq`, and
+    /// resumes agreement `name`.
+    pub fn discard_deletions(
+        &self,
+        name: &str,
+        resource: &str,
+        through_seq: u64,
+    ) -> Result<v1::Agreement, StoreError> {
+        self.guard_and_resume(name, resource, |g| {
+            g.discard_through_seq = g.discard_through_seq.max(through_seq);
+        })
+    }
+
+    fn guard_and_resume(
+        &self,
+        name: &str,
+        resource: &str,
+        change: impl FnOnce(&mut v1::DeletionGuardState),
+    ) -> Result<v1::Agreement, StoreError> {
+        let mut a = self.write(|t| {
+            let mut a = t.agreement(name)?.ok_or_else(|| StoreError::NoAgreement {
+                name: name.to_owned(),
+            })?;
+            let mut g = t.guard_state(resource)?;
+            change(&mut g);
+            t.put_guard_state(resource, &g)?;
+            a.halted = false;
+            t.put_agreement(&a)?;
+            Ok(a)
+        })?;
+        a.entries = self.count_entries(name)?;
+        Ok(a)
+    }
+
     /// Ends agreement `name`, releasing its entries to the IDM: each loses its
     /// sync parent. The agreement and its tokens are gone. Returns how many
     /// entries were released.
@@ -316,6 +363,10 @@ impl Store {
                     }
                 }
                 t.shadows.remove(&**k).map_err(db)?;
+            }
+            for r in resources {
+                t.live.remove(r.as_str()).map_err(db)?;
+                t.guard.remove(r.as_str()).map_err(db)?;
             }
             t.agreements.remove(name).map_err(db)?;
             Ok(deleted)
@@ -441,6 +492,7 @@ mod tests {
             principal: Principal::Admin,
             owners: owners(),
             may_adopt: false,
+            guards: Arc::default(),
         };
         (
             dir,
@@ -574,6 +626,129 @@ mod tests {
             },
         );
         assert!(s.commit(&put(&changed, 3), "", &admin).is_err());
+    }
+
+    fn shadow(uuid: &str, position: u64, dead: bool) -> v1::Shadow {
+        v1::Shadow {
+            resource: "hr".into(),
+            entry_uuid: uuid.into(),
+            position,
+            dead,
+            ..Default::default()
+        }
+    }
+
+    fn put_shadow(s: v1::Shadow, expected: u64) -> Vec<v1::Operation> {
+        vec![v1::Operation {
+            op: Some(Op::PutShadow(v1::PutShadow {
+                shadow: Some(s),
+                expected_version: expected,
+            })),
+        }]
+    }
+
+    #[test]
+    fn the_deletion_guard_stops_the_deletion_that_crosses_it_exactly() {
+        let (_d, s, hr, ..) = setup();
+        let guards = Arc::new(
+            [(
+                "hr".to_owned(),
+                crate::GuardLimits {
+                    max_count: Some(3),
+                    max_share: Some(0.5),
+                    window_ms: 60_000,
+                },
+            )]
+            .into(),
+        );
+        let hr = Writer { guards, ..hr };
+        for i in 0..10 {
+            s.commit(
+                &put_shadow(shadow(&format!("e{i}"), 1, false), 0),
+                "hr",
+                &hr,
+            )
+            .unwrap();
+        }
+        // Three deletions pass, the fourth crosses max_count.
+        for i in 0..3 {
+            s.commit(&put_shadow(shadow(&format!("e{i}"), 2, true), 1), "hr", &hr)
+                .unwrap();
+        }
+        let e = s
+            .commit(&put_shadow(shadow("e3", 2, true), 1), "hr", &hr)
+            .unwrap_err();
+        assert!(
+            matches!(
+                e,
+                StoreError::MassDeletion {
+                    count: 4,
+                    population: 10,
+                    ..
+                }
+            ),
+            "{e}"
+        );
+        assert!(e.to_string().contains("accept-deletions"), "{e}");
+        // Discarded: deletions from positions up to 2 are skipped.
+        s.discard_deletions("hr", "hr", 2).unwrap();
+        let e = s
+            .commit(&put_shadow(shadow("e3", 2, true), 1), "hr", &hr)
+            .unwrap_err();
+        assert!(matches!(e, StoreError::DeletionDiscarded { .. }), "{e}");
+        // A later one is checked again, and accepted ones pass.
+        let e = s
+            .commit(&put_shadow(shadow("e4", 3, true), 1), "hr", &hr)
+            .unwrap_err();
+        assert!(matches!(e, StoreError::MassDeletion { .. }), "{e}");
+        s.accept_deletions("hr", "hr", 60_000).unwrap();
+        for i in 4..8 {
+            s.commit(&put_shadow(shadow(&format!("e{i}"), 3, true), 1), "hr", &hr)
+                .unwrap();
+        }
+    }
+
+    #[test]
+    fn the_deletion_guard_counts_shares_of_the_live_entries() {
+        let (_d, s, hr, ..) = setup();
+        let guards = Arc::new(
+            [(
+                "hr".to_owned(),
+                crate::GuardLimits {
+                    max_count: None,
+                    max_share: Some(0.5),
+                    window_ms: 60_000,
+                },
+            )]
+            .into(),
+        );
+        let hr = Writer { guards, ..hr };
+        for i in 0..10 {
+            s.commit(
+                &put_shadow(shadow(&format!("e{i}"), 1, false), 0),
+                "hr",
+                &hr,
+            )
+            .unwrap();
+        }
+        for i in 0..5 {
+            s.commit(&put_shadow(shadow(&format!("e{i}"), 2, true), 1), "hr", &hr)
+                .unwrap();
+        }
+        let e = s
+            .commit(&put_shadow(shadow("e5", 2, true), 1), "hr", &hr)
+            .unwrap_err();
+        assert!(
+            matches!(
+                e,
+                StoreError::MassDeletion {
+                    count: 6,
+                    population: 10,
+                    ..
+                }
+            ),
+            "60% of 10: {e}"
+        );
     }
 
     #[test]

@@ -20,9 +20,9 @@ use redb::{ReadableTable, WriteTransaction};
 use idsync_proto::v1;
 
 use crate::{
-    AGREEMENT, FOCUS, FOCUS_NAME, MEMBER_OF, META, NAME, NEXT_OUTBOX, OUTBOX, PENDING, SHADOW,
-    SHADOW_BY_MEMBER_KEY, SYNC_CHILD, Store, StoreError, db, focus_name, load, name_key, now_ms,
-    pending_key, ref_key, resolve_pending, shadow_key, shadow_member_keys,
+    AGREEMENT, FOCUS, FOCUS_NAME, GUARD, MEMBER_OF, META, NAME, NEXT_OUTBOX, OUTBOX, PENDING,
+    SHADOW, SHADOW_BY_MEMBER_KEY, SHADOW_LIVE, SYNC_CHILD, Store, StoreError, db, focus_name, load,
+    name_key, now_ms, pending_key, ref_key, resolve_pending, shadow_key, shadow_member_keys,
 };
 
 /// Who makes a write.
@@ -43,6 +43,14 @@ impl std::fmt::Display for Principal {
     }
 }
 
+/// A resource's deletion thresholds (from its `deletion_guard`).
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct GuardLimits {
+    pub max_count: Option<u64>,
+    pub max_share: Option<f64>,
+    pub window_ms: i64,
+}
+
 /// A principal, and which agreement each resource writes under.
 #[derive(Debug, Clone)]
 pub struct Writer {
@@ -52,6 +60,8 @@ pub struct Writer {
     /// Whether an agreement principal may take over native entries
     /// (`adopt_native` in its configuration).
     pub may_adopt: bool,
+    /// Resource → its deletion thresholds.
+    pub guards: Arc<BTreeMap<String, GuardLimits>>,
 }
 
 impl Writer {
@@ -61,6 +71,7 @@ impl Writer {
             principal: Principal::Admin,
             owners: Arc::default(),
             may_adopt: false,
+            guards: Arc::default(),
         }
     }
 
@@ -69,6 +80,7 @@ impl Writer {
             principal: Principal::Agreement(name.to_owned()),
             owners,
             may_adopt: false,
+            guards: Arc::default(),
         }
     }
 }
@@ -85,6 +97,8 @@ pub(crate) struct Tables<'t> {
     pub meta: redb::Table<'t, &'static str, u64>,
     pub agreements: redb::Table<'t, &'static str, &'static [u8]>,
     pub sync_child: redb::Table<'t, &'static str, ()>,
+    pub live: redb::Table<'t, &'static str, u64>,
+    pub guard: redb::Table<'t, &'static str, &'static [u8]>,
     pub next_seq: u64,
 }
 
@@ -102,6 +116,8 @@ impl<'t> Tables<'t> {
             outbox: txn.open_table(OUTBOX).map_err(db)?,
             agreements: txn.open_table(AGREEMENT).map_err(db)?,
             sync_child: txn.open_table(SYNC_CHILD).map_err(db)?,
+            live: txn.open_table(SHADOW_LIVE).map_err(db)?,
+            guard: txn.open_table(GUARD).map_err(db)?,
             meta,
             next_seq,
         })
@@ -133,6 +149,82 @@ impl<'t> Tables<'t> {
             .map_err(db)?;
         self.next_seq += 1;
         Ok(())
+    }
+
+    /// Adds `delta` to the count of `resource`'s live shadows.
+    pub fn count_live(&mut self, resource: &str, delta: i64) -> Result<(), StoreError> {
+        if delta == 0 {
+            return Ok(());
+        }
+        let now = self
+            .live
+            .get(resource)
+            .map_err(db)?
+            .map_or(0, |v| v.value());
+        let next = now.saturating_add_signed(delta);
+        self.live.insert(resource, next).map_err(db)?;
+        Ok(())
+    }
+
+    pub fn guard_state(&self, resource: &str) -> Result<v1::DeletionGuardState, StoreError> {
+        Ok(load(&self.guard, resource)?.unwrap_or_default())
+    }
+
+    pub fn put_guard_state(
+        &mut self,
+        resource: &str,
+        state: &v1::DeletionGuardState,
+    ) -> Result<(), StoreError> {
+        self.guard
+            .insert(resource, state.encode_to_vec().as_slice())
+            .map_err(db)?;
+        Ok(())
+    }
+
+    /// Counts the death of `shadow` against its resource's guard, or refuses it.
+    fn guard_deletion(&mut self, writer: &Writer, shadow: &v1::Shadow) -> Result<(), StoreError> {
+        let Some(limits) = writer.guards.get(&shadow.resource) else {
+            return Ok(());
+        };
+        let mut state = self.guard_state(&shadow.resource)?;
+        if state.discard_through_seq > 0 && shadow.position <= state.discard_through_seq {
+            return Err(StoreError::DeletionDiscarded {
+                resource: shadow.resource.clone(),
+                entry_uuid: shadow.entry_uuid.clone(),
+            });
+        }
+        let now = now_ms();
+        state.recent_ms.retain(|t| *t > now - limits.window_ms);
+        if now >= state.allow_until_ms {
+            let count = state.recent_ms.len() as u64 + 1;
+            let live = self
+                .live
+                .get(shadow.resource.as_str())
+                .map_err(db)?
+                .map_or(0, |v| v.value());
+            // The population when the window began: live now, plus those
+            // deleted within it.
+            let population = (live + count - 1).max(1);
+            let share = count as f64 / population as f64;
+            let over_count = limits.max_count.filter(|m| count > *m);
+            let over_share = limits.max_share.filter(|m| share > *m);
+            if over_count.is_some() || over_share.is_some() {
+                return Err(StoreError::MassDeletion {
+                    resource: shadow.resource.clone(),
+                    count,
+                    population,
+                    percent: share * 100.0,
+                    window_s: limits.window_ms / 1000,
+                    limit: match (over_count, over_share) {
+                        (Some(m), _) => format!("max_count {m}"),
+                        (None, Some(s)) => format!("max_share {s}"),
+                        (None, None) => String::new(),
+                    },
+                });
+            }
+        }
+        state.recent_ms.push(now);
+        self.put_guard_state(&shadow.resource, &state)
     }
 
     pub fn agreement(&self, name: &str) -> Result<Option<v1::Agreement>, StoreError> {
@@ -651,6 +743,14 @@ pub(crate) fn apply(
                         found,
                     });
                 }
+                let was_live = previous.as_ref().is_some_and(|p| !p.dead);
+                if was_live && shadow.dead {
+                    t.guard_deletion(writer, &shadow)?;
+                }
+                t.count_live(
+                    &shadow.resource,
+                    i64::from(!shadow.dead) - i64::from(was_live),
+                )?;
                 if let Some(p) = &previous {
                     for k in shadow_member_keys(p) {
                         t.by_member_key.remove(k.as_str()).map_err(db)?;
@@ -720,6 +820,7 @@ pub(crate) fn apply(
                     for k in shadow_member_keys(p) {
                         t.by_member_key.remove(k.as_str()).map_err(db)?;
                     }
+                    t.count_live(&k.resource, -i64::from(!p.dead))?;
                 }
                 t.shadows.remove(key.as_str()).map_err(db)?;
                 versions.push(0);

@@ -10,7 +10,7 @@ use std::path::Path;
 use std::sync::Arc;
 
 use prost::Message;
-use redb::{Database, ReadableDatabase, ReadableTable, TableDefinition};
+use redb::{Database, ReadableDatabase, ReadableTable, ReadableTableMetadata, TableDefinition};
 
 use idsync_proto::v1;
 
@@ -19,7 +19,7 @@ mod commit;
 pub mod token;
 
 pub use agreements::status_word;
-pub use commit::{Principal, Writer};
+pub use commit::{GuardLimits, Principal, Writer};
 
 const FOCUS: TableDefinition<&str, &[u8]> = TableDefinition::new("focus");
 /// `<kind>\0<name>` → focus id; names are unique per kind.
@@ -42,6 +42,10 @@ const SYNC_CHILD: TableDefinition<&str, ()> = TableDefinition::new("sync_child")
 /// Secrets the store makes for itself (the key that signs tokens).
 const SECRET: TableDefinition<&str, &[u8]> = TableDefinition::new("secret");
 const TOKEN_KEY: &str = "token_signing_key";
+/// Resource → number of its live shadows (the deletion guard's population).
+const SHADOW_LIVE: TableDefinition<&str, u64> = TableDefinition::new("shadow_live");
+/// Resource → encoded `DeletionGuardState`.
+const GUARD: TableDefinition<&str, &[u8]> = TableDefinition::new("deletion_guard");
 const NEXT_OUTBOX: &str = "next_outbox_seq";
 /// Set once when the store is created; distinguishes this store's outbox
 /// sequence numbers from those of an earlier store on the same stream.
@@ -103,6 +107,24 @@ pub enum StoreError {
     Halted { name: String, reason: String },
     #[error("{0}")]
     BadRequest(String),
+    /// A deletion would cross the resource's deletion guard.
+    #[error(
+        "deletion guard of resource {resource}: this would be deletion {count} within {window_s} s, of {population} entries ({percent:.0}%), beyond {limit}; accept with `idsync sync accept-deletions <agreement> {resource}` or discard with `idsync sync discard-deletions <agreement> {resource}`"
+    )]
+    MassDeletion {
+        resource: String,
+        count: u64,
+        population: u64,
+        percent: f64,
+        window_s: i64,
+        limit: String,
+    },
+    /// An operator discarded this deletion.
+    #[error("the deletion of {resource}/{entry_uuid} was discarded by an operator")]
+    DeletionDiscarded {
+        resource: String,
+        entry_uuid: String,
+    },
     #[error("invalid operation {index}: {reason}")]
     Invalid { index: usize, reason: String },
 }
@@ -243,6 +265,23 @@ impl Store {
             txn.open_table(OUTBOX).map_err(db)?;
             txn.open_table(AGREEMENT).map_err(db)?;
             txn.open_table(SYNC_CHILD).map_err(db)?;
+            txn.open_table(GUARD).map_err(db)?;
+            let mut live = txn.open_table(SHADOW_LIVE).map_err(db)?;
+            if live.is_empty().map_err(db)? {
+                // Stores from before the counter: count once.
+                let shadows = txn.open_table(SHADOW).map_err(db)?;
+                let mut counts: std::collections::BTreeMap<String, u64> = Default::default();
+                for row in shadows.iter().map_err(db)? {
+                    let (_, v) = row.map_err(db)?;
+                    let s: v1::Shadow = decode(v.value())?;
+                    if !s.dead {
+                        *counts.entry(s.resource).or_default() += 1;
+                    }
+                }
+                for (r, n) in counts {
+                    live.insert(r.as_str(), n).map_err(db)?;
+                }
+            }
             let mut secrets = txn.open_table(SECRET).map_err(db)?;
             let stored = secrets
                 .get(TOKEN_KEY)

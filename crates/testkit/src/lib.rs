@@ -1,14 +1,16 @@
-//! Real throwaway servers (nats-server, slapd) on free loopback ports, for tests and the quick start.
+//! Real throwaway servers (nats-server, slapd, 389-ds) on free loopback ports, for tests and the quick start.
 //!
 //! Every server binds only `127.0.0.1`, keeps its files in one directory
 //! (temporary unless the caller names one) and is killed when dropped.
 
+pub mod dirsrv;
 mod error;
 mod nats;
 mod process;
 mod slapd;
 mod wait;
 
+pub use dirsrv::{DirSrv, DirSrvOptions};
 pub use error::TestkitError;
 pub use nats::NatsServer;
 pub use slapd::{Slapd, SlapdOptions};

@@ -111,6 +111,11 @@ impl Agreement<'_> {
         }
     }
 
+    /// Halts the agreement at this entry, whatever its policy.
+    async fn halt(&self, change: &SourceChange, reason: String, msg: &Message) -> Handling {
+        self.report(change, reason, true, msg).await
+    }
+
     /// An entry failed: by the agreement's policy, halt here (Kanidm) or park
     /// the entry and go on (quarantine). Either way the status turns Err.
     async fn fail(
@@ -124,6 +129,16 @@ impl Agreement<'_> {
             .agreements
             .get(self.name)
             .is_none_or(|a| a.on_error == OnError::Halt);
+        self.report(change, reason, halt, msg).await
+    }
+
+    async fn report(
+        &self,
+        change: &SourceChange,
+        reason: String,
+        halt: bool,
+        msg: &Message,
+    ) -> Handling {
         let failure = v1::AgreementFailure {
             resource: change.resource.clone(),
             dn: change.dn.clone(),
@@ -282,6 +297,13 @@ async fn refused(
             reason: format!("agreement {}: {e}", ctx.name),
         },
         IdmError::Halted(_) => Handling::Halt(e.to_string()),
+        IdmError::DeletionDiscarded(_) => {
+            tracing::warn!(resource = %change.resource, dn = %change.dn, "deletion discarded by an operator; skipped");
+            Handling::Done
+        }
+        // The guard halts the agreement whatever its failure policy: the
+        // deletions wait for an operator's decision, none is parked.
+        IdmError::MassDeletion(_) => ctx.halt(change, e.to_string(), msg).await,
         _ => {
             let reason = format!(
                 "entry {:?} on {}: the IDM refused the commit: {e}",

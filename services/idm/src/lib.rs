@@ -13,7 +13,7 @@ use idsync_core::config::Config;
 use idsync_proto::v1;
 use idsync_proto::v1::idm_server::{Idm, IdmServer};
 use idsync_store::token::{self, AdminCredential, TokenError};
-use idsync_store::{Principal, Store, StoreError, Writer};
+use idsync_store::{GuardLimits, Principal, Store, StoreError, Writer};
 use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
 use tonic::{Request, Response, Status};
@@ -43,6 +43,8 @@ pub struct Authority {
     resources: Arc<BTreeMap<String, Vec<String>>>,
     /// Agreements whose configuration lets them adopt native entries.
     adopters: Arc<std::collections::BTreeSet<String>>,
+    /// Resource → its deletion thresholds.
+    guards: Arc<BTreeMap<String, GuardLimits>>,
 }
 
 impl Authority {
@@ -65,11 +67,26 @@ impl Authority {
             .filter(|(_, a)| a.adopt_native)
             .map(|(n, _)| n.clone())
             .collect();
+        let guards = config
+            .resources
+            .iter()
+            .filter_map(|r| {
+                let g = r.deletion_guard.as_ref()?;
+                let limits = GuardLimits {
+                    max_count: g.max_count,
+                    max_share: g.max_share,
+                    window_ms: i64::try_from(g.window_seconds.saturating_mul(1000))
+                        .unwrap_or(i64::MAX),
+                };
+                Some((r.name.clone(), limits))
+            })
+            .collect();
         Ok(Self {
             admin,
             owners: Arc::new(owners),
             resources: Arc::new(resources),
             adopters: Arc::new(adopters),
+            guards: Arc::new(guards),
         })
     }
 }
@@ -147,6 +164,16 @@ struct IdmService {
     outbox_ready: Arc<Notify>,
 }
 
+/// A FAILED_PRECONDITION that says which one in the `idsync-error` header.
+fn tagged(kind: &'static str, e: &StoreError) -> Status {
+    let mut status = Status::failed_precondition(e.to_string());
+    status.metadata_mut().insert(
+        idsync_proto::ERROR_KIND_HEADER,
+        tonic::metadata::MetadataValue::from_static(kind),
+    );
+    status
+}
+
 /// Maps a store error to the gRPC status the client's error enum reads.
 fn status(e: StoreError) -> Status {
     match e {
@@ -157,7 +184,9 @@ fn status(e: StoreError) -> Status {
         StoreError::NotOwned { .. } | StoreError::Yielded { .. } => {
             Status::permission_denied(e.to_string())
         }
-        StoreError::Halted { .. } => Status::failed_precondition(e.to_string()),
+        StoreError::Halted { .. } => tagged("halted", &e),
+        StoreError::MassDeletion { .. } => tagged("deletion-guard", &e),
+        StoreError::DeletionDiscarded { .. } => tagged("deletion-discarded", &e),
         StoreError::NoAgreement { .. } => Status::not_found(e.to_string()),
         StoreError::Invalid { .. } | StoreError::Schema { .. } | StoreError::BadRequest(_) => {
             Status::invalid_argument(e.to_string())
@@ -227,6 +256,7 @@ impl IdmService {
             principal,
             owners: self.authority.owners.clone(),
             may_adopt,
+            guards: self.authority.guards.clone(),
         }
     }
 
@@ -513,6 +543,20 @@ impl Idm for IdmService {
         self.report(req, false).await
     }
 
+    async fn accept_deletions(
+        &self,
+        req: Request<v1::GuardRequest>,
+    ) -> Result<Response<v1::Agreement>, Status> {
+        self.guard(req, true).await
+    }
+
+    async fn discard_deletions(
+        &self,
+        req: Request<v1::GuardRequest>,
+    ) -> Result<Response<v1::Agreement>, Status> {
+        self.guard(req, false).await
+    }
+
     async fn resume_agreement(
         &self,
         req: Request<v1::AgreementName>,
@@ -526,6 +570,39 @@ impl Idm for IdmService {
 }
 
 impl IdmService {
+    async fn guard(
+        &self,
+        req: Request<v1::GuardRequest>,
+        accept: bool,
+    ) -> Result<Response<v1::Agreement>, Status> {
+        self.admin(&req)?;
+        let r = req.into_inner();
+        let Some(limits) = self.authority.guards.get(&r.resource).copied() else {
+            return Err(Status::invalid_argument(format!(
+                "resource {:?} has no deletion_guard in the IDM's configuration",
+                r.resource
+            )));
+        };
+        if self.authority.owners.get(&r.resource) != Some(&r.agreement) {
+            return Err(Status::invalid_argument(format!(
+                "resource {:?} does not write under agreement {:?}",
+                r.resource, r.agreement
+            )));
+        }
+        let shown = r.clone();
+        let a = self
+            .blocking(move |s| {
+                if accept {
+                    s.accept_deletions(&r.agreement, &r.resource, limits.window_ms)
+                } else {
+                    s.discard_deletions(&r.agreement, &r.resource, r.through_seq)
+                }
+            })
+            .await?;
+        tracing::warn!(agreement = %shown.agreement, resource = %shown.resource, accept, through_seq = shown.through_seq, "deletion guard: operator decision");
+        Ok(Response::new(a))
+    }
+
     async fn report(
         &self,
         req: Request<v1::ReportFailureRequest>,
