@@ -112,6 +112,20 @@ enum Command {
         #[command(subcommand)]
         command: agreements::SyncCommand,
     },
+    /// Compares a resource with the IDM in full: publishes what changed and
+    /// what is gone (source), or puts back drift and finds orphans (target).
+    Reconcile {
+        resource: String,
+        /// At most this many entries a second, to spare the directory.
+        #[arg(long)]
+        rate: Option<u32>,
+        /// Print a summary only (no progress bar).
+        #[arg(long)]
+        quiet: bool,
+        /// The summary as one JSON document.
+        #[arg(long)]
+        json: bool,
+    },
     /// The administrator credential.
     Admin {
         #[command(subcommand)]
@@ -235,6 +249,12 @@ async fn run(cli: Cli) -> Result<ExitCode> {
     let global = cli.global;
     match cli.command {
         Command::Sync { command } => agreements::run(&global, command).await,
+        Command::Reconcile {
+            resource,
+            rate,
+            quiet,
+            json,
+        } => reconcile(&global, &resource, rate, quiet || json, json).await,
         Command::Admin {
             command: AdminCommand::NewCredential,
         } => {
@@ -472,6 +492,83 @@ async fn dev_up(dir: PathBuf) -> Result<ExitCode> {
     shutdown.cancelled().await;
     deployment.shutdown().await?;
     println!("idsync stopped; state kept in {}", dir.display());
+    Ok(ExitCode::SUCCESS)
+}
+
+async fn reconcile(
+    global: &Global,
+    resource: &str,
+    rate: Option<u32>,
+    quiet: bool,
+    json: bool,
+) -> Result<ExitCode> {
+    use idsync_detector::reconcile::{Options, Progress};
+    use std::io::{IsTerminal as _, Write as _};
+    let config = global.config()?;
+    let (idm, _) = global.admin()?;
+    let bus = idsync_bus::Bus::connect(&global.nats_url()?).await?;
+    let bar = !quiet && std::io::stderr().is_terminal();
+    let draw = |p: &Progress| {
+        if !bar {
+            return;
+        }
+        let share = if p.expected > 0 {
+            (p.scanned as f64 / p.expected as f64).min(1.0)
+        } else {
+            0.0
+        };
+        let filled = (share * 30.0) as usize;
+        let eta = p
+            .eta()
+            .map_or_else(String::new, |d| format!(", ETA {}s", d.as_secs()));
+        eprint!(
+            "\r[{}{}] {}/{} entries, {} changed, {} deleted, {:.0}/s{eta}   ",
+            "#".repeat(filled),
+            "-".repeat(30 - filled),
+            p.scanned,
+            p.expected,
+            p.changed,
+            p.deleted,
+            p.rate()
+        );
+        let _ = std::io::stderr().flush();
+    };
+    let options = Options {
+        rate,
+        ..Options::default()
+    };
+    let p = idsync_detector::reconcile::reconcile(&config, &bus, &idm, resource, options, draw)
+        .await
+        .with_context(|| format!("reconciliation of {resource} failed"))?;
+    if bar {
+        eprintln!();
+    }
+    if json {
+        let out = serde_json::json!({
+            "resource": p.resource,
+            "scanned": p.scanned,
+            "changed": p.changed,
+            "deleted": p.deleted,
+            "orphans": p.orphans,
+            "reprovisioned": p.reprovisioned,
+            "errors": p.errors,
+            "seconds": p.elapsed.as_secs_f64(),
+            "rate": p.rate(),
+        });
+        println!("{out}");
+        return Ok(ExitCode::SUCCESS);
+    }
+    println!(
+        "reconciled {resource}: {} entries scanned in {:.1}s ({:.0}/s): {} changed, {} deleted, {} orphans, {} users provisioned again, {} unreadable",
+        p.scanned,
+        p.elapsed.as_secs_f64(),
+        p.rate(),
+        p.changed,
+        p.deleted,
+        p.orphans,
+        p.reprovisioned,
+        p.errors
+    );
     Ok(ExitCode::SUCCESS)
 }
 

@@ -199,6 +199,14 @@ impl IdmClient {
     }
 
     /// Every shadow of `resource`, page by page.
+    /// How many live shadows `resource` has.
+    pub async fn live_shadows(&self, resource: &str) -> Result<u64, IdmError> {
+        let req = v1::CountShadowsRequest {
+            resource: resource.to_owned(),
+        };
+        Ok(self.raw.clone().count_shadows(req).await?.into_inner().live)
+    }
+
     /// Up to `limit` shadows of `resource` after `after`, in entry UUID order.
     pub async fn shadows_page(
         &self,

@@ -265,7 +265,10 @@ async fn refresh_carries_uuids_derived_from_nsuniqueid() {
         cookie.starts_with(&format!("localhost:{port}#cn=directory manager:{SUFFIX}:")),
         "{cookie}"
     );
-    assert!(cookie.ends_with("#0"), "nothing changed since the import: {cookie}");
+    assert!(
+        cookie.ends_with("#0"),
+        "nothing changed since the import: {cookie}"
+    );
 
     let Some(SyncMessage::Entry {
         entry_uuid,
@@ -310,7 +313,10 @@ async fn refresh_carries_uuids_derived_from_nsuniqueid() {
     let found = directory.find_by_uuid(SUFFIX, &ns_unique_id).await.unwrap();
     assert_eq!(found.map(|e| e.dn), Some(dn("jack")));
     let by_sync_uuid = directory.find_by_uuid(SUFFIX, entry_uuid).await.unwrap();
-    assert_eq!(by_sync_uuid, None, "nsUniqueId does not match the UUID form");
+    assert_eq!(
+        by_sync_uuid, None,
+        "nsUniqueId does not match the UUID form"
+    );
     directory.close().await.unwrap();
 
     // Entries added online also get an entryUUID (389-ds's entryuuid plugin):
@@ -361,7 +367,10 @@ async fn persist_delivers_modify_add_and_delete() {
     assert_eq!(values(&attributes, "jpegPhoto"), vec![&PHOTO[..]]);
     assert_eq!(entry_uuid, sync_uuid(&server, &dn("jack")).await);
     let cookie = String::from_utf8(cookie.expect("persist entries carry a cookie")).unwrap();
-    assert!(cookie.ends_with("#1"), "first retro changelog entry: {cookie}");
+    assert!(
+        cookie.ends_with("#1"),
+        "first retro changelog entry: {cookie}"
+    );
 
     admin_add_person(&server, "bill").await;
     let SyncMessage::Entry {
@@ -396,7 +405,9 @@ async fn persist_delivers_modify_add_and_delete() {
     // The server forgets the abandoned search and keeps serving.
     admin_modify(&server, &dn("will"), "givenName", "Bill").await;
     assert_eq!(
-        read_attr(&server, &dn("will"), "givenName").await.as_deref(),
+        read_attr(&server, &dn("will"), "givenName")
+            .await
+            .as_deref(),
         Some("Bill")
     );
 }
@@ -492,7 +503,10 @@ async fn resumed_refresh_only_ends_with_refresh_deletes_false_without_a_present_
         "{messages:?}"
     );
     assert!(entry_for(&messages, &dn("jack")).is_some(), "{messages:?}");
-    assert!(!names(&messages, &will_uuid), "will is not named: {messages:?}");
+    assert!(
+        !names(&messages, &will_uuid),
+        "will is not named: {messages:?}"
+    );
     assert!(
         !deletes,
         "389-ds ends a resumed refreshOnly with refreshDeletes=FALSE: {messages:?}"

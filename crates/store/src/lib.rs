@@ -396,6 +396,13 @@ impl Store {
         load(&table, &shadow_key(resource, entry_uuid))
     }
 
+    /// How many live shadows `resource` has.
+    pub fn live_shadows(&self, resource: &str) -> Result<u64, StoreError> {
+        let txn = self.db.begin_read().map_err(db)?;
+        let table = txn.open_table(SHADOW_LIVE).map_err(db)?;
+        Ok(table.get(resource).map_err(db)?.map_or(0, |v| v.value()))
+    }
+
     /// Up to `limit` shadows of `resource` with entry UUIDs after `after`.
     pub fn list_shadows(
         &self,

@@ -3,51 +3,57 @@
 //!
 //! How it runs without systemd (checked with 389-ds-base 2.3.1 on Debian 12, as root):
 //!
-//! - **Instance layout.** `dscreate` (lib389) takes every default path from
-//!   `defaults.inf`, and looks for `$PREFIX/share/dirsrv/inf/defaults.inf`
-//!   first when `PREFIX` is set; it finds instances only at
-//!   `$PREFIX/etc/dirsrv/slapd-<name>/dse.ldif`. So the INF keys `config_dir`,
-//!   `db_dir`, `log_dir`, ... alone are not enough (the "instance exists" check
-//!   fails). Instead the template root gets a copy of the system
-//!   `defaults.inf` with every non-`/usr` path moved under the root
-//!   (`sysconf_dir` stays `/etc`: the schema and config templates are read
-//!   from there), `with_systemd = 0`, `with_selinux = no`, and `user`/`group`
-//!   set to the current user. This is what `dscreate ds-root` does, which
-//!   refuses to run as root. Nothing is written outside the root.
-//! - **`dscreate from-file`** with `[general] start = False, systemd = False,
-//!   selinux = False, strict_host_checking = False`, `[slapd] instance_name,
-//!   port, secure_port, self_sign_cert = False, root_password, user, group`
-//!   and `[backend-userroot] suffix` (no suffix entry). It starts `ns-slapd`
-//!   itself (briefly listening on all interfaces: the listen address cannot be
-//!   set through the INF) to configure it online, then stops it: about 5–6 s.
-//!   That result is cached as a *template* in the system temp directory
-//!   (`idsync-dirsrv-template-<hash>`, keyed by the recipe, `defaults.inf`,
-//!   the suffix and the user) and shared by every process; delete it to
-//!   force a rebuild.
-//! - **Each instance** copies the template's config directory (`dse.ldif`,
-//!   schema, NSS database) into a fresh temp root, rewrites the template's
-//!   root path in `dse.ldif`, and edits it offline (no restart needed, the
-//!   server reads it at start): `nsslapd-listenhost: 127.0.0.1`, ldapi off,
-//!   the root password (cleartext, with `nsslapd-rootpwstoragescheme: CLEAR`:
-//!   a cleartext `nsslapd-rootpw` is otherwise refused as a scheme mismatch),
+//! - **Layout.** `dscreate` (lib389) takes every default path from
+//!   `defaults.inf`, read from `$PREFIX/share/dirsrv/inf/` when `PREFIX` is
+//!   set, and finds instances only at `$PREFIX/etc/dirsrv/slapd-<name>/dse.ldif`.
+//!   The INF keys `config_dir`, `db_dir`, `log_dir`, ... alone are therefore
+//!   not enough (its "instance exists" check fails). Instead a root gets a
+//!   copy of the system `defaults.inf` with every path outside `/usr` moved
+//!   under it (`sysconf_dir` stays `/etc`: schema and config templates are
+//!   read from there), `with_systemd = 0`, `with_selinux = no`, and
+//!   `user`/`group` = the current user (what `dscreate ds-root` does, which
+//!   refuses root). Nothing is written outside the root.
+//! - **Template.** `PREFIX=<root> dscreate from-file` with `[general] start =
+//!   False, systemd = False, selinux = False, strict_host_checking = False`,
+//!   `[slapd] instance_name, port, secure_port, self_sign_cert = False,
+//!   root_password, user, group` and `[backend-userroot] suffix` (no suffix
+//!   entry). It runs ns-slapd itself to configure it online (briefly on all
+//!   interfaces: the INF cannot set the listen address) and stops it: about
+//!   5.5 s. Its config directory (database and logs pruned) is cached as
+//!   `<temp dir>/idsync-dirsrv-template-<hash>` (key: `RECIPE`,
+//!   `defaults.inf`, suffix, user), shared by all processes; delete it to
+//!   rebuild.
+//! - **Instance.** Copy the template's config into a fresh temp root, replace
+//!   the template's root path in `dse.ldif`, and edit it offline (the server
+//!   reads it at start, so no restart is needed for the plugins):
+//!   `nsslapd-listenhost: 127.0.0.1`, ldapi off, the root password in
+//!   cleartext with `nsslapd-rootpwstoragescheme: CLEAR` (a cleartext
+//!   `nsslapd-rootpw` is otherwise refused as a scheme mismatch),
 //!   `cn=Retro Changelog Plugin` on with `nsslapd-attribute:
-//!   nsuniqueid:targetUniqueId`, `cn=Content Synchronization` on, and small,
-//!   non-durable bdb caches (the defaults autosize to GBs: a 1.5 GB db cache
-//!   and a 9 GB import cache on a 24 GB machine).
-//! - **Seed** offline with `ns-slapd ldif2db -D <config> -n userroot -i
-//!   <ldif>` (about 1 s, mostly fixed waits in the import threads). It
-//!   reports problems only in the errors log; skipped entries exit 8.
-//! - **Start** `ns-slapd -D <config> -i <pidfile>` with `NOTIFY_SOCKET` set:
-//!   ns-slapd then stays in the foreground (as under systemd `Type=notify`),
-//!   so the test owns the process, and it also logs to stderr. With `-d 0`
-//!   it stays in the foreground too but logs nothing at all, not even why it
-//!   exited. The notify socket path is left unbound: sd_notify failing is
-//!   ignored. A taken port ends it with exit 1 and "PR_Bind() ... Local
-//!   Network address is in use". Ready (pid file written, root DSE answers)
-//!   about 0.6 s after spawn; SIGTERM takes about 2 s.
+//!   nsuniqueid:targetUniqueId`, `cn=Content Synchronization` on, small
+//!   non-durable bdb caches (the defaults autosize to a 1.5 GB db cache and a
+//!   9 GB import cache here), and no `cn=uniqueid generator` entry, so each
+//!   instance draws its own node id instead of handing out the template's
+//!   nsUniqueIds.
+//! - **Seed** offline: `ns-slapd ldif2db -D <config> -n userroot -i <ldif>`,
+//!   about 1 s (fixed waits in the import threads). It reports only in the
+//!   errors log; skipped entries exit 8, unparsable lines are dropped.
+//! - **Run** `ns-slapd -D <config> -i <pidfile>` with `NOTIFY_SOCKET` set: as
+//!   under systemd `Type=notify` it then stays in the foreground, a child the
+//!   test owns, and logs to stderr as well. (`-d 0` also keeps it in the
+//!   foreground, but `-d` replaces the error log level, so it logs nothing,
+//!   not even why it exited.) Nothing listens on the notify path; ns-slapd
+//!   ignores the failed notification. A taken port ends it with exit 1 and
+//!   "PR_Bind() ... Local Network address is in use". Ready (pid file
+//!   written, root DSE answers) about 0.6 s after spawn; SIGTERM takes about
+//!   2 s. A new instance takes about 1.6 s from a cached template.
 //!
-//! Sync cookies look like `localhost:<port>#<bind dn>:<base>:<filter>#<changenumber>`,
-//! so an instance keeps its port across restarts.
+//! What a consumer sees: the Sync State UUID is the entry's `nsUniqueId`
+//! (see [`sync_uuid_from_nsuniqueid`]), not its `entryUUID`; there is no
+//! `entryCSN` without replication; cookies read
+//! `localhost:<port>#<bind dn>:<base>:<filter>#<changenumber>` (so an instance
+//! keeps its port across restarts); a resumed refreshOnly search ends with
+//! SyncDone refreshDeletes=FALSE although there was no present phase.
 
 use std::ffi::{OsStr, OsString};
 use std::fmt;
@@ -646,10 +652,11 @@ async fn instantiate(
     for (dn, attrs) in &edits {
         text = set_attributes(&text, dn, attrs).ok_or_else(|| no_entry(&dse, dn))?;
     }
-    // Without the template's generator state each instance starts its own
-    // (random node id), so two instances never hand out the same nsUniqueIds.
+    // Without the template's uniqueid generator entry each instance makes a
+    // new state (random node id), as on a first start, so two instances never
+    // hand out the same nsUniqueIds. (An entry without nsState is fatal.)
     let generator = "cn=uniqueid generator,cn=config";
-    text = edit_entry(&text, generator, &["nsState"], &[]).ok_or_else(|| no_entry(&dse, generator))?;
+    text = remove_entry(&text, generator).ok_or_else(|| no_entry(&dse, generator))?;
     write(&dse, &text).await?;
     let errors_log = attribute(&text, "cn=config", "nsslapd-errorlog")
         .map(PathBuf::from)
@@ -829,27 +836,20 @@ fn attribute_name(line: &str) -> &str {
 /// replaced by the values given there, in entry `dn`; `None` when there is no
 /// such entry.
 fn set_attributes(ldif: &str, dn: &str, attrs: &[(&str, &str)]) -> Option<String> {
-    let names: Vec<&str> = attrs.iter().map(|(name, _)| *name).collect();
-    edit_entry(ldif, dn, &names, attrs)
-}
-
-/// `ldif` (unfolded) with the attributes named in `remove` taken out of entry
-/// `dn` and the lines `add` appended to it; `None` when there is no such entry.
-fn edit_entry(ldif: &str, dn: &str, remove: &[&str], add: &[(&str, &str)]) -> Option<String> {
     let mut out = String::with_capacity(ldif.len() + 512);
     let mut found = false;
     for entry in entries(ldif) {
         if !found && entry_dn(entry).is_some_and(|d| d.eq_ignore_ascii_case(dn)) {
             found = true;
             for line in entry.lines().filter(|line| {
-                !remove
+                !attrs
                     .iter()
-                    .any(|name| attribute_name(line).eq_ignore_ascii_case(name))
+                    .any(|(name, _)| attribute_name(line).eq_ignore_ascii_case(name))
             }) {
                 out.push_str(line);
                 out.push('\n');
             }
-            for (name, value) in add {
+            for (name, value) in attrs {
                 out.push_str(&ldif_line(name, value));
             }
         } else {
@@ -857,6 +857,21 @@ fn edit_entry(ldif: &str, dn: &str, remove: &[&str], add: &[(&str, &str)]) -> Op
             out.push('\n');
         }
         out.push('\n');
+    }
+    found.then_some(out)
+}
+
+/// `ldif` (unfolded) without entry `dn`; `None` when there is no such entry.
+fn remove_entry(ldif: &str, dn: &str) -> Option<String> {
+    let mut out = String::with_capacity(ldif.len());
+    let mut found = false;
+    for entry in entries(ldif) {
+        if !found && entry_dn(entry).is_some_and(|d| d.eq_ignore_ascii_case(dn)) {
+            found = true;
+        } else {
+            out.push_str(entry.trim_end_matches('\n'));
+            out.push_str("\n\n");
+        }
     }
     found.then_some(out)
 }
@@ -970,6 +985,11 @@ mod tests {
              dn: cn=Other,cn=config\ncn: Other\nnsslapd-pluginenabled: on\na:: IHg=\na: y\n\n"
         );
         assert_eq!(set_attributes(&ldif, "cn=missing", &[("a", "b")]), None);
+        assert_eq!(
+            remove_entry(&edited, "CN=config").unwrap(),
+            "dn: cn=Other,cn=config\ncn: Other\nnsslapd-pluginenabled: on\na:: IHg=\na: y\n\n"
+        );
+        assert_eq!(remove_entry(&ldif, "cn=missing"), None);
         assert_eq!(base64(b"foob"), "Zm9vYg==");
         assert_ne!(fnv1a(&[b"ab", b"c"]), fnv1a(&[b"a", b"bc"]));
     }

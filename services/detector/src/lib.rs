@@ -19,6 +19,8 @@ use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
+pub mod reconcile;
+
 pub const SERVICE: &str = "detector";
 
 /// Events published but not yet acknowledged, at most.
@@ -130,17 +132,17 @@ async fn refresh_requests(
 }
 
 #[derive(Debug, Clone)]
-struct SyncScope {
-    resource: String,
+pub(crate) struct SyncScope {
+    pub(crate) resource: String,
     /// Key of the session's cookie in the cookie bucket.
-    cookie_key: String,
-    base_dn: String,
-    filter: String,
-    object_type: v1::ObjectType,
+    pub(crate) cookie_key: String,
+    pub(crate) base_dn: String,
+    pub(crate) filter: String,
+    pub(crate) object_type: v1::ObjectType,
 }
 
 impl SyncScope {
-    fn accounts(r: &ResourceConfig) -> Self {
+    pub(crate) fn accounts(r: &ResourceConfig) -> Self {
         Self {
             resource: r.name.clone(),
             cookie_key: r.name.clone(),
@@ -150,7 +152,7 @@ impl SyncScope {
         }
     }
 
-    fn groups(r: &ResourceConfig) -> Option<Self> {
+    pub(crate) fn groups(r: &ResourceConfig) -> Option<Self> {
         let groups = r.groups.as_ref()?;
         Some(Self {
             resource: r.name.clone(),
@@ -248,19 +250,19 @@ enum SessionError {
 }
 
 /// Events published and the cookie that becomes safe once they are acked.
-struct Publisher<'a> {
+pub(crate) struct Publisher<'a> {
     /// Suffix of event ids in a full refresh.
-    refresh: Option<String>,
-    bus: &'a Bus,
-    cookie_key: &'a str,
-    subject: String,
-    object_type: v1::ObjectType,
-    in_flight: VecDeque<PendingAck>,
-    published: u64,
+    pub(crate) refresh: Option<String>,
+    pub(crate) bus: &'a Bus,
+    pub(crate) cookie_key: &'a str,
+    pub(crate) subject: String,
+    pub(crate) object_type: v1::ObjectType,
+    pub(crate) in_flight: VecDeque<PendingAck>,
+    pub(crate) published: u64,
 }
 
 impl Publisher<'_> {
-    async fn publish(&mut self, mut event: v1::ChangeEvent) -> Result<(), BusError> {
+    pub(crate) async fn publish(&mut self, mut event: v1::ChangeEvent) -> Result<(), BusError> {
         event.object_type = self.object_type as i32;
         if let Some(suffix) = &self.refresh {
             event.event_id.push_str(suffix);
@@ -280,7 +282,7 @@ impl Publisher<'_> {
     }
 
     /// Waits for every event to be stored, then stores `cookie`.
-    async fn commit(&mut self, cookie: Option<&[u8]>) -> Result<(), BusError> {
+    pub(crate) async fn commit(&mut self, cookie: Option<&[u8]>) -> Result<(), BusError> {
         while let Some(ack) = self.in_flight.pop_front() {
             ack.wait().await?;
         }
@@ -366,6 +368,7 @@ async fn session(
                 // present phase lists.
                 if let Some(r) = refreshing.as_mut() {
                     r.see(&entry_uuid);
+                    r.present_phase = true;
                 }
                 hold_or_commit(&mut out, &mut refreshing, cookie).await?;
             }
@@ -419,6 +422,7 @@ async fn session(
                 tracing::debug!(resource = %resource.resource, present = entry_uuids.len(), "present phase ids");
                 if let Some(r) = refreshing.as_mut() {
                     entry_uuids.iter().for_each(|u| r.see(u));
+                    r.present_phase = true;
                 }
                 hold_or_commit(&mut out, &mut refreshing, cookie).await?;
             }
@@ -426,7 +430,7 @@ async fn session(
                 if let Some(r) = refreshing.take() {
                     // A present phase (or a refresh from nothing) names what
                     // is still there; whatever the IDM knows beyond that is gone.
-                    if !resumed || !deletes {
+                    if !resumed || (!deletes && r.present_phase) {
                         let gone = publish_gone(&mut out, resource, idm, &r).await?;
                         if gone > 0 {
                             tracing::info!(resource = %resource.resource, gone, "entries gone from the source while nobody listened");
@@ -457,6 +461,11 @@ struct Refreshing {
     /// UUIDs that do not parse as such, kept as text.
     seen_text: HashSet<String>,
     cookie: Option<Vec<u8>>,
+    /// The server sent a present phase (a Present id set or entry). 389-ds
+    /// ends a resumed refreshOnly with refreshDeletes=FALSE after sending
+    /// its deletions as an id set, with no present phase at all: that must
+    /// not read as "everything unnamed is gone".
+    present_phase: bool,
 }
 
 impl Refreshing {
@@ -479,7 +488,7 @@ impl Refreshing {
     }
 }
 
-fn uuid_number(uuid: &str) -> Option<u128> {
+pub(crate) fn uuid_number(uuid: &str) -> Option<u128> {
     let hex: String = uuid.chars().filter(|c| *c != '-').collect();
     if hex.len() != 32 {
         return None;
@@ -551,7 +560,7 @@ async fn publish_gone(
 /// The event for one entry. Its id (also the JetStream message id) is the
 /// session, the entry and its entryCSN, so the same state read twice is
 /// stored once.
-fn change_event(
+pub(crate) fn change_event(
     scope: &SyncScope,
     entry_uuid: String,
     dn: String,
@@ -595,7 +604,7 @@ fn change_event(
     }
 }
 
-fn now_ms() -> i64 {
+pub(crate) fn now_ms() -> i64 {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)
         .map_or(0, |d| d.as_millis() as i64)

@@ -342,6 +342,16 @@ impl Idm for IdmService {
         Ok(Response::new(v1::ShadowList { items }))
     }
 
+    async fn count_shadows(
+        &self,
+        req: Request<v1::CountShadowsRequest>,
+    ) -> Result<Response<v1::ShadowCount>, Status> {
+        self.principal(&req)?;
+        let r = req.into_inner();
+        let live = self.blocking(move |s| s.live_shadows(&r.resource)).await?;
+        Ok(Response::new(v1::ShadowCount { live }))
+    }
+
     async fn resolve_members(
         &self,
         req: Request<v1::ResolveMembersRequest>,

@@ -1,0 +1,151 @@
+//! Reconciliation through `idsync reconcile`, on real servers: the source side
+//! finds what live sync missed, the target side puts drift back and handles
+//! orphans, and a second run over unchanged entries publishes nothing.
+
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+
+use std::collections::HashSet;
+
+use idsync::dev::{EXAMPLE_CONFIG, TARGET_SUFFIX};
+use idsync_bus::{Bus, names};
+use idsync_testkit::eventually;
+
+mod support;
+use support::*;
+
+async fn reconcile(env: &Env, resource: &str) -> serde_json::Value {
+    let out = env
+        .ok(&["reconcile", resource, "--json", "--rate", "2000"])
+        .await;
+    serde_json::from_str(out.lines().last().unwrap()).unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_source_side_finds_what_live_sync_missed_and_nothing_else() {
+    let mut env = start(EXAMPLE_CONFIG).await;
+    for uid in ["will", "anna", "bob"] {
+        add_person(&env.d.source, uid, &format!("{uid} Person")).await;
+    }
+    env.user_where("bob", "synced", |_| true).await;
+
+    // While nobody listens, and with the cookie lost.
+    env.d.stop_service("detector").await.unwrap();
+    let bus = Bus::connect(env.d.nats.url()).await.unwrap();
+    bus.delete_cookie("hr").await.unwrap();
+    set_cn(&env.d.source, "jack", "cpt. Jack Sparrow").await;
+    add_person(&env.d.source, "kate", "Kate Bush").await;
+    delete_person(&env.d.source, "will").await;
+
+    let r = reconcile(&env, "hr").await;
+    // jack, anna, bob, kate and the crew group.
+    assert_eq!(r["scanned"], 5, "{r}");
+    assert_eq!(r["changed"], 2, "jack and kate: {r}");
+    assert_eq!(r["deleted"], 1, "will: {r}");
+    env.user_where("jack", "renamed", |u| {
+        u.first("fullName") == Some("cpt. Jack Sparrow")
+    })
+    .await;
+    env.user_where("kate", "created", |_| true).await;
+    eventually("will deleted", WAIT, || async {
+        Ok(env.user("will").await.is_none().then_some(()))
+    })
+    .await
+    .unwrap();
+
+    // Converged: another run finds nothing and publishes nothing.
+    let published = bus.stream_messages(names::CHANGES_STREAM).await.unwrap();
+    let r = reconcile(&env, "hr").await;
+    assert_eq!(
+        (r["changed"].as_u64(), r["deleted"].as_u64()),
+        (Some(0), Some(0)),
+        "{r}"
+    );
+    assert_eq!(
+        bus.stream_messages(names::CHANGES_STREAM).await.unwrap(),
+        published,
+        "unchanged entries produce no events"
+    );
+    env.d.shutdown().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_target_side_puts_drift_back_and_removes_orphans() {
+    let config = EXAMPLE_CONFIG
+        .replace(
+            "value = \"Created by IDM\"\ntarget = \"description\"",
+            "value = \"Created by IDM\"\ntarget = \"description\"\nstrength = \"strong\"",
+        )
+        .replace(
+            "dn_template = \"cn={name},o=Acme\"",
+            "dn_template = \"cn={name},o=Acme\"\n\n[resources.reactions]\nunmatched = { action = \"delete_shadow\" }",
+        );
+    assert!(config.contains("strength = \"strong\"") && config.contains("delete_shadow"));
+    let env = start(&config).await;
+    env.user_where("jack", "provisioned", |u| u.link_to("acme").is_some())
+        .await;
+    let mut ldap = env.d.target.admin_conn().await.unwrap();
+    // Drift: someone edits the account by hand.
+    ldap.modify(
+        &format!("cn=jack,{TARGET_SUFFIX}"),
+        vec![ldap3::Mod::Replace(
+            "description",
+            HashSet::from(["edited by hand"]),
+        )],
+    )
+    .await
+    .unwrap()
+    .success()
+    .unwrap();
+    // An orphan: an account no user calls for.
+    ldap.add(
+        &format!("cn=ghost,{TARGET_SUFFIX}"),
+        vec![
+            ("objectClass", HashSet::from(["inetOrgPerson"])),
+            ("cn", HashSet::from(["ghost"])),
+            ("sn", HashSet::from(["Ghost"])),
+        ],
+    )
+    .await
+    .unwrap()
+    .success()
+    .unwrap();
+
+    let r = reconcile(&env, "acme").await;
+    assert_eq!(r["scanned"], 2, "jack's account and the ghost: {r}");
+    assert_eq!(r["orphans"], 1, "{r}");
+    assert_eq!(r["reprovisioned"], 1, "{r}");
+    let read = |dn: String| {
+        let env = &env;
+        async move {
+            let mut ldap = env.d.target.admin_conn().await.unwrap();
+            let result = ldap
+                .search(
+                    &dn,
+                    ldap3::Scope::Base,
+                    "(objectClass=*)",
+                    vec!["description"],
+                )
+                .await
+                .unwrap();
+            let entries = result.success().map(|(e, _)| e).unwrap_or_default();
+            entries
+                .into_iter()
+                .next()
+                .map(ldap3::SearchEntry::construct)
+        }
+    };
+    eventually("the strong description put back", WAIT, || async {
+        let jack = read(format!("cn=jack,{TARGET_SUFFIX}")).await;
+        Ok(jack
+            .filter(|e| e.attrs.get("description") == Some(&vec!["Created by IDM".to_owned()]))
+            .map(drop))
+    })
+    .await
+    .unwrap();
+    assert!(
+        read(format!("cn=ghost,{TARGET_SUFFIX}")).await.is_none(),
+        "the orphan is deleted"
+    );
+    let _ = ldap.unbind().await;
+    env.d.shutdown().await.unwrap();
+}
