@@ -8,6 +8,7 @@ use std::time::Duration;
 
 use anyhow::{Context, Result};
 use idsync_core::config::Config;
+use idsync_testkit::dirsrv::{DirSrv, DirSrvOptions};
 use idsync_testkit::{NatsServer, Slapd, SlapdOptions, free_port};
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
@@ -38,18 +39,23 @@ fn target_seed() -> String {
 }
 
 /// How the deployment's servers are set up.
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone, Default)]
 pub struct Options {
     /// The source's syncprov keeps a session log, so a resumed refresh names
     /// deletions (syncIdSet); without one it uses the present phase.
-    pub source_session_log: bool,
+    pub source_session_log: SessionLog,
+    /// Also start a 389 Directory Server (content sync and retro changelog
+    /// on) with this seed; resources named `ds` or `ds-…` are on it.
+    pub dirsrv_seed: Option<String>,
 }
 
-impl Default for Options {
+/// Whether the source's syncprov keeps a session log.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct SessionLog(pub bool);
+
+impl Default for SessionLog {
     fn default() -> Self {
-        Self {
-            source_session_log: true,
-        }
+        Self(true)
     }
 }
 
@@ -70,6 +76,8 @@ pub struct Deployment {
     pub nats: NatsServer,
     pub source: Slapd,
     pub target: Slapd,
+    /// The 389 Directory Server, when [`Options::dirsrv_seed`] asked for one.
+    pub dirsrv: Option<DirSrv>,
     pub config: Arc<Config>,
     running: Vec<Running>,
 }
@@ -116,7 +124,7 @@ impl Deployment {
                 suffix: SOURCE_SUFFIX.into(),
                 admin_password: hr_password,
                 seed_ldif: source_seed(),
-                session_log: options.source_session_log,
+                session_log: options.source_session_log.0,
             },
         )
         .await?;
@@ -130,6 +138,18 @@ impl Deployment {
             },
         )
         .await?;
+
+        let dirsrv = match &options.dirsrv_seed {
+            Some(seed) => Some(
+                DirSrv::start(DirSrvOptions {
+                    suffix: SOURCE_SUFFIX.into(),
+                    root_password: secret(&secrets.join("ds"))?,
+                    seed_ldif: seed.clone(),
+                })
+                .await?,
+            ),
+            None => None,
+        };
 
         // Declare the streams once, before five services look for them at once.
         idsync_bus::Bus::connect(nats.url()).await?;
@@ -149,9 +169,13 @@ impl Deployment {
             // Resources named hr… (account types of the source) are on the
             // source directory; the others on the target.
             let on_source = r.name == "hr" || r.name.starts_with("hr-");
-            let server = if on_source { &source } else { &target };
-            let secret_name = if on_source { "hr" } else { "acme" };
-            r.url = server.url().to_owned();
+            let on_ds = r.name == "ds" || r.name.starts_with("ds-");
+            let (url, secret_name) = match (&dirsrv, on_ds, on_source) {
+                (Some(ds), true, _) => (ds.url(), "ds"),
+                (_, _, true) => (source.url(), "hr"),
+                _ => (target.url(), "acme"),
+            };
+            r.url = url.to_owned();
             r.bind_password_env = None;
             r.bind_password_file = Some(secrets.join(secret_name).display().to_string());
         }
@@ -163,6 +187,7 @@ impl Deployment {
             nats,
             source,
             target,
+            dirsrv,
             config: Arc::new(config),
             running: Vec::new(),
         };
@@ -358,6 +383,9 @@ impl Deployment {
         }
         self.source.stop().await?;
         self.target.stop().await?;
+        if let Some(ds) = &mut self.dirsrv {
+            ds.stop().await?;
+        }
         self.nats.stop().await?;
         first_error
     }

@@ -109,3 +109,16 @@ fn admin_new_credential_is_random_and_long() {
     assert!(a.starts_with("idsync-admin.") && a.trim().len() > 40, "{a}");
     assert_ne!(a, b);
 }
+
+#[test]
+fn config_check_accepts_the_freeipa_example_with_its_ca_file() {
+    let dir = tempfile::tempdir().unwrap();
+    let ca = dir.path().join("ca.crt");
+    std::fs::write(&ca, "not read by config check, only found").unwrap();
+    let example = include_str!("../../deploy/freeipa/idsync.toml")
+        .replace("/etc/ipa/ca.crt", ca.to_str().unwrap());
+    let file = dir.path().join("idsync.toml");
+    std::fs::write(&file, example).unwrap();
+    let out = idsync(&["config", "check", file.to_str().unwrap()]);
+    assert!(out.status.success(), "{}", text(&out));
+}

@@ -149,3 +149,22 @@ async fn the_target_side_puts_drift_back_and_removes_orphans() {
     let _ = ldap.unbind().await;
     env.d.shutdown().await.unwrap();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_detector_reconciles_on_its_schedule() {
+    let config = EXAMPLE_CONFIG.replace(
+        "live_sync = true",
+        "live_sync = false\nreconcile_schedule = \"* * * * *\"",
+    );
+    let env = start(&config).await;
+    // Without live sync, only the first reconciliation (next minute) imports jack.
+    let jack = eventually(
+        "jack imported by a scheduled reconciliation",
+        std::time::Duration::from_secs(75),
+        || async { Ok(env.user("jack").await) },
+    )
+    .await
+    .unwrap();
+    assert_eq!(jack.sync_parent, "hr");
+    env.d.shutdown().await.unwrap();
+}

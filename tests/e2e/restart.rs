@@ -92,7 +92,8 @@ async fn deletes_while_away_are_found_by_the_present_phase() {
         dir.path(),
         idsync::dev::EXAMPLE_CONFIG,
         idsync::dev::Options {
-            source_session_log: false,
+            source_session_log: idsync::dev::SessionLog(false),
+            ..Default::default()
         },
     )
     .await

@@ -18,7 +18,7 @@ pub const WAIT: Duration = Duration::from_secs(30);
 pub struct Env {
     pub d: Deployment,
     pub admin: IdmClient,
-    _dir: tempfile::TempDir,
+    pub _dir: tempfile::TempDir,
 }
 
 pub async fn start(config: &str) -> Env {

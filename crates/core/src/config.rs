@@ -140,6 +140,9 @@ pub struct ResourceConfig {
     /// Run live sync (RFC 4533 refreshAndPersist) on this resource.
     #[serde(default)]
     pub live_sync: bool,
+    /// Cron expression (UTC): when the detector reconciles this resource in
+    /// full (a resource under an agreement; `idsync reconcile` runs it on demand).
+    pub reconcile_schedule: Option<String>,
     /// Object classes of accounts that idsync creates here.
     #[serde(default)]
     pub object_classes: Vec<String>,
@@ -498,6 +501,17 @@ impl Config {
                     "an ldaps:// URL is TLS from the start; StartTLS is for ldap:// URLs".into(),
                 );
             }
+            if let Some(expr) = &r.reconcile_schedule {
+                if let Err(e) = crate::schedule::Schedule::parse(expr) {
+                    err(format!("{at}.reconcile_schedule"), e.to_string());
+                }
+                if r.agreement.is_none() {
+                    err(
+                        format!("{at}.reconcile_schedule"),
+                        "the detector reconciles resources under an agreement; run `idsync reconcile` for others".into(),
+                    );
+                }
+            }
             if let Some(g) = &r.deletion_guard {
                 if g.max_count.is_none() && g.max_share.is_none() {
                     err(
@@ -774,6 +788,19 @@ mod tests {
     fn example_configuration_is_valid() {
         let cfg: Config = toml::from_str(EXAMPLE).unwrap();
         assert_eq!(cfg.validate(), vec![]);
+    }
+
+    #[test]
+    fn the_freeipa_example_is_valid() {
+        let cfg: Config =
+            toml::from_str(include_str!("../../../deploy/freeipa/idsync.toml")).unwrap();
+        assert_eq!(cfg.validate(), vec![]);
+        let ipa = cfg.resource("ipa").unwrap();
+        assert_eq!(ipa.id_attribute, "nsUniqueId");
+        assert_eq!(
+            ipa.groups_base(),
+            Some("cn=groups,cn=accounts,dc=example,dc=com")
+        );
     }
 
     #[test]

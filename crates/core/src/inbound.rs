@@ -357,6 +357,18 @@ fn link(change: &SourceChange, shadow: Option<&Shadow>) -> Link {
     }
 }
 
+/// What the shadow of `change`'s entry would hold of it: the values every
+/// inbound mapping and correlation rule reads (reconciliation compares this
+/// with the shadow when the source keeps no entryCSN).
+///
+/// # Errors
+/// The resource is not configured, or a read value is not UTF-8.
+pub fn shadow_snapshot(config: &Config, change: &SourceChange) -> Result<Attrs, CoreError> {
+    let resource = config.resource(&change.resource)?;
+    let profile = Profile::of(resource, change.object_type)?;
+    snapshot(resource, &profile, change)
+}
+
 /// The entry's values of every attribute an inbound mapping or correlation
 /// rule reads, as UTF-8 strings, keyed by lower-cased name.
 fn snapshot(
@@ -386,7 +398,26 @@ fn snapshot(
     );
     let mut out = Attrs::new();
     for name in names {
-        let values = utf8_values(change, &name, &name)?;
+        // An error names what the value was for: the first mapping that
+        // reads it, else correlation or the group's members.
+        let reader = profile
+            .mappings
+            .iter()
+            .find(|m| m.sources().iter().any(|s| s.eq_ignore_ascii_case(&name)))
+            .map_or_else(
+                || {
+                    if profile
+                        .member_attribute
+                        .is_some_and(|m| m.eq_ignore_ascii_case(&name))
+                    {
+                        "members".to_owned()
+                    } else {
+                        "correlation".to_owned()
+                    }
+                },
+                |m| m.target.clone(),
+            );
+        let values = utf8_values(change, &name, &reader)?;
         if !values.is_empty() {
             out.insert(name, values);
         }
@@ -1129,6 +1160,45 @@ mod tests {
         assert!(
             matches!(err, CoreError::NotUtf8 { ref attribute, .. } if attribute == "cn"),
             "{err}"
+        );
+        // The error names the mapping's target, not the attribute again.
+        assert!(err.to_string().contains("mapped to \"fullName\""), "{err}");
+    }
+
+    /// A binary attribute that no mapping or rule reads is ignored whatever
+    /// its bytes; one that a rule reads without a mapping is named as such.
+    #[test]
+    fn non_utf8_values_matter_only_where_read() {
+        let mut cfg = config();
+        let mut change = entry("will", "Will Turner", "Will", "Turner");
+        if let ChangeKind::Upsert { attributes } = &mut change.kind {
+            attributes.insert("jpegphoto".into(), vec![vec![0xff, 0xd8, 0xff]]);
+            attributes.insert("employeenumber".into(), vec![vec![0xc3, 0x28]]);
+        }
+        let state = InboundState {
+            situation: Some(Situation::Unmatched),
+            ..Default::default()
+        };
+        let (_, _, ops) = commit(plan(&cfg, &change, 1, state, "f").unwrap());
+        let Op::PutFocus { focus, .. } = &ops[0] else {
+            panic!("{ops:#?}")
+        };
+        assert_eq!(focus.first("name"), Some("will"));
+        cfg.resources[0].correlation[0]
+            .confirmation
+            .push(crate::config::Condition {
+                focus_attribute: "employeeNumber".into(),
+                source: Some("employeeNumber".into()),
+                expression: None,
+            });
+        let err = plan(&cfg, &change, 1, state, "f").unwrap_err();
+        assert_eq!(
+            err,
+            CoreError::NotUtf8 {
+                dn: change.dn.clone(),
+                attribute: "employeenumber".into(),
+                target: "correlation".into(),
+            }
         );
     }
 }

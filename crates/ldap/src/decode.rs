@@ -165,3 +165,55 @@ mod tests {
         assert_eq!(guarded(|| 7).unwrap(), 7);
     }
 }
+
+/// An identifier in the form the sync control gives it: 32 hexadecimal
+/// digits grouped `8-4-4-4-12`, lower case. 389-ds writes its `nsUniqueId`
+/// as `8-8-8-8` with the same digits in the same order; other values are
+/// returned as they are.
+pub fn canonical_uuid(value: &str) -> String {
+    let hex: String = value.chars().filter(|c| *c != '-').collect();
+    if hex.len() != 32 || !hex.chars().all(|c| c.is_ascii_hexdigit()) {
+        return value.to_owned();
+    }
+    let hex = hex.to_lowercase();
+    let part = |a: usize, b: usize| hex.get(a..b).unwrap_or_default();
+    format!(
+        "{}-{}-{}-{}-{}",
+        part(0, 8),
+        part(8, 12),
+        part(12, 16),
+        part(16, 20),
+        part(20, 32)
+    )
+}
+
+/// `uuid` (any grouping) in 389-ds's `nsUniqueId` form, `8-8-8-8`.
+pub(crate) fn ns_unique_id(uuid: &str) -> String {
+    let hex: String = uuid.chars().filter(|c| *c != '-').collect();
+    if hex.len() != 32 {
+        return uuid.to_owned();
+    }
+    let part = |a: usize, b: usize| hex.get(a..b).unwrap_or_default();
+    format!(
+        "{}-{}-{}-{}",
+        part(0, 8),
+        part(8, 16),
+        part(16, 24),
+        part(24, 32)
+    )
+}
+
+#[cfg(test)]
+mod uuid_tests {
+    use super::*;
+
+    #[test]
+    fn ns_unique_ids_and_uuids_are_the_same_digits() {
+        let ns = "b424d3a9-e63a11f1-8c2886d8-64e88067";
+        let uuid = "b424d3a9-e63a-11f1-8c28-86d864e88067";
+        assert_eq!(canonical_uuid(ns), uuid);
+        assert_eq!(canonical_uuid(&uuid.to_uppercase()), uuid);
+        assert_eq!(ns_unique_id(uuid), ns);
+        assert_eq!(canonical_uuid("Not-A-UUID"), "Not-A-UUID");
+    }
+}

@@ -100,7 +100,13 @@ impl Directory {
             operation: "search by entryUUID",
             dn: base,
         };
-        let filter = format!("({}={})", self.id_attribute, ldap_escape(entry_uuid));
+        // 389-ds writes nsUniqueId with its own grouping of the same digits.
+        let value = if self.id_attribute.eq_ignore_ascii_case("nsUniqueId") {
+            decode::ns_unique_id(entry_uuid)
+        } else {
+            entry_uuid.to_owned()
+        };
+        let filter = format!("({}={})", self.id_attribute, ldap_escape(value));
         let (entries, result) = self.search(op, base, Scope::Subtree, &filter).await?;
         if result.rc != 0 {
             return Err(op.result(result.rc, &result.text));
@@ -259,7 +265,11 @@ impl Directory {
                 .filter_map(|v| String::from_utf8(v).ok())
                 .collect();
             if name.eq_ignore_ascii_case(&self.id_attribute) {
-                entry_uuid = values.into_iter().next().unwrap_or_default();
+                entry_uuid = values
+                    .into_iter()
+                    .next()
+                    .map(|v| decode::canonical_uuid(&v))
+                    .unwrap_or_default();
             } else if !values.is_empty() {
                 attributes.entry(name).or_default().extend(values);
             }

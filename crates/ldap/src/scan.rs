@@ -132,8 +132,8 @@ impl Scan {
                 .and_then(|v| String::from_utf8(v.clone()).ok())
         };
         let entry_uuid = first(&self.id_attribute)
-            .ok_or_else(|| protocol(format!("entry {dn} has no {}", self.id_attribute)))?
-            .to_lowercase();
+            .map(|v| decode::canonical_uuid(&v))
+            .ok_or_else(|| protocol(format!("entry {dn} has no {}", self.id_attribute)))?;
         let csn = first("entryCSN");
         Ok(Some(ScannedEntry {
             entry_uuid,

@@ -50,6 +50,7 @@ pub async fn run(config: Arc<Config>, shutdown: CancellationToken) -> Result<(),
     let clients = idsync_runtime::agreement_clients(&config)?;
     let tracker = TaskTracker::new();
     let mut refreshers: Vec<(String, Arc<Notify>)> = Vec::new();
+    let mut any_reconciliation = false;
     for resource in &config.resources {
         let schedule = resource
             .agreement
@@ -83,13 +84,66 @@ pub async fn run(config: Arc<Config>, shutdown: CancellationToken) -> Result<(),
             ));
         }
     }
+    for resource in &config.resources {
+        let (Some(expr), Some(agreement)) = (&resource.reconcile_schedule, &resource.agreement)
+        else {
+            continue;
+        };
+        let schedule = Schedule::parse(expr).map_err(|e| Error::Schedule(e.to_string()))?;
+        let Some(idm) = clients.get(agreement).cloned() else {
+            continue;
+        };
+        tracker.spawn(scheduled_reconciliation(
+            config.clone(),
+            bus.clone(),
+            idm,
+            resource.name.clone(),
+            schedule,
+            shutdown.clone(),
+        ));
+        any_reconciliation = true;
+    }
     tracker.close();
-    if refreshers.is_empty() {
+    if refreshers.is_empty() && !any_reconciliation {
         return Err(Error::NothingToDo);
     }
     tracker.spawn(refresh_requests(bus.clone(), refreshers, shutdown.clone()));
     tracker.wait().await;
     Ok(())
+}
+
+/// Reconciles `resource` in full at each firing of `schedule`.
+async fn scheduled_reconciliation(
+    config: Arc<Config>,
+    bus: Bus,
+    idm: IdmClient,
+    resource: String,
+    schedule: Schedule,
+    shutdown: CancellationToken,
+) {
+    loop {
+        let now = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .map_or(0, |d| d.as_secs());
+        let Some(next) = schedule.next_after(now) else {
+            tracing::warn!(%resource, %schedule, "the reconciliation schedule never fires again");
+            return;
+        };
+        tokio::select! {
+            _ = shutdown.cancelled() => return,
+            _ = tokio::time::sleep(Duration::from_secs(next - now)) => {}
+        }
+        tracing::info!(%resource, "scheduled reconciliation starts");
+        let result = tokio::select! {
+            _ = shutdown.cancelled() => return,
+            r = reconcile::reconcile(&config, &bus, &idm, &resource, reconcile::Options::default(), |p| {
+                tracing::debug!(resource = %p.resource, scanned = p.scanned, changed = p.changed, deleted = p.deleted, rate = p.rate(), "reconciliation progress");
+            }) => r,
+        };
+        if let Err(e) = result {
+            tracing::error!(%resource, error = %e, "scheduled reconciliation failed; next at the next firing");
+        }
+    }
 }
 
 /// Live sync, or polls on a schedule.

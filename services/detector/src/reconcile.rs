@@ -22,7 +22,7 @@ use std::time::{Duration, Instant};
 
 use idsync_bus::{Bus, BusError, names};
 use idsync_core::config::{Config, ResourceConfig};
-use idsync_core::model::{ObjectType, Shadow};
+use idsync_core::model::{ObjectType, Shadow, SourceChange};
 use idsync_core::situation::{Reaction, Situation};
 use idsync_idm_client::{IdmClient, IdmError};
 use idsync_ldap::{Connection, Directory, EntryState, LdapError, Scan, ScannedEntry};
@@ -45,6 +45,8 @@ pub enum ReconcileError {
     UnknownResource(String),
     #[error("spill file for the identifiers seen: {0}")]
     Spill(String),
+    #[error("an entry read does not make a change event: {0}")]
+    Event(String),
 }
 
 /// How a reconciliation runs.
@@ -312,7 +314,7 @@ pub async fn reconcile(
                 if is_target {
                     target_page(config, resource, bus, idm, &conn, batch, &mut progress).await?;
                 } else {
-                    source_page(scope, idm, &mut out, batch, &mut progress).await?;
+                    source_page(config, scope, idm, &mut out, batch, &mut progress).await?;
                 }
                 progress.elapsed = started.elapsed();
                 report(&progress);
@@ -324,10 +326,7 @@ pub async fn reconcile(
         }
         // Every live shadow of this kind whose entry was not seen is gone.
         let mut merged = seen.merged()?;
-        let kind = match scope.object_type {
-            v1::ObjectType::Group => ObjectType::Group,
-            v1::ObjectType::Account => ObjectType::Account,
-        };
+        let kind = kind_of(scope);
         let mut after = String::new();
         loop {
             let shadows = idm.shadows_page(name, &after, 1000).await?;
@@ -378,8 +377,11 @@ pub async fn reconcile(
     Ok(progress)
 }
 
-/// Source entries: publish those that differ from their shadows.
+/// Source entries: publish those that differ from their shadows — by
+/// entryCSN, or, for a source that keeps none (389-ds without replication),
+/// by the values the shadow holds.
 async fn source_page(
+    config: &Config,
     scope: &SyncScope,
     idm: &IdmClient,
     out: &mut Publisher<'_>,
@@ -389,16 +391,6 @@ async fn source_page(
     let shadows = shadows_of(idm, &scope.resource, &batch).await?;
     for entry in batch {
         progress.scanned += 1;
-        let unchanged = shadows.get(&entry.entry_uuid).is_some_and(|s| {
-            !s.dead
-                && entry
-                    .csn
-                    .as_ref()
-                    .is_some_and(|csn| !csn.is_empty() && s.csn == *csn)
-        });
-        if unchanged {
-            continue;
-        }
         let event = change_event(
             scope,
             entry.entry_uuid,
@@ -408,10 +400,33 @@ async fn source_page(
             entry.csn,
             None,
         );
+        let unchanged = match shadows.get(&event.entry_uuid).filter(|s| !s.dead) {
+            None => false,
+            Some(s) => match event.position.as_ref().map(|p| p.csn.as_str()) {
+                Some(csn) if !csn.is_empty() => s.csn == csn,
+                _ => {
+                    let mut change = SourceChange::try_from(event.clone())
+                        .map_err(|e| ReconcileError::Event(e.to_string()))?;
+                    change.object_type = kind_of(scope);
+                    idsync_core::inbound::shadow_snapshot(config, &change)
+                        .is_ok_and(|snapshot| snapshot == s.attributes && s.dn == event.dn)
+                }
+            },
+        };
+        if unchanged {
+            continue;
+        }
         out.publish(event).await?;
         progress.changed += 1;
     }
     Ok(())
+}
+
+fn kind_of(scope: &SyncScope) -> ObjectType {
+    match scope.object_type {
+        v1::ObjectType::Group => ObjectType::Group,
+        v1::ObjectType::Account => ObjectType::Account,
+    }
 }
 
 /// The shadows of a page's entries, read concurrently.
