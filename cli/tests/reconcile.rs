@@ -168,3 +168,80 @@ async fn the_detector_reconciles_on_its_schedule() {
     assert_eq!(jack.sync_parent, "hr");
     env.d.shutdown().await.unwrap();
 }
+
+async fn add_target_account(env: &Env, cn: &str) -> String {
+    let mut ldap = env.d.target.admin_conn().await.unwrap();
+    let dn = format!("cn={cn},{TARGET_SUFFIX}");
+    ldap.add(
+        &dn,
+        vec![
+            ("objectClass", HashSet::from(["inetOrgPerson"])),
+            ("cn", HashSet::from([cn])),
+            ("sn", HashSet::from(["Earlier"])),
+            ("description", HashSet::from(["made by hand"])),
+        ],
+    )
+    .await
+    .unwrap()
+    .success()
+    .unwrap();
+    let (entries, _) = ldap
+        .search(
+            &dn,
+            ldap3::Scope::Base,
+            "(objectClass=*)",
+            vec!["entryUUID"],
+        )
+        .await
+        .unwrap()
+        .success()
+        .unwrap();
+    let _ = ldap.unbind().await;
+    ldap3::SearchEntry::construct(entries.into_iter().next().unwrap()).attrs["entryUUID"][0].clone()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn discovery_links_an_account_that_is_already_there_by_the_reaction() {
+    let env = start(EXAMPLE_CONFIG).await;
+    let uuid = add_target_account(&env, "will").await;
+    add_person(&env.d.source, "will", "Will Turner").await;
+    let will = env
+        .user_where("will", "linked to the account found", |u| {
+            u.link_to("acme").is_some()
+        })
+        .await;
+    assert_eq!(
+        will.link_to("acme").unwrap().entry_uuid,
+        uuid,
+        "the account that was there"
+    );
+    env.d.shutdown().await.unwrap();
+
+    // With `unlinked = nothing` on the target, the account is left alone and
+    // the user's provisioning is parked with the reason.
+    let config = EXAMPLE_CONFIG.replace(
+        "dn_template = \"cn={name},o=Acme\"",
+        "dn_template = \"cn={name},o=Acme\"\n\n[resources.reactions]\nunlinked = { action = \"nothing\" }",
+    );
+    let env = start(&config).await;
+    add_target_account(&env, "will").await;
+    add_person(&env.d.source, "will", "Will Turner").await;
+    env.user_where("will", "synced", |_| true).await;
+    let bus = Bus::connect(env.d.nats.url()).await.unwrap();
+    eventually("the provisioning parked", WAIT, || async {
+        let parked = bus
+            .peek(names::DEAD_STREAM, 1, 100)
+            .await
+            .map_err(|e| e.to_string())?;
+        Ok(parked
+            .iter()
+            .filter_map(|m| {
+                <idsync_proto::v1::DeadLetter as prost::Message>::decode(m.payload.as_ref()).ok()
+            })
+            .find(|l| l.reason.contains("does not link it")))
+    })
+    .await
+    .unwrap();
+    assert!(env.user("will").await.unwrap().link_to("acme").is_none());
+    env.d.shutdown().await.unwrap();
+}

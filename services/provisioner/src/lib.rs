@@ -12,6 +12,7 @@ use idsync_bus::{Bus, BusError, names};
 use idsync_core::config::{Config, ResourceConfig};
 use idsync_core::model::{Attrs, Focus, Link, Op, Shadow};
 use idsync_core::outbound::{account_modifications, desired_account, wanted_resources};
+use idsync_core::situation::{Reaction, Situation};
 use idsync_idm_client::{IdmClient, IdmError};
 use idsync_ldap::{Connection, Directory, LdapError, Pool};
 use idsync_proto::v1;
@@ -176,27 +177,51 @@ async fn create(
 ) -> Result<(), Failure> {
     let account =
         desired_account(resource, focus).map_err(|e| Failure::Permanent(e.to_string()))?;
-    let entry = with_dir(targets, resource, async |dir| {
+    let added = with_dir(targets, resource, async |dir| {
         match dir.add(&account.dn, &account.attributes).await {
-            Ok(()) => {}
-            // Discovery: the account is already there (made by us before a
-            // crash, or by someone else); take it over and bring it in line.
-            Err(LdapError::AlreadyExists { .. }) => {
-                tracing::info!(resource = %resource.name, dn = %account.dn, "account exists already; linking it");
-                if let Some(existing) = dir.read(&account.dn).await? {
-                    // What idsync set on an account it did not know is unknown:
-                    // a mapped range removes nothing there.
-                    let mods = account_modifications(&account, &existing.attributes, &Attrs::new());
-                    if !mods.is_empty() {
-                        dir.replace(&account.dn, &mods).await?;
-                    }
-                }
-            }
-            Err(e) => return Err(e),
+            Ok(()) => Ok(None),
+            Err(LdapError::AlreadyExists { .. }) => dir.read(&account.dn).await,
+            Err(e) => Err(e),
         }
-        dir.read(&account.dn).await
     })
     .await?;
+    if let Some(existing) = added {
+        // Discovery (midPoint): the account is already there — made by us
+        // before a crash, or by someone else. Whose is it, and what does the
+        // resource's `unlinked` reaction say?
+        let owner = idm
+            .get_shadow(&resource.name, &existing.entry_uuid)
+            .await?
+            .filter(|s| !s.dead)
+            .and_then(|s| s.focus_id);
+        if let Some(other) = owner.filter(|o| *o != focus.id) {
+            return Err(Failure::Permanent(format!(
+                "resource {}: account {} already exists and belongs to user {other}",
+                resource.name, account.dn
+            )));
+        }
+        let reaction = resource
+            .reactions
+            .get(&Situation::Unlinked)
+            .map_or(Reaction::Link, |r| r.action);
+        if !matches!(reaction, Reaction::Link | Reaction::Synchronize) {
+            return Err(Failure::Permanent(format!(
+                "resource {}: account {} already exists, and the unlinked reaction ({reaction}) does not link it",
+                resource.name, account.dn
+            )));
+        }
+        tracing::info!(resource = %resource.name, dn = %account.dn, "account exists already; linking it");
+        // What idsync set on an account it did not know is unknown: a mapped
+        // range removes nothing there.
+        let mods = account_modifications(&account, &existing.attributes, &Attrs::new());
+        if !mods.is_empty() {
+            with_dir(targets, resource, async |dir| {
+                dir.replace(&account.dn, &mods).await
+            })
+            .await?;
+        }
+    }
+    let entry = with_dir(targets, resource, async |dir| dir.read(&account.dn).await).await?;
     let Some(entry) = entry else {
         return Err(Failure::Transient(format!(
             "account {} vanished right after it was added",
