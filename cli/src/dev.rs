@@ -47,6 +47,8 @@ pub struct Options {
     /// Also start a 389 Directory Server (content sync and retro changelog
     /// on) with this seed; resources named `ds` or `ds-…` are on it.
     pub dirsrv_seed: Option<String>,
+    /// nats-server's `max_payload` (default the testkit's, 8 MB).
+    pub nats_max_payload: Option<String>,
 }
 
 /// Whether the source's syncprov keeps a session log.
@@ -117,7 +119,14 @@ impl Deployment {
         let hr_password = secret(&secrets.join("hr"))?;
         let acme_password = secret(&secrets.join("acme"))?;
 
-        let nats = NatsServer::start_in(&dir.join("nats")).await?;
+        let nats = NatsServer::start_in_with(
+            &dir.join("nats"),
+            options
+                .nats_max_payload
+                .as_deref()
+                .unwrap_or(idsync_testkit::NATS_MAX_PAYLOAD),
+        )
+        .await?;
         let source = Slapd::open_or_create(
             &dir.join("source"),
             SlapdOptions {

@@ -55,9 +55,7 @@ async fn the_source_side_finds_what_live_sync_missed_and_nothing_else() {
     // Converged: another run finds nothing and publishes nothing, and keeps
     // to its rate limit (5 entries at 4 a second take at least a second).
     let published = bus.stream_messages(names::CHANGES_STREAM).await.unwrap();
-    let out = env
-        .ok(&["reconcile", "hr", "--json", "--rate", "4"])
-        .await;
+    let out = env.ok(&["reconcile", "hr", "--json", "--rate", "4"]).await;
     let r: serde_json::Value = serde_json::from_str(out.lines().last().unwrap()).unwrap();
     assert!(r["seconds"].as_f64().unwrap() >= 1.0, "{r}");
     assert_eq!(

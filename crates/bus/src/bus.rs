@@ -133,6 +133,11 @@ impl Bus {
     }
 
     /// The underlying NATS client, for health checks and plain subscriptions.
+    /// The largest message the server takes (`max_payload`), in bytes.
+    pub fn max_payload(&self) -> usize {
+        self.client.server_info().max_payload
+    }
+
     pub fn client(&self) -> &async_nats::Client {
         &self.client
     }

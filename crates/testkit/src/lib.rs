@@ -12,6 +12,6 @@ mod wait;
 
 pub use dirsrv::{DirSrv, DirSrvOptions};
 pub use error::TestkitError;
-pub use nats::NatsServer;
+pub use nats::{MAX_PAYLOAD as NATS_MAX_PAYLOAD, NatsServer};
 pub use slapd::{Slapd, SlapdOptions};
 pub use wait::{CLOSED_PORT, eventually, free_port};

@@ -16,6 +16,10 @@ const READY_TIMEOUT: Duration = Duration::from_secs(10);
 const POLL_INTERVAL: Duration = Duration::from_millis(25);
 const CONFIG_FILE: &str = "nats.conf";
 const LOG_FILE: &str = "nats-server.log";
+/// Largest message the server takes (its default is 1 MB). A change event
+/// carries an entry's whole state: a group of 50,000 members is about 2 MB,
+/// and its decision carries that event again. nats-server warns above 8 MB.
+pub const MAX_PAYLOAD: &str = "8MB";
 
 /// A real JetStream server on `127.0.0.1`, killed when dropped.
 ///
@@ -29,6 +33,8 @@ pub struct NatsServer {
     /// Client port, fixed after the first start so a restart keeps the URL.
     port: Option<u16>,
     dir: PathBuf,
+    /// nats-server's `max_payload`.
+    max_payload: String,
     _temp: Option<TempDir>,
 }
 
@@ -45,7 +51,7 @@ impl NatsServer {
             .tempdir()
             .map_err(|e| TestkitError::io("create temporary directory for nats-server", e))?;
         let dir = temp.path().to_path_buf();
-        Self::launch(dir, Some(temp)).await
+        Self::launch(dir, Some(temp), MAX_PAYLOAD).await
     }
 
     /// Start a JetStream server whose store lives in `dir`, created if missing
@@ -55,16 +61,31 @@ impl NatsServer {
     ///
     /// As for [`NatsServer::start`].
     pub async fn start_in(dir: &Path) -> Result<Self, TestkitError> {
+        Self::start_in_with(dir, MAX_PAYLOAD).await
+    }
+
+    /// As [`NatsServer::start_in`], taking messages of at most `max_payload`
+    /// (`"1MB"`, `"8MB"`).
+    ///
+    /// # Errors
+    ///
+    /// As for [`NatsServer::start`].
+    pub async fn start_in_with(dir: &Path, max_payload: &str) -> Result<Self, TestkitError> {
         tokio::fs::create_dir_all(dir)
             .await
             .map_err(|e| TestkitError::io(format!("create directory {}", dir.display()), e))?;
         let dir = std::path::absolute(dir)
             .map_err(|e| TestkitError::io(format!("resolve directory {}", dir.display()), e))?;
-        Self::launch(dir, None).await
+        Self::launch(dir, None, max_payload).await
     }
 
-    async fn launch(dir: PathBuf, temp: Option<TempDir>) -> Result<Self, TestkitError> {
+    async fn launch(
+        dir: PathBuf,
+        temp: Option<TempDir>,
+        max_payload: &str,
+    ) -> Result<Self, TestkitError> {
         let mut server = Self {
+            max_payload: max_payload.to_owned(),
             child: None,
             url: String::new(),
             monitor_url: String::new(),
@@ -120,10 +141,12 @@ impl NatsServer {
             "listen: 127.0.0.1:{listen}\n\
              http: 127.0.0.1:-1\n\
              server_name: idsync_testkit\n\
+             max_payload: {max_payload}\n\
              ports_file_dir: {dir}\n\
              jetstream {{\n  store_dir: {store}\n  max_memory_store: 256MB\n  max_file_store: 4GB\n}}\n",
             dir = quoted(&self.dir),
             store = quoted(&self.dir.join("js")),
+            max_payload = self.max_payload,
         )
     }
 
@@ -254,8 +277,9 @@ fn url_port(url: &str, source: &Path) -> Result<u16, TestkitError> {
         })
 }
 
-/// `GET /healthz?js-enabled-only=true` over a bare HTTP/1.0 connection.
-async fn healthz(monitor_url: &str) -> Result<(), String> {
+/// `GET <path>` on the monitor endpoint over a bare HTTP/1.0 connection: the
+/// whole response, status line and headers included.
+async fn monitor_get(monitor_url: &str, path: &str) -> Result<String, String> {
     let host_port = monitor_url
         .strip_prefix("http://")
         .unwrap_or(monitor_url)
@@ -263,16 +287,21 @@ async fn healthz(monitor_url: &str) -> Result<(), String> {
     let request = async {
         let mut stream = tokio::net::TcpStream::connect(host_port).await?;
         stream
-            .write_all(b"GET /healthz?js-enabled-only=true HTTP/1.0\r\nHost: 127.0.0.1\r\n\r\n")
+            .write_all(format!("GET {path} HTTP/1.0\r\nHost: 127.0.0.1\r\n\r\n").as_bytes())
             .await?;
         let mut response = Vec::new();
         stream.read_to_end(&mut response).await?;
         Ok::<_, std::io::Error>(String::from_utf8_lossy(&response).into_owned())
     };
-    let response = tokio::time::timeout(Duration::from_secs(2), request)
+    tokio::time::timeout(Duration::from_secs(2), request)
         .await
-        .map_err(|_| format!("GET {monitor_url}/healthz timed out"))?
-        .map_err(|e| format!("GET {monitor_url}/healthz: {e}"))?;
+        .map_err(|_| format!("GET {monitor_url}{path} timed out"))?
+        .map_err(|e| format!("GET {monitor_url}{path}: {e}"))
+}
+
+/// `GET /healthz?js-enabled-only=true`: Ok when JetStream is healthy.
+async fn healthz(monitor_url: &str) -> Result<(), String> {
+    let response = monitor_get(monitor_url, "/healthz?js-enabled-only=true").await?;
     let status_ok = response
         .lines()
         .next()
@@ -334,6 +363,18 @@ mod tests {
 
         drop(nats);
         assert!(!dir.exists(), "temporary store not removed");
+    }
+
+    /// Change events carry whole entries: the server takes messages of up
+    /// to 8 MB, not its default 1 MB.
+    #[tokio::test]
+    async fn takes_large_messages() {
+        let nats = NatsServer::start().await.unwrap();
+        let varz = monitor_get(&nats.monitor_url, "/varz").await.unwrap();
+        assert!(
+            varz.contains(&format!("\"max_payload\": {}", 8 * 1024 * 1024)),
+            "{varz}"
+        );
     }
 
     #[tokio::test]

@@ -313,6 +313,8 @@ pub(crate) struct Publisher<'a> {
     pub(crate) object_type: v1::ObjectType,
     pub(crate) in_flight: VecDeque<PendingAck>,
     pub(crate) published: u64,
+    /// Entries too large to publish.
+    pub(crate) skipped: u64,
 }
 
 impl Publisher<'_> {
@@ -320,6 +322,23 @@ impl Publisher<'_> {
         event.object_type = self.object_type as i32;
         if let Some(suffix) = &self.refresh {
             event.event_id.push_str(suffix);
+        }
+        // An entry larger than the server takes is refused alone: the
+        // session goes on with the next (a failed publish would end it and
+        // retry the same entry for ever).
+        let size = event.encoded_len();
+        let limit = self.bus.max_payload();
+        if limit > 0 && size + 1024 > limit {
+            tracing::error!(
+                resource = %event.resource,
+                dn = %event.dn,
+                entry_uuid = %event.entry_uuid,
+                bytes = size,
+                max_payload = limit,
+                "entry too large for the NATS server's max_payload; skipped (raise max_payload to carry it)"
+            );
+            self.skipped += 1;
+            return Ok(());
         }
         if self.in_flight.len() >= MAX_IN_FLIGHT
             && let Some(oldest) = self.in_flight.pop_front()
@@ -393,6 +412,7 @@ async fn session(
         object_type: resource.object_type,
         in_flight: VecDeque::new(),
         published: 0,
+        skipped: 0,
     };
     loop {
         let message = tokio::select! {

@@ -282,6 +282,7 @@ pub async fn reconcile(
             object_type: scope.object_type,
             in_flight: VecDeque::new(),
             published: 0,
+            skipped: 0,
         };
         let mut seen = Seen::new(options.run_size);
         let mut scan =

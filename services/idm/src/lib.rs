@@ -139,8 +139,15 @@ pub async fn serve(
         shutdown.clone(),
     ));
     tracing::info!(%addr, "IDM listening");
+    // tonic takes requests of at most 4 MB by default; a commit of a group
+    // carries every member twice (the focus and its shadow's snapshot), about
+    // 4.3 MB for 50,000 members. The clients allow as much (IdmClient::new).
+    const MAX_MESSAGE_SIZE: usize = 64 * 1024 * 1024;
+    let service = IdmServer::new(service)
+        .max_decoding_message_size(MAX_MESSAGE_SIZE)
+        .max_encoding_message_size(MAX_MESSAGE_SIZE);
     let result = tonic::transport::Server::builder()
-        .add_service(IdmServer::new(service))
+        .add_service(service)
         .serve_with_shutdown(addr, shutdown.clone().cancelled_owned())
         .await
         .map_err(|e| Error::Listen {
