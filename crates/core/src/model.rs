@@ -11,37 +11,111 @@ pub type Attrs = BTreeMap<String, Vec<String>>;
 pub const KIND_USER: &str = "user";
 pub const KIND_GROUP: &str = "group";
 
-/// A DN in a form for comparison: lower case, no spaces around the `,` and
-/// `=` that separate RDNs and their parts (escaped ones are kept).
+/// A DN in a form for comparison (RFC 4514): lower case; no spaces around
+/// the `,`, `+` and `=` that separate RDNs and their parts; every escape
+/// (`\,` or its hex form `\2C`, `\C3\9C` for `Ü`) decoded and the value
+/// escaped again one way only; the attribute-value pairs of a multi-valued
+/// RDN in sorted order. Two spellings of one DN give one string.
 pub fn normalize_dn(dn: &str) -> String {
+    split_unescaped(dn, ',')
+        .iter()
+        .map(|rdn| {
+            let mut avas: Vec<String> = split_unescaped(rdn, '+')
+                .iter()
+                .map(|ava| match split_unescaped(ava, '=').split_first() {
+                    Some((attr, rest)) if !rest.is_empty() => {
+                        let value = unescape(rest.join("=").trim());
+                        let attr = unescape(attr.trim()).to_lowercase();
+                        format!("{}={}", escape(&attr), escape(&value.to_lowercase()))
+                    }
+                    // Not attribute=value: kept, escaped the same way.
+                    _ => escape(&unescape(ava.trim()).to_lowercase()),
+                })
+                .collect();
+            avas.sort();
+            avas.join("+")
+        })
+        .collect::<Vec<_>>()
+        .join(",")
+}
+
+/// `text` split at every `sep` that is not escaped; escapes are kept.
+fn split_unescaped(text: &str, sep: char) -> Vec<String> {
     let mut parts = Vec::new();
     let mut current = String::new();
     let mut escaped = false;
-    for c in dn.chars() {
+    for c in text.chars() {
         if escaped {
             current.push(c);
             escaped = false;
-            continue;
-        }
-        match c {
-            '\\' => {
-                current.push(c);
-                escaped = true;
-            }
-            ',' => parts.push(std::mem::take(&mut current)),
-            c => current.push(c),
+        } else if c == '\\' {
+            current.push(c);
+            escaped = true;
+        } else if c == sep {
+            parts.push(std::mem::take(&mut current));
+        } else {
+            current.push(c);
         }
     }
     parts.push(current);
     parts
-        .iter()
-        .map(|rdn| match rdn.split_once('=') {
-            Some((a, v)) => format!("{}={}", a.trim(), v.trim()),
-            None => rdn.trim().to_owned(),
-        })
-        .collect::<Vec<_>>()
-        .join(",")
-        .to_lowercase()
+}
+
+/// An attribute value with its escapes decoded: `\,` → `,`, `\2C` → `,`,
+/// and hex pairs as UTF-8 bytes (`\C3\9C` → `Ü`). A malformed escape is kept.
+fn unescape(value: &str) -> String {
+    let mut bytes = Vec::with_capacity(value.len());
+    let chars: Vec<char> = value.chars().collect();
+    let mut i = 0;
+    while i < chars.len() {
+        let c = chars[i];
+        if c == '\\' {
+            let hex: Option<u8> = chars
+                .get(i + 1..i + 3)
+                .filter(|h| h.iter().all(char::is_ascii_hexdigit))
+                .and_then(|h| u8::from_str_radix(&h.iter().collect::<String>(), 16).ok());
+            if let Some(b) = hex {
+                bytes.push(b);
+                i += 3;
+                continue;
+            }
+            if let Some(next) = chars.get(i + 1) {
+                let mut buf = [0u8; 4];
+                bytes.extend_from_slice(next.encode_utf8(&mut buf).as_bytes());
+                i += 2;
+                continue;
+            }
+        }
+        let mut buf = [0u8; 4];
+        bytes.extend_from_slice(c.encode_utf8(&mut buf).as_bytes());
+        i += 1;
+    }
+    String::from_utf8_lossy(&bytes).into_owned()
+}
+
+/// One escaping of a value (RFC 4514 section 2.4): the special characters
+/// with a backslash, a leading `#`, control characters and whitespace at
+/// either end in hex (`\\0A`, `\\20`).
+fn escape(value: &str) -> String {
+    let last = value.chars().count().saturating_sub(1);
+    let mut out = String::with_capacity(value.len());
+    for (i, c) in value.chars().enumerate() {
+        let edge = i == 0 || i == last;
+        if c.is_control() || (edge && c.is_whitespace()) {
+            let mut buf = [0u8; 4];
+            for b in c.encode_utf8(&mut buf).bytes() {
+                out.push_str(&format!("\\{b:02x}"));
+            }
+        } else if matches!(c, ',' | '+' | '"' | '\\' | '<' | '>' | ';' | '=')
+            || (i == 0 && c == '#')
+        {
+            out.push('\\');
+            out.push(c);
+        } else {
+            out.push(c);
+        }
+    }
+    out
 }
 
 /// The IDM attribute that names a focus; unique per kind.
@@ -237,6 +311,15 @@ pub enum Op {
 #[cfg(test)]
 mod tests {
     use super::normalize_dn;
+    use proptest::prelude::*;
+
+    proptest! {
+        #[test]
+        fn normalizing_is_idempotent_and_never_panics(dn in "[a-zA-Z0-9=,+\\\\ #;<>\"äÜ王]{0,40}") {
+            let once = normalize_dn(&dn);
+            prop_assert_eq!(normalize_dn(&once), once);
+        }
+    }
 
     #[test]
     fn dns_compare_without_case_or_spacing() {
@@ -248,5 +331,27 @@ mod tests {
             normalize_dn("cn=Smith\\, John,o=Acme"),
             "cn=smith\\, john,o=acme"
         );
+    }
+
+    #[test]
+    fn every_spelling_of_one_dn_is_one_string() {
+        let canonical = normalize_dn("uid=smith\\,john,ou=people,dc=example,dc=com");
+        for spelling in [
+            "uid=smith\\2Cjohn,ou=people,dc=example,dc=com",
+            "UID = Smith\\2cJohn , OU=People,DC=example,DC=com",
+        ] {
+            assert_eq!(normalize_dn(spelling), canonical, "{spelling}");
+        }
+        assert_eq!(
+            normalize_dn("uid=J\\C3\\9CRGEN,ou=people"),
+            normalize_dn("uid=jürgen,ou=people")
+        );
+        assert_eq!(
+            normalize_dn("uid=x+cn=Edward Teach,ou=people"),
+            normalize_dn("CN=edward teach + UID=X,ou=people"),
+            "multi-valued RDNs in any order"
+        );
+        assert_eq!(normalize_dn("cn=a\\+b,o=x"), "cn=a\\+b,o=x");
+        assert_ne!(normalize_dn("cn=a\\+b,o=x"), normalize_dn("cn=a+b=,o=x"));
     }
 }

@@ -321,17 +321,20 @@ pub(crate) fn owner_words(f: &v1::Focus) -> String {
 
 /// The IDM's own rules for a focus, whoever writes it.
 fn check_schema(f: &v1::Focus) -> Result<(), StoreError> {
-    let schema = |reason: String| StoreError::Schema {
+    let on = |attribute: &str, reason: String| StoreError::Schema {
         object: describe(f),
+        attribute: attribute.to_owned(),
         reason,
     };
     for name in f.attributes.keys() {
         if name.is_empty() || name.chars().any(|c| c.is_whitespace() || c.is_control()) {
-            return Err(schema(format!(
-                "attribute name {name:?} is empty or holds spaces or control characters"
-            )));
+            return Err(on(
+                name,
+                "the attribute's name is empty or holds spaces or control characters".into(),
+            ));
         }
     }
+    let schema = |reason: String| on(NAME, reason);
     let names = f
         .attributes
         .get(NAME)

@@ -95,8 +95,12 @@ pub enum StoreError {
         object: String,
     },
     /// A focus the IDM cannot hold, whoever writes it.
-    #[error("schema violation: {object}: {reason}")]
-    Schema { object: String, reason: String },
+    #[error("schema violation: {object}: attribute {attribute:?}: {reason}")]
+    Schema {
+        object: String,
+        attribute: String,
+        reason: String,
+    },
     #[error("agreement {name:?} does not exist")]
     NoAgreement { name: String },
     #[error("agreement {name:?} already exists")]

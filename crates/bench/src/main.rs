@@ -1,0 +1,421 @@
+//! `idsync-bench`: measures idsync on real servers, each service its own
+//! process, against a baseline taken in the same run on the same data.
+//!
+//! `idsync-bench reconcile [--entries N] [--import M]` seeds a source directory with N
+//! people (offline, `slapadd`), starts NATS, the IDM, the correlator and the
+//! applier as separate processes from the binaries beside this one, and runs
+//! `idsync reconcile` twice: first over a source the IDM has never seen (every
+//! entry becomes an event and is imported), then over the same, unchanged
+//! entries (no event may come out). The baseline is `ldapsearch` of the same
+//! entries with the same attributes, paged the same way. It prints one line
+//! per measurement, the peak resident memory of every process, and writes the
+//! numbers as JSON to `target/bench/reconcile.json`.
+
+use std::path::{Path, PathBuf};
+use std::process::Stdio;
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result, bail};
+use idsync_core::secret::Secret;
+use idsync_idm_client::IdmClient;
+use idsync_testkit::{NatsServer, Slapd, SlapdOptions, free_port};
+use tokio::process::{Child, Command};
+
+const SUFFIX: &str = "dc=example,dc=com";
+const PEOPLE: &str = "ou=people,dc=example,dc=com";
+
+#[tokio::main]
+async fn main() -> Result<()> {
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    match args.first().map(String::as_str) {
+        Some("reconcile") => {}
+        _ => bail!("usage: idsync-bench reconcile [--entries N] [--import M]"),
+    }
+    let number = |flag: &str, default: usize| -> Result<usize> {
+        match args.iter().position(|a| a == flag) {
+            Some(i) => args
+                .get(i + 1)
+                .and_then(|n| n.parse().ok())
+                .with_context(|| format!("{flag} needs a number")),
+            None => Ok(default),
+        }
+    };
+    reconcile(number("--entries", 100_000)?, number("--import", 5_000)?).await
+}
+
+/// The binaries built beside this one.
+fn bin(name: &str) -> Result<PathBuf> {
+    let exe = std::env::current_exe()?;
+    let path = exe
+        .parent()
+        .context("no directory for the binaries")?
+        .join(name);
+    if !path.exists() {
+        bail!(
+            "{} is missing: build with `cargo build --release -p idsync -p idsync-idm -p idsync-correlator -p idsync-applier -p idsync-bench`",
+            path.display()
+        );
+    }
+    Ok(path)
+}
+
+fn seed(entries: usize) -> String {
+    let mut ldif = format!(
+        "dn: {SUFFIX}\nobjectClass: dcObject\nobjectClass: organization\ndc: example\no: Example\n\n\
+         dn: {PEOPLE}\nobjectClass: organizationalUnit\nou: people\n\n"
+    );
+    for i in 0..entries {
+        ldif.push_str(&format!(
+            "dn: uid=u{i},{PEOPLE}\nobjectClass: inetOrgPerson\nuid: u{i}\ncn: User {i}\n\
+             givenName: User\nsn: Number{i}\nmail: u{i}@example.com\n\n"
+        ));
+    }
+    ldif
+}
+
+fn config(nats: &str, idm_port: u16, source: &str, secrets: &Path, data: &Path) -> String {
+    format!(
+        r#"version = 1
+[nats]
+url = "{nats}"
+[idm]
+url = "http://127.0.0.1:{idm_port}"
+listen = "127.0.0.1:{idm_port}"
+data_dir = "{data}"
+admin_token_file = "{admin}"
+[agreements.hr]
+token_file = "{token}"
+on_error = "quarantine"
+[[resources]]
+name = "hr"
+agreement = "hr"
+url = "{source}"
+bind_dn = "cn=admin,{SUFFIX}"
+bind_password_file = "{password}"
+base_dn = "{PEOPLE}"
+filter = "(objectClass=inetOrgPerson)"
+[[resources.inbound]]
+source = "uid"
+target = "name"
+strength = "strong"
+[[resources.inbound]]
+source = "cn"
+target = "fullName"
+[[resources.inbound]]
+source = "givenName"
+target = "givenName"
+[[resources.inbound]]
+source = "sn"
+target = "familyName"
+[[resources.inbound]]
+source = "mail"
+target = "mail"
+[[resources.correlation]]
+conditions = [{{ focus_attribute = "name", source = "uid" }}]
+[resources.reactions]
+linked = {{ action = "synchronize" }}
+unlinked = {{ action = "link" }}
+unmatched = {{ action = "add_focus" }}
+deleted = {{ action = "delete_focus" }}
+"#,
+        data = data.display(),
+        admin = secrets.join("admin").display(),
+        token = secrets.join("hr.token").display(),
+        password = secrets.join("hr").display(),
+    )
+}
+
+/// A service process.
+struct Proc {
+    name: &'static str,
+    child: Child,
+}
+
+/// The peak resident set (VmHWM) of a running process, in KiB.
+fn peak_kib(pid: Option<u32>) -> Option<u64> {
+    let status = std::fs::read_to_string(format!("/proc/{}/status", pid?)).ok()?;
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmHWM:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+}
+
+async fn spawn(name: &'static str, binary: &str, config: &Path, log: &Path) -> Result<Proc> {
+    let log = std::fs::File::create(log.join(format!("{name}.log")))?;
+    let child = Command::new(bin(binary)?)
+        .arg("--config")
+        .arg(config)
+        .env("RUST_LOG", "warn")
+        .stdout(Stdio::null())
+        .stderr(log)
+        .kill_on_drop(true)
+        .spawn()
+        .with_context(|| format!("cannot start {binary}"))?;
+    Ok(Proc { name, child })
+}
+
+/// Runs `idsync reconcile hr --json`, sampling its peak memory; returns its
+/// summary, wall time and peak.
+async fn run_reconcile(config: &Path, admin: &Path) -> Result<(serde_json::Value, Duration, u64)> {
+    let started = Instant::now();
+    let mut child = Command::new(bin("idsync")?)
+        .args(["reconcile", "hr", "--json"])
+        .env("IDSYNC_CONFIG", config)
+        .env("IDSYNC_ADMIN_TOKEN_FILE", admin)
+        .env("RUST_LOG", "warn")
+        .stdout(Stdio::piped())
+        .stderr(Stdio::inherit())
+        .spawn()?;
+    let pid = child.id();
+    let mut peak = 0;
+    let status = loop {
+        if let Some(k) = peak_kib(pid) {
+            peak = peak.max(k);
+        }
+        tokio::select! {
+            s = child.wait() => break s?,
+            _ = tokio::time::sleep(Duration::from_millis(20)) => {}
+        }
+    };
+    let elapsed = started.elapsed();
+    let mut out = String::new();
+    if let Some(mut stdout) = child.stdout.take() {
+        use tokio::io::AsyncReadExt as _;
+        stdout.read_to_string(&mut out).await?;
+    }
+    if !status.success() {
+        bail!("idsync reconcile failed: {out}");
+    }
+    let summary = serde_json::from_str(out.lines().last().unwrap_or_default())
+        .with_context(|| format!("unexpected output: {out}"))?;
+    Ok((summary, elapsed, peak))
+}
+
+/// `ldapsearch` of the same entries and attributes, paged as idsync pages.
+async fn baseline(slapd: &Slapd, password_file: &Path) -> Result<Duration> {
+    let started = Instant::now();
+    let status = Command::new("ldapsearch")
+        .args([
+            "-x",
+            "-LLL",
+            "-H",
+            slapd.url(),
+            "-D",
+            &format!("cn=admin,{SUFFIX}"),
+        ])
+        .arg("-y")
+        .arg(password_file)
+        .args([
+            "-b",
+            PEOPLE,
+            "-E",
+            "pr=500/noprompt",
+            "(objectClass=inetOrgPerson)",
+            "*",
+            "entryUUID",
+            "entryCSN",
+        ])
+        .stdout(Stdio::null())
+        .status()
+        .await
+        .context("cannot run ldapsearch (scripts/install-deps installs ldap-utils)")?;
+    if !status.success() {
+        bail!("ldapsearch failed: {status}");
+    }
+    Ok(started.elapsed())
+}
+
+/// Servers and services for one measurement.
+struct Setup {
+    work: PathBuf,
+    config: PathBuf,
+    admin_file: PathBuf,
+    password_file: PathBuf,
+    slapd: Slapd,
+    _nats: NatsServer,
+    idm: IdmClient,
+    procs: Vec<Proc>,
+}
+
+impl Setup {
+    async fn start(entries: usize, workers: bool) -> Result<Self> {
+        let work = tempfile_dir()?;
+        let secrets = work.join("secrets");
+        std::fs::create_dir_all(&secrets)?;
+        let password = "bench-secret-password";
+        let admin = "bench-admin-credential-0123456789";
+        for (file, value) in [("hr", password), ("admin", admin)] {
+            std::fs::write(secrets.join(file), value)?;
+            use std::os::unix::fs::PermissionsExt as _;
+            std::fs::set_permissions(secrets.join(file), std::fs::Permissions::from_mode(0o600))?;
+        }
+        let seeded = Instant::now();
+        let slapd = Slapd::start(SlapdOptions {
+            suffix: SUFFIX.into(),
+            admin_password: password.into(),
+            seed_ldif: seed(entries),
+            session_log: true,
+        })
+        .await?;
+        eprintln!(
+            "seeded {entries} entries (slapadd) in {:.1}s",
+            seeded.elapsed().as_secs_f64()
+        );
+        let nats = NatsServer::start_in(&work.join("nats")).await?;
+        let idm_port = free_port()?;
+        let config_path = work.join("idsync.toml");
+        std::fs::write(
+            &config_path,
+            config(
+                nats.url(),
+                idm_port,
+                slapd.url(),
+                &secrets,
+                &work.join("idm"),
+            ),
+        )?;
+        let mut procs = vec![spawn("idm", "idsync-idm", &config_path, &work).await?];
+        let idm = IdmClient::new(&format!("http://127.0.0.1:{idm_port}"), &Secret::new(admin))?;
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            match idm.create_agreement("hr").await {
+                Ok(_) => break,
+                Err(e) if e.is_transient() && Instant::now() < deadline => {
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                }
+                Err(e) => return Err(e).context("the IDM did not come up"),
+            }
+        }
+        let token = idm.generate_token("hr", "bench").await?;
+        std::fs::write(secrets.join("hr.token"), token.expose())?;
+        if workers {
+            procs.push(spawn("correlator", "idsync-correlator", &config_path, &work).await?);
+            procs.push(spawn("applier", "idsync-applier", &config_path, &work).await?);
+        }
+        Ok(Self {
+            config: config_path,
+            admin_file: secrets.join("admin"),
+            password_file: secrets.join("hr"),
+            work,
+            slapd,
+            _nats: nats,
+            idm,
+            procs,
+        })
+    }
+
+    fn peaks(&self, into: &mut serde_json::Map<String, serde_json::Value>, phase: &str) {
+        for p in &self.procs {
+            let peak = peak_kib(p.child.id()).unwrap_or(0);
+            println!("  peak RSS {}: {} MiB", p.name, peak / 1024);
+            into.insert(format!("{phase}: {}", p.name), serde_json::json!(peak));
+        }
+    }
+
+    async fn stop(mut self) {
+        for p in &mut self.procs {
+            let _ = p.child.kill().await;
+        }
+        let _ = std::fs::remove_dir_all(&self.work);
+    }
+}
+
+async fn reconcile(entries: usize, import: usize) -> Result<()> {
+    let mut peaks = serde_json::Map::new();
+
+    // A: a reconciliation of `entries` the IDM has never seen: every entry
+    // read, compared, published. The workers are not running, so the
+    // reconciliation alone is measured.
+    println!("A. reconciliation of {entries} new entries");
+    let a = Setup::start(entries, false).await?;
+    let search_a = baseline(&a.slapd, &a.password_file).await?;
+    println!(
+        "  baseline ldapsearch (paged 500): {:.2}s",
+        search_a.as_secs_f64()
+    );
+    let (new, new_time, new_peak) = run_reconcile(&a.config, &a.admin_file).await?;
+    println!(
+        "  idsync reconcile: {} scanned, {} events in {:.2}s ({:.1}x ldapsearch); peak RSS {} MiB",
+        new["scanned"],
+        new["changed"],
+        new_time.as_secs_f64(),
+        new_time.as_secs_f64() / search_a.as_secs_f64(),
+        new_peak / 1024
+    );
+    peaks.insert("A: reconcile".into(), serde_json::json!(new_peak));
+    a.peaks(&mut peaks, "A");
+    a.stop().await;
+
+    // B: `import` entries imported through correlator, applier and IDM, then
+    // reconciled again unchanged: no event may come out.
+    println!("B. import of {import} entries, then a reconciliation of them unchanged");
+    let b = Setup::start(import, true).await?;
+    let search_b = baseline(&b.slapd, &b.password_file).await?;
+    let started = Instant::now();
+    let (first, _, _) = run_reconcile(&b.config, &b.admin_file).await?;
+    loop {
+        let live = b.idm.live_shadows("hr").await?;
+        if live >= import as u64 {
+            break;
+        }
+        if started.elapsed() > Duration::from_secs(3600) {
+            bail!("import stalled at {live} of {import}");
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    let import_time = started.elapsed();
+    println!(
+        "  import: {} events, {import} users in {:.1}s ({:.0}/s)",
+        first["changed"],
+        import_time.as_secs_f64(),
+        import as f64 / import_time.as_secs_f64()
+    );
+    let (same, same_time, same_peak) = run_reconcile(&b.config, &b.admin_file).await?;
+    println!(
+        "  idsync reconcile, unchanged: {} scanned, {} events, {} deletions in {:.2}s; ldapsearch {:.2}s ({:.1}x); peak RSS {} MiB",
+        same["scanned"],
+        same["changed"],
+        same["deleted"],
+        same_time.as_secs_f64(),
+        search_b.as_secs_f64(),
+        same_time.as_secs_f64() / search_b.as_secs_f64(),
+        same_peak / 1024
+    );
+    peaks.insert(
+        "B: reconcile unchanged".into(),
+        serde_json::json!(same_peak),
+    );
+    b.peaks(&mut peaks, "B");
+    b.stop().await;
+
+    let report = serde_json::json!({
+        "a_entries": entries,
+        "a_ldapsearch_seconds": search_a.as_secs_f64(),
+        "a_reconcile_seconds": new_time.as_secs_f64(),
+        "a_reconcile": new,
+        "b_entries": import,
+        "b_import_seconds": import_time.as_secs_f64(),
+        "b_ldapsearch_seconds": search_b.as_secs_f64(),
+        "b_reconcile_unchanged_seconds": same_time.as_secs_f64(),
+        "b_reconcile_unchanged": same,
+        "peak_rss_kib": peaks,
+    });
+    std::fs::create_dir_all("target/bench")?;
+    std::fs::write(
+        "target/bench/reconcile.json",
+        serde_json::to_string_pretty(&report)?,
+    )?;
+    println!("written: target/bench/reconcile.json");
+    Ok(())
+}
+
+/// A fresh working directory under the system's temporary directory.
+fn tempfile_dir() -> Result<PathBuf> {
+    let dir = std::env::temp_dir().join(format!(
+        "idsync-bench-{}-{}",
+        std::process::id(),
+        Instant::now().elapsed().as_nanos()
+    ));
+    std::fs::create_dir_all(&dir)?;
+    Ok(dir)
+}
