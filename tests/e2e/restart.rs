@@ -161,3 +161,35 @@ async fn a_source_restart_during_live_sync_is_survived_without_a_reload() {
     );
     env.deployment.shutdown().await.unwrap();
 }
+
+/// A cookie the source cannot resume from (here one from the future, as after
+/// the source is restored from a backup: OpenLDAP answers "consumer state is
+/// newer than provider", as it answers others with e-syncRefreshRequired)
+/// ends in a full refresh, and the pipeline converges: what was deleted
+/// meanwhile is deleted, nothing else is touched.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_cookie_the_source_cannot_resume_from_ends_in_a_full_refresh() {
+    let mut env = start().await;
+    add_person(&env.deployment.source, "will", "Will", "Turner").await;
+    let jack = env
+        .user_where("jack", "synced", |u| links_to(u, "acme"))
+        .await;
+    env.user_where("will", "synced", |u| links_to(u, "acme"))
+        .await;
+
+    env.deployment.stop_service("detector").await.unwrap();
+    delete_person(&env.deployment.source, "will").await;
+    let bus = Bus::connect(env.deployment.nats.url()).await.unwrap();
+    bus.store_cookie(
+        "hr",
+        b"rid=000,csn=29990101000000.000000Z#000000#000#000000",
+    )
+    .await
+    .unwrap();
+    env.deployment.start_service("detector").unwrap();
+
+    env.user_gone("will").await;
+    let jack_after = env.user_where("jack", "still there", |_| true).await;
+    assert_eq!(jack_after.id, jack.id, "jack kept, not re-created");
+    env.deployment.shutdown().await.unwrap();
+}

@@ -143,6 +143,9 @@ pub struct ResourceConfig {
     /// Cron expression (UTC): when the detector reconciles this resource in
     /// full (a resource under an agreement; `idsync reconcile` runs it on demand).
     pub reconcile_schedule: Option<String>,
+    /// At most this many entries a second when reconciling, to spare the
+    /// directory (scheduled runs, and `idsync reconcile` without `--rate`).
+    pub reconcile_rate: Option<u32>,
     /// Object classes of accounts that idsync creates here.
     #[serde(default)]
     pub object_classes: Vec<String>,

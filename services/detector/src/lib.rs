@@ -134,11 +134,26 @@ async fn scheduled_reconciliation(
             _ = tokio::time::sleep(Duration::from_secs(next - now)) => {}
         }
         tracing::info!(%resource, "scheduled reconciliation starts");
+        let mut last_report = std::time::Instant::now();
+        let report = |p: &reconcile::Progress| {
+            // Every ten seconds: scanned, changed, deleted, rate, ETA.
+            if last_report.elapsed() >= Duration::from_secs(10) {
+                last_report = std::time::Instant::now();
+                tracing::info!(
+                    resource = %p.resource,
+                    scanned = p.scanned,
+                    expected = p.expected,
+                    changed = p.changed,
+                    deleted = p.deleted,
+                    rate = p.rate().round(),
+                    eta_s = p.eta().map(|d| d.as_secs()),
+                    "reconciliation progress"
+                );
+            }
+        };
         let result = tokio::select! {
             _ = shutdown.cancelled() => return,
-            r = reconcile::reconcile(&config, &bus, &idm, &resource, reconcile::Options::default(), |p| {
-                tracing::debug!(resource = %p.resource, scanned = p.scanned, changed = p.changed, deleted = p.deleted, rate = p.rate(), "reconciliation progress");
-            }) => r,
+            r = reconcile::reconcile(&config, &bus, &idm, &resource, reconcile::Options::default(), report) => r,
         };
         if let Err(e) = result {
             tracing::error!(%resource, error = %e, "scheduled reconciliation failed; next at the next firing");
@@ -277,6 +292,16 @@ async fn sync_loop(
             }
             Err(SessionError::Ldap(LdapError::RefreshRequired)) => {
                 tracing::warn!(resource = %resource.resource, "source asks for a full refresh; restarting without a cookie");
+                reset_cookie = true;
+                continue;
+            }
+            // OpenLDAP's answer to a cookie ahead of its own state: the
+            // source was restored from a backup, or the cookie is another's.
+            // The cookie is no use any more; read everything again.
+            Err(SessionError::Ldap(LdapError::Operation { rc: 53, text, .. }))
+                if text.contains("newer than provider") =>
+            {
+                tracing::warn!(resource = %resource.resource, reason = %text, "the source is behind the stored cookie (restored from a backup?); restarting without a cookie");
                 reset_cookie = true;
                 continue;
             }

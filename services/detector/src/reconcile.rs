@@ -261,7 +261,7 @@ pub async fn reconcile(
     };
     let started = Instant::now();
     let pace = Pace {
-        rate: options.rate,
+        rate: options.rate.or(resource.reconcile_rate),
         start: started,
     };
     let is_target = resource.agreement.is_none() && resource.dn_template.is_some();
