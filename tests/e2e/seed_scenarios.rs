@@ -177,3 +177,47 @@ async fn a_mapped_range_keeps_values_set_on_the_target() {
     .await;
     env.deployment.shutdown().await.unwrap();
 }
+
+/// A rename at the source (modrdn of uid) renames the user, and the account
+/// on the target is renamed with it (modrdn), not deleted and re-created.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_rename_at_the_source_renames_the_target_account() {
+    let env = start().await;
+    let jack = env
+        .user_where("jack", "provisioned", |u| links_to(u, "acme"))
+        .await;
+    let account_uuid = jack.link_to("acme").unwrap().entry_uuid.clone();
+    let mut ldap = env.deployment.source.admin_conn().await.unwrap();
+    ldap.modifydn(&person_dn("jack"), "uid=jsparrow", true, None)
+        .await
+        .unwrap()
+        .success()
+        .unwrap();
+    let _ = ldap.unbind().await;
+
+    let renamed = env
+        .user_where("jsparrow", "renamed, account renamed", |u| {
+            u.link_to("acme")
+                .is_some_and(|l| l.dn.eq_ignore_ascii_case("cn=jsparrow,o=Acme"))
+        })
+        .await;
+    assert_eq!(renamed.id, jack.id, "the same user");
+    let link = renamed.link_to("acme").unwrap();
+    assert_eq!(link.entry_uuid, account_uuid, "the same account, renamed");
+    env.target_where("cn=jsparrow,o=Acme", "present", |e| e.is_some())
+        .await;
+    env.target_where("cn=jack,o=Acme", "gone", |e| e.is_none())
+        .await;
+    let shadow = env
+        .idm
+        .get_shadow("acme", &account_uuid)
+        .await
+        .unwrap()
+        .unwrap();
+    assert!(
+        shadow.dn.eq_ignore_ascii_case("cn=jsparrow,o=Acme"),
+        "{}",
+        shadow.dn
+    );
+    env.deployment.shutdown().await.unwrap();
+}

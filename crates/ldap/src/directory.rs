@@ -27,6 +27,21 @@ pub struct DirEntry {
     pub attributes: BTreeMap<String, Vec<String>>,
 }
 
+/// The first RDN of `dn` and the rest (its parent), split at the first
+/// unescaped comma.
+fn split_rdn(dn: &str) -> Option<(&str, &str)> {
+    let mut escaped = false;
+    for (i, c) in dn.char_indices() {
+        match c {
+            _ if escaped => escaped = false,
+            '\\' => escaped = true,
+            ',' => return Some((dn.get(..i)?.trim(), dn.get(i + 1..)?.trim())),
+            _ => {}
+        }
+    }
+    None
+}
+
 /// A bound connection for writing accounts to a target directory.
 #[derive(Debug)]
 pub struct Directory {
@@ -213,6 +228,45 @@ impl Directory {
         match result.rc {
             0 => Ok(()),
             RC_NO_SUCH_OBJECT => Err(LdapError::NoSuchObject { dn: dn.to_owned() }),
+            rc => Err(op.result(rc, &result.text)),
+        }
+    }
+
+    /// Renames `dn` to `new_dn` (modrdn, with a new superior when the parent
+    /// differs); the old RDN value is removed. The entry keeps its identity.
+    ///
+    /// # Errors
+    ///
+    /// [`LdapError::AlreadyExists`] when `new_dn` is taken (rc 68),
+    /// [`LdapError::NoSuchObject`] when `dn` is gone (rc 32),
+    /// [`LdapError::Operation`] for other error results, [`LdapError::Protocol`]
+    /// for a `new_dn` without an RDN.
+    pub async fn rename(&mut self, dn: &str, new_dn: &str) -> Result<(), LdapError> {
+        let op = Op {
+            url: &self.url,
+            operation: "rename",
+            dn,
+        };
+        let (rdn, parent) = split_rdn(new_dn).ok_or_else(|| LdapError::Protocol {
+            url: self.url.clone(),
+            reason: format!("{new_dn:?} is not a DN with an RDN"),
+        })?;
+        let same_parent = split_rdn(dn).is_some_and(|(_, p)| {
+            idsync_core::model::normalize_dn(p) == idsync_core::model::normalize_dn(parent)
+        });
+        let superior = (!same_parent).then_some(parent);
+        let result = self
+            .ldap
+            .with_timeout(OPERATION_TIMEOUT)
+            .modifydn(dn, rdn, true, superior)
+            .await
+            .map_err(|e| op.failed(e, OPERATION_TIMEOUT))?;
+        match result.rc {
+            0 => Ok(()),
+            RC_NO_SUCH_OBJECT => Err(LdapError::NoSuchObject { dn: dn.to_owned() }),
+            RC_ALREADY_EXISTS => Err(LdapError::AlreadyExists {
+                dn: new_dn.to_owned(),
+            }),
             rc => Err(op.result(rc, &result.text)),
         }
     }

@@ -10,7 +10,7 @@ use std::sync::Arc;
 use idsync_bus::worker::{Handling, Message, Source, backoff, run_worker};
 use idsync_bus::{Bus, BusError, names};
 use idsync_core::config::{Config, ResourceConfig};
-use idsync_core::model::{Attrs, Focus, Link, Op, Shadow};
+use idsync_core::model::{Attrs, Focus, Link, Op, Shadow, normalize_dn};
 use idsync_core::outbound::{account_modifications, desired_account, wanted_resources};
 use idsync_core::situation::{Reaction, Situation};
 use idsync_idm_client::{IdmClient, IdmError};
@@ -268,8 +268,10 @@ async fn update(
 ) -> Result<(), Failure> {
     let account =
         desired_account(resource, focus).map_err(|e| Failure::Permanent(e.to_string()))?;
-    if account.dn != link.dn {
-        tracing::warn!(resource = %resource.name, from = %link.dn, to = %account.dn, "account would be renamed; renames are not supported yet");
+    if normalize_dn(&account.dn) != normalize_dn(&link.dn) {
+        // The name the DN comes from changed: rename the account (modrdn),
+        // keeping its identity, then record the new DN on link and shadow.
+        return rename(idm, targets, resource, focus, link, &account.dn).await;
     }
     // Mapped-range mappings need what they produced last time: the shadow has it.
     let shadow = if account.produced.is_empty() {
@@ -333,6 +335,66 @@ async fn update(
             }
         }
     }
+}
+
+/// Renames the account of `link` to `new_dn` and records it; the next focus
+/// event (this commit's own) brings its attributes in line.
+async fn rename(
+    idm: &IdmClient,
+    targets: &Pool,
+    resource: &ResourceConfig,
+    focus: &Focus,
+    link: &Link,
+    new_dn: &str,
+) -> Result<(), Failure> {
+    let result = with_dir(targets, resource, async |dir| {
+        match dir.rename(&link.dn, new_dn).await {
+            Ok(()) => Ok(true),
+            // Renamed already (a retry after a crash): nothing to do here.
+            Err(LdapError::NoSuchObject { .. }) => Ok(dir.read(new_dn).await?.is_some()),
+            Err(e) => Err(e),
+        }
+    })
+    .await;
+    match result {
+        Ok(true) => {}
+        Ok(false) => {
+            return Err(Failure::Transient(format!(
+                "resource {}: account {} is gone, and {new_dn} is not there either",
+                resource.name, link.dn
+            )));
+        }
+        Err(Failure::Permanent(reason)) | Err(Failure::Transient(reason))
+            if reason.contains("already exists") =>
+        {
+            return Err(Failure::Permanent(format!(
+                "resource {}: cannot rename {} to {new_dn}: {reason}",
+                resource.name, link.dn
+            )));
+        }
+        Err(e) => return Err(e),
+    }
+    tracing::info!(resource = %resource.name, from = %link.dn, to = %new_dn, focus = %focus.id, "account renamed");
+    let mut renamed = focus.clone();
+    renamed.set_link(Link {
+        resource: resource.name.clone(),
+        entry_uuid: link.entry_uuid.clone(),
+        dn: new_dn.to_owned(),
+    });
+    let mut ops = vec![Op::PutFocus {
+        expected_version: focus.version,
+        focus: renamed,
+    }];
+    if let Some(shadow) = idm.get_shadow(&resource.name, &link.entry_uuid).await? {
+        ops.push(Op::PutShadow {
+            expected_version: shadow.version,
+            shadow: Shadow {
+                dn: new_dn.to_owned(),
+                ..shadow
+            },
+        });
+    }
+    commit(idm, ops, &resource.name).await
 }
 
 async fn remove(
