@@ -172,6 +172,11 @@ enum UsersCommand {
         #[arg(required = true, value_name = "ATTR=VALUE")]
         values: Vec<String>,
     },
+    /// Assigns a user an account on a resource; the provisioner creates it.
+    Assign { user: String, resource: String },
+    /// Removes a user's assignments to a resource; the account is
+    /// deprovisioned by the resource's policy (deleted, or disabled and kept).
+    Unassign { user: String, resource: String },
     /// Lists users with their links to accounts.
     List {
         /// One JSON document, for scripts.
@@ -307,6 +312,64 @@ async fn run(cli: Cli) -> Result<ExitCode> {
                 .await
                 .with_context(|| format!("cannot change user {user:?}"))?;
             println!("user {user} changed");
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Users {
+            command: UsersCommand::Assign { user, resource },
+        } => {
+            let config = global.optional_config()?;
+            if let Some(c) = &config
+                && c.resource(&resource).is_err()
+            {
+                bail!("resource {resource:?} is not in the configuration");
+            }
+            let (client, _) = global.admin()?;
+            let mut focus = find_user(&client, &user).await?;
+            if focus.has_assignment(&resource) {
+                println!("user {user} is already assigned {resource}");
+                return Ok(ExitCode::SUCCESS);
+            }
+            let expected_version = focus.version;
+            focus.assignments.push(idsync_core::model::Assignment {
+                resource: resource.clone(),
+                source: "manual".into(),
+            });
+            client
+                .commit(
+                    vec![idsync_core::model::Op::PutFocus {
+                        focus,
+                        expected_version,
+                    }],
+                    "",
+                )
+                .await
+                .with_context(|| format!("cannot assign {resource} to {user:?}"))?;
+            println!("user {user} assigned {resource}");
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Users {
+            command: UsersCommand::Unassign { user, resource },
+        } => {
+            let (client, _) = global.admin()?;
+            let mut focus = find_user(&client, &user).await?;
+            let expected_version = focus.version;
+            let before = focus.assignments.len();
+            focus.assignments.retain(|a| a.resource != resource);
+            if focus.assignments.len() == before {
+                println!("user {user} has no assignment to {resource}");
+                return Ok(ExitCode::SUCCESS);
+            }
+            client
+                .commit(
+                    vec![idsync_core::model::Op::PutFocus {
+                        focus,
+                        expected_version,
+                    }],
+                    "",
+                )
+                .await
+                .with_context(|| format!("cannot unassign {resource} from {user:?}"))?;
+            println!("user {user} no longer assigned {resource}");
             Ok(ExitCode::SUCCESS)
         }
         Command::Users {

@@ -248,3 +248,80 @@ async fn discovery_links_an_account_that_is_already_there_by_the_reaction() {
     assert!(env.user("will").await.unwrap().link_to("acme").is_none());
     env.d.shutdown().await.unwrap();
 }
+
+/// The entry `dn` of the target directory, if there is one.
+async fn target_entry(env: &Env, dn: &str) -> Option<ldap3::SearchEntry> {
+    let mut ldap = env.d.target.admin_conn().await.unwrap();
+    let result = ldap
+        .search(dn, ldap3::Scope::Base, "(objectClass=*)", vec!["*"])
+        .await
+        .unwrap();
+    let entries = result.success().map(|(e, _)| e).unwrap_or_default();
+    let _ = ldap.unbind().await;
+    entries
+        .into_iter()
+        .next()
+        .map(ldap3::SearchEntry::construct)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn unassigning_deprovisions_by_the_resources_policy() {
+    // Default policy: delete.
+    let env = start(EXAMPLE_CONFIG).await;
+    env.user_where("jack", "provisioned", |u| u.link_to("acme").is_some())
+        .await;
+    let out = env.ok(&["users", "unassign", "jack", "acme"]).await;
+    assert!(out.contains("no longer assigned acme"), "{out}");
+    env.user_where("jack", "unlinked from acme", |u| {
+        u.link_to("acme").is_none()
+    })
+    .await;
+    assert!(
+        target_entry(&env, &format!("cn=jack,{TARGET_SUFFIX}"))
+            .await
+            .is_none()
+    );
+    // Assigned again from the CLI: provisioned like any other change.
+    env.ok(&["users", "assign", "jack", "acme"]).await;
+    env.user_where("jack", "linked again", |u| u.link_to("acme").is_some())
+        .await;
+    assert!(
+        target_entry(&env, &format!("cn=jack,{TARGET_SUFFIX}"))
+            .await
+            .is_some()
+    );
+    env.d.shutdown().await.unwrap();
+
+    // Policy disable: the account is kept, disabled, and enabled again.
+    let config = EXAMPLE_CONFIG.replace(
+        "dn_template = \"cn={name},o=Acme\"",
+        "dn_template = \"cn={name},o=Acme\"\ndeprovision = \"disable\"\ndisable = { attribute = \"employeeType\", value = \"disabled\" }",
+    );
+    let env = start(&config).await;
+    env.user_where("jack", "provisioned", |u| u.link_to("acme").is_some())
+        .await;
+    let dn = format!("cn=jack,{TARGET_SUFFIX}");
+    env.ok(&["users", "unassign", "jack", "acme"]).await;
+    eventually("jack's account disabled and kept", WAIT, || async {
+        Ok(target_entry(&env, &dn)
+            .await
+            .filter(|e| e.attrs.get("employeeType") == Some(&vec!["disabled".to_owned()]))
+            .map(drop))
+    })
+    .await
+    .unwrap();
+    assert!(
+        env.user("jack").await.unwrap().link_to("acme").is_some(),
+        "kept linked"
+    );
+    env.ok(&["users", "assign", "jack", "acme"]).await;
+    eventually("jack's account enabled again", WAIT, || async {
+        Ok(target_entry(&env, &dn)
+            .await
+            .filter(|e| !e.attrs.contains_key("employeeType"))
+            .map(drop))
+    })
+    .await
+    .unwrap();
+    env.d.shutdown().await.unwrap();
+}

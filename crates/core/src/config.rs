@@ -169,9 +169,27 @@ pub struct ResourceConfig {
     pub tls: Option<TlsConfig>,
     /// How an account is disabled here (the `inactivate_shadow` reaction).
     pub disable: Option<DisableConfig>,
+    /// What happens to an account here when no assignment calls for it any
+    /// more (or its user is disabled or deleted).
+    #[serde(default)]
+    pub deprovision: Deprovision,
     /// Stops mass deletions of this resource's entries before they reach
     /// the IDM (Entra Connect's export threshold, midPoint's policy thresholds).
     pub deletion_guard: Option<DeletionGuard>,
+}
+
+/// Deprovisioning policy of a target resource.
+#[derive(
+    Debug, Clone, Copy, Default, Deserialize, Serialize, PartialEq, Eq, schemars::JsonSchema,
+)]
+#[serde(rename_all = "lowercase")]
+pub enum Deprovision {
+    /// Delete the account.
+    #[default]
+    Delete,
+    /// Disable it (the resource's `disable` setting) and keep it, linked, so
+    /// that a new assignment enables it again.
+    Disable,
 }
 
 /// Thresholds on deletions within a sliding window. Crossing one halts the
@@ -502,6 +520,12 @@ impl Config {
                 err(
                     format!("{at}.tls.starttls"),
                     "an ldaps:// URL is TLS from the start; StartTLS is for ldap:// URLs".into(),
+                );
+            }
+            if r.deprovision == Deprovision::Disable && r.disable.is_none() {
+                err(
+                    format!("{at}.deprovision"),
+                    "\"disable\" needs the resource's `disable` setting (which attribute and value disable an account)".into(),
                 );
             }
             if let Some(expr) = &r.reconcile_schedule {

@@ -9,7 +9,7 @@ use std::sync::Arc;
 
 use idsync_bus::worker::{Handling, Message, Source, backoff, run_worker};
 use idsync_bus::{Bus, BusError, names};
-use idsync_core::config::{Config, ResourceConfig};
+use idsync_core::config::{Config, Deprovision, ResourceConfig};
 use idsync_core::model::{Attrs, Focus, Link, Op, Shadow, normalize_dn};
 use idsync_core::outbound::{account_modifications, desired_account, wanted_resources};
 use idsync_core::situation::{Reaction, Situation};
@@ -134,6 +134,9 @@ async fn provision(
         match (want, link) {
             (true, None) => create(idm, targets, resource, &focus).await?,
             (true, Some(link)) => update(idm, targets, resource, &focus, &link).await?,
+            (false, Some(link)) if resource.deprovision == Deprovision::Disable => {
+                disable(idm, targets, resource, &link, false).await?;
+            }
             (false, Some(link)) => remove(idm, targets, resource, Some(&focus), &link).await?,
             (false, None) => {}
         }
@@ -152,7 +155,11 @@ async fn deprovision_all(
         if let Ok(resource) = config.resource(&link.resource)
             && resource.dn_template.is_some()
         {
-            remove(idm, targets, resource, None, link).await?;
+            if resource.deprovision == Deprovision::Disable {
+                disable(idm, targets, resource, link, true).await?;
+            } else {
+                remove(idm, targets, resource, None, link).await?;
+            }
         }
     }
     Ok(())
@@ -287,7 +294,17 @@ async fn update(
         let Some(current) = dir.read(&link.dn).await? else {
             return Ok(None);
         };
-        let mods = account_modifications(&account, &current.attributes, &previous);
+        let mut mods = account_modifications(&account, &current.attributes, &previous);
+        // Wanted again after it was disabled: enable it.
+        if resource.deprovision == Deprovision::Disable
+            && let Some(d) = &resource.disable
+            && current
+                .attributes
+                .get(&d.attribute.to_ascii_lowercase())
+                .is_some_and(|v| v.iter().any(|x| x.eq_ignore_ascii_case(&d.value)))
+        {
+            mods.push((d.attribute.clone(), Vec::new()));
+        }
         if !mods.is_empty() {
             dir.replace(&link.dn, &mods).await?;
         }
@@ -395,6 +412,62 @@ async fn rename(
         });
     }
     commit(idm, ops, &resource.name).await
+}
+
+/// Disables the account of `link` and keeps it (the `disable` policy). When
+/// its user is gone (`orphaned`), the shadow is unlinked as well.
+async fn disable(
+    idm: &IdmClient,
+    targets: &Pool,
+    resource: &ResourceConfig,
+    link: &Link,
+    orphaned: bool,
+) -> Result<(), Failure> {
+    let Some(d) = &resource.disable else {
+        return Err(Failure::Permanent(format!(
+            "resource {}: deprovision = \"disable\" needs its `disable` setting",
+            resource.name
+        )));
+    };
+    let changed = with_dir(targets, resource, async |dir| {
+        let Some(current) = dir.read(&link.dn).await? else {
+            return Ok(false);
+        };
+        let already = current
+            .attributes
+            .get(&d.attribute.to_ascii_lowercase())
+            .is_some_and(|v| v.iter().any(|x| x.eq_ignore_ascii_case(&d.value)));
+        if !already {
+            dir.replace(&link.dn, &[(d.attribute.clone(), vec![d.value.clone()])])
+                .await?;
+        }
+        Ok(!already)
+    })
+    .await?;
+    if changed {
+        tracing::info!(resource = %resource.name, dn = %link.dn, "account disabled and kept");
+    }
+    if orphaned
+        && let Some(shadow) = idm.get_shadow(&resource.name, &link.entry_uuid).await?
+        && shadow.focus_id.is_some()
+    {
+        let expected_version = shadow.version;
+        let unlinked = Shadow {
+            focus_id: None,
+            situation: "unlinked".into(),
+            ..shadow
+        };
+        commit(
+            idm,
+            vec![Op::PutShadow {
+                shadow: unlinked,
+                expected_version,
+            }],
+            &resource.name,
+        )
+        .await?;
+    }
+    Ok(())
 }
 
 async fn remove(
