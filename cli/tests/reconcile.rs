@@ -325,3 +325,61 @@ async fn unassigning_deprovisions_by_the_resources_policy() {
     .unwrap();
     env.d.shutdown().await.unwrap();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn password_hashes_travel_undecoded_and_the_target_accepts_them() {
+    // {SSHA} of "pieces of eight", made by slappasswd.
+    let output = std::process::Command::new("slappasswd")
+        .args(["-s", "pieces of eight", "-h", "{SSHA}"])
+        .output()
+        .unwrap();
+    let hash = String::from_utf8(output.stdout).unwrap().trim().to_owned();
+    assert!(hash.starts_with("{SSHA}"), "{hash}");
+    let config = EXAMPLE_CONFIG
+        .replace(
+            "[[resources.inbound]]\nsource = \"sn\"",
+            "[[resources.inbound]]\nsource = \"userPassword\"\ntarget = \"passwordHash\"\n\n[[resources.inbound]]\nsource = \"sn\"",
+        )
+        .replace(
+            "[[resources.outbound]]\nsource = \"familyName\"",
+            "[[resources.outbound]]\nsource = \"passwordHash\"\ntarget = \"userPassword\"\n\n[[resources.outbound]]\nsource = \"familyName\"",
+        );
+    assert!(config.contains("passwordHash\"\ntarget = \"userPassword"));
+    let env = start(&config).await;
+    let mut ldap = env.d.source.admin_conn().await.unwrap();
+    ldap.add(
+        &format!("uid=will,{}", idsync::dev::PEOPLE),
+        vec![
+            ("objectClass", HashSet::from(["inetOrgPerson"])),
+            ("uid", HashSet::from(["will"])),
+            ("cn", HashSet::from(["Will Turner"])),
+            ("sn", HashSet::from(["Turner"])),
+            ("userPassword", HashSet::from([hash.as_str()])),
+        ],
+    )
+    .await
+    .unwrap()
+    .success()
+    .unwrap();
+    let _ = ldap.unbind().await;
+    let will = env
+        .user_where("will", "provisioned", |u| u.link_to("acme").is_some())
+        .await;
+    assert_eq!(will.first("passwordHash"), Some(hash.as_str()), "not decoded");
+    // The target verifies the password against the hash it was given.
+    let mut target = ldap3::LdapConnAsync::new(env.d.target.url()).await.unwrap();
+    ldap3::drive!(target.0);
+    let bound = target
+        .1
+        .simple_bind(&format!("cn=will,{TARGET_SUFFIX}"), "pieces of eight")
+        .await
+        .unwrap();
+    assert_eq!(bound.rc, 0, "bind with the password on the target: {bound:?}");
+    let wrong = target
+        .1
+        .simple_bind(&format!("cn=will,{TARGET_SUFFIX}"), "wrong")
+        .await
+        .unwrap();
+    assert_eq!(wrong.rc, 49, "a wrong password is refused");
+    env.d.shutdown().await.unwrap();
+}
