@@ -365,7 +365,11 @@ async fn password_hashes_travel_undecoded_and_the_target_accepts_them() {
     let will = env
         .user_where("will", "provisioned", |u| u.link_to("acme").is_some())
         .await;
-    assert_eq!(will.first("passwordHash"), Some(hash.as_str()), "not decoded");
+    assert_eq!(
+        will.first("passwordHash"),
+        Some(hash.as_str()),
+        "not decoded"
+    );
     // The target verifies the password against the hash it was given.
     let mut target = ldap3::LdapConnAsync::new(env.d.target.url()).await.unwrap();
     ldap3::drive!(target.0);
@@ -374,7 +378,10 @@ async fn password_hashes_travel_undecoded_and_the_target_accepts_them() {
         .simple_bind(&format!("cn=will,{TARGET_SUFFIX}"), "pieces of eight")
         .await
         .unwrap();
-    assert_eq!(bound.rc, 0, "bind with the password on the target: {bound:?}");
+    assert_eq!(
+        bound.rc, 0,
+        "bind with the password on the target: {bound:?}"
+    );
     let wrong = target
         .1
         .simple_bind(&format!("cn=will,{TARGET_SUFFIX}"), "wrong")

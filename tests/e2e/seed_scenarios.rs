@@ -39,6 +39,7 @@ async fn modification_of_cn_reaches_the_idm_and_the_target() {
         e.is_some_and(|e| e["cn"] == set(&["jack", "cpt. Jack Sparrow"]))
     })
     .await;
+    env.assert_no_secret_logged();
     env.deployment.shutdown().await.unwrap();
 }
 
@@ -107,6 +108,7 @@ async fn creation_then_deletion_of_an_account() {
     // jack is untouched.
     env.user_where("jack", "still there", |u| links_to(u, "acme"))
         .await;
+    env.assert_no_secret_logged();
     env.deployment.shutdown().await.unwrap();
 }
 
@@ -219,5 +221,19 @@ async fn a_rename_at_the_source_renames_the_target_account() {
         "{}",
         shadow.dn
     );
+    env.deployment.shutdown().await.unwrap();
+}
+
+/// The secret search finds a secret that does reach the log.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_secret_search_would_find_a_leak() {
+    let env = start().await;
+    env.assert_no_secret_logged();
+    let admin = std::fs::read_to_string(env.deployment.dir.join("secrets/admin")).unwrap();
+    tracing::info!("deliberate leak for this test: {admin}");
+    let env = std::panic::AssertUnwindSafe(env);
+    let found = std::panic::catch_unwind(|| env.assert_no_secret_logged());
+    assert!(found.is_err(), "the leak was not found");
+    let std::panic::AssertUnwindSafe(env) = env;
     env.deployment.shutdown().await.unwrap();
 }
