@@ -323,7 +323,7 @@ impl Bus {
         delivery: Delivery,
         reason: &str,
     ) -> Result<(), BusError> {
-        let record = idsync_proto::v1::DeadLetter {
+        let mut record = idsync_proto::v1::DeadLetter {
             schema_version: idsync_proto::SCHEMA_VERSION,
             service: service.to_owned(),
             subject: delivery.subject().to_owned(),
@@ -332,6 +332,18 @@ impl Bus {
             payload: delivery.payload().to_vec(),
             parked_at_ms: now_ms(),
         };
+        // A message close to the server's limit does not fit with the
+        // record around it: park the reason, and say where the original is.
+        let limit = self.max_payload();
+        if limit > 0 && record.encoded_len() + 1024 > limit {
+            record.reason = format!(
+                "{reason} (the original, {} bytes, is too large to keep here: it is message {} of stream {})",
+                record.payload.len(),
+                delivery.stream_seq(),
+                delivery.stream()
+            );
+            record.payload.clear();
+        }
         let msg_id = format!(
             "dead:{service}:{}:{}",
             delivery.stream(),

@@ -248,6 +248,37 @@ async fn dead_letter_parks_payload_and_reason_and_terms_original() -> TestResult
 }
 
 #[tokio::test]
+async fn a_message_too_large_to_park_whole_is_parked_without_its_payload() -> TestResult {
+    let dir = tempfile::tempdir()?;
+    let nats = NatsServer::start_in_with(dir.path(), "64KB").await?;
+    let bus = Bus::connect(nats.url()).await?;
+    assert_eq!(bus.max_payload(), 64 * 1024);
+    let subject = names::decision_subject("hr", "ldap1");
+    let big = Bytes::from(vec![b'x'; 64 * 1024 - 200]);
+    let published = bus.publish_and_wait(&subject, "d-big", big).await?;
+    let mut deliveries = bus
+        .consume(names::DECISIONS_STREAM, names::APPLIER, None)
+        .await?;
+    let delivery = next_delivery(&mut deliveries).await;
+    bus.dead_letter(names::APPLIER, delivery, "cannot decode decision")
+        .await?;
+    let parked = bus.peek(names::DEAD_STREAM, 1, 10).await?;
+    let record = idsync_proto::v1::DeadLetter::decode(parked[0].payload.as_ref())?;
+    assert!(record.payload.is_empty());
+    assert!(
+        record.reason.starts_with("cannot decode decision")
+            && record.reason.contains(&format!(
+                "message {} of stream {}",
+                published.stream_seq,
+                names::DECISIONS_STREAM
+            )),
+        "{}",
+        record.reason
+    );
+    Ok(())
+}
+
+#[tokio::test]
 async fn concurrent_connects_declare_once() -> TestResult {
     let nats = NatsServer::start().await?;
     let url = nats.url().to_owned();
