@@ -126,6 +126,11 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// Provisioning operations the provisioner gave up on.
+    Provisioning {
+        #[command(subcommand)]
+        command: ProvisioningCommand,
+    },
     /// The administrator credential.
     Admin {
         #[command(subcommand)]
@@ -146,6 +151,16 @@ enum Command {
         #[command(subcommand)]
         command: DevCommand,
     },
+}
+
+#[derive(Debug, Subcommand)]
+enum ProvisioningCommand {
+    /// Lists parked provisioning operations with their reasons.
+    Parked,
+    /// Provisions the user of a parked operation again (its current state).
+    Retry { seq: u64 },
+    /// Forgets a parked operation.
+    Drop { seq: u64 },
 }
 
 #[derive(Debug, Subcommand)]
@@ -254,6 +269,30 @@ async fn run(cli: Cli) -> Result<ExitCode> {
     let global = cli.global;
     match cli.command {
         Command::Sync { command } => agreements::run(&global, command).await,
+        Command::Provisioning { command } => {
+            let bus = idsync_bus::Bus::connect(&global.nats_url()?).await?;
+            match command {
+                ProvisioningCommand::Parked => {
+                    let parked = idsync::sync::parked_provisioning(&bus).await?;
+                    if parked.is_empty() {
+                        println!("no parked provisioning");
+                    }
+                    for p in parked {
+                        println!("{}  user {}\n    {}", p.seq, p.focus_id, p.reason);
+                    }
+                }
+                ProvisioningCommand::Retry { seq } => {
+                    let (idm, _) = global.admin()?;
+                    idsync::sync::retry_provisioning(&bus, &idm, seq).await?;
+                    println!("provisioning {seq} sent again");
+                }
+                ProvisioningCommand::Drop { seq } => {
+                    idsync::sync::drop_provisioning(&bus, seq).await?;
+                    println!("provisioning {seq} dropped");
+                }
+            }
+            Ok(ExitCode::SUCCESS)
+        }
         Command::Reconcile {
             resource,
             rate,

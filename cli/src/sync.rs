@@ -319,3 +319,81 @@ async fn find(config: &Config, bus: &Bus, agreement: &str, seq: u64) -> Result<P
         .find(|p| p.seq == seq)
         .with_context(|| format!("agreement {agreement:?} has no parked message {seq}"))
 }
+
+/// A provisioning the provisioner gave up on, with its reason.
+#[derive(Debug, Clone)]
+pub struct ParkedProvisioning {
+    /// Sequence in the dead-letter stream: what `retry` and `drop` take.
+    pub seq: u64,
+    pub focus_id: String,
+    pub reason: String,
+    pub parked_at_ms: i64,
+}
+
+/// Every provisioning the provisioner parked.
+///
+/// # Errors
+/// NATS cannot be reached.
+pub async fn parked_provisioning(bus: &Bus) -> Result<Vec<ParkedProvisioning>> {
+    let mut out = Vec::new();
+    for m in bus.peek(names::DEAD_STREAM, 1, usize::MAX).await? {
+        let Ok(letter) = v1::DeadLetter::decode(m.payload.as_ref()) else {
+            continue;
+        };
+        if letter.service != names::PROVISIONER {
+            continue;
+        }
+        let focus_id = v1::FocusChange::decode(letter.payload.as_slice())
+            .map(|c| c.focus_id)
+            .unwrap_or_default();
+        out.push(ParkedProvisioning {
+            seq: m.stream_seq,
+            focus_id,
+            reason: letter.reason,
+            parked_at_ms: letter.parked_at_ms,
+        });
+    }
+    Ok(out)
+}
+
+/// Provisions the user of parked operation `seq` again, from its current
+/// state, and removes the parked operation.
+///
+/// # Errors
+/// No such parked operation, or NATS or the IDM fails.
+pub async fn retry_provisioning(bus: &Bus, idm: &IdmClient, seq: u64) -> Result<()> {
+    let parked = parked_provisioning(bus)
+        .await?
+        .into_iter()
+        .find(|p| p.seq == seq)
+        .with_context(|| format!("no parked provisioning {seq}"))?;
+    let focus = idm.get_focus(&parked.focus_id).await?;
+    let change = v1::FocusChange {
+        schema_version: idsync_proto::SCHEMA_VERSION,
+        outbox_seq: 0,
+        focus_id: parked.focus_id.clone(),
+        deleted: focus.is_none(),
+        focus: focus.map(Into::into),
+        origin_resource: String::new(),
+    };
+    bus.publish_and_wait(
+        names::FOCUS_SUBJECT,
+        &format!("retry-provisioning:{seq}"),
+        change.encode_to_vec().into(),
+    )
+    .await?;
+    bus.delete_message(names::DEAD_STREAM, seq).await?;
+    Ok(())
+}
+
+/// Forgets parked operation `seq`.
+///
+/// # Errors
+/// No such parked operation, or NATS fails.
+pub async fn drop_provisioning(bus: &Bus, seq: u64) -> Result<()> {
+    if !parked_provisioning(bus).await?.iter().any(|p| p.seq == seq) {
+        bail!("no parked provisioning {seq}");
+    }
+    bus.delete_message(names::DEAD_STREAM, seq).await?;
+    Ok(())
+}

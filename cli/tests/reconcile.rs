@@ -390,3 +390,42 @@ async fn password_hashes_travel_undecoded_and_the_target_accepts_them() {
     assert_eq!(wrong.rc, 49, "a wrong password is refused");
     env.d.shutdown().await.unwrap();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_provisioning_that_keeps_failing_is_parked_and_retried_from_the_cli() {
+    let mut env = start(&format!(
+        "{EXAMPLE_CONFIG}\n[provisioning]\nmax_attempts = 3\n"
+    ))
+    .await;
+    assert_eq!(env.d.config.provisioning.max_attempts, 3);
+    env.user_where("jack", "provisioned", |u| u.link_to("acme").is_some())
+        .await;
+    env.d.target.stop().await.unwrap();
+    add_person(&env.d.source, "will", "Will Turner").await;
+    let will = env.user_where("will", "synced", |_| true).await;
+    let parked = eventually("will's provisioning parked", WAIT, || async {
+        let out = env.ok(&["provisioning", "parked"]).await;
+        Ok(out.contains(&will.id).then_some(out))
+    })
+    .await
+    .unwrap();
+    assert!(parked.contains("gave up after 3 attempts"), "{parked}");
+    assert!(parked.contains("acme"), "names the resource: {parked}");
+    let seq = parked.split_whitespace().next().unwrap().to_owned();
+
+    env.d.target.restart().await.unwrap();
+    env.ok(&["provisioning", "retry", &seq]).await;
+    env.user_where("will", "provisioned after the retry", |u| {
+        u.link_to("acme").is_some()
+    })
+    .await;
+    let out = env.ok(&["provisioning", "parked"]).await;
+    assert!(out.contains("no parked provisioning"), "{out}");
+    let dropped = env.cli(&["provisioning", "drop", &seq]).await;
+    assert!(
+        !dropped.status.success(),
+        "already gone: {}",
+        text(&dropped)
+    );
+    env.d.shutdown().await.unwrap();
+}

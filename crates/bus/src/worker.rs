@@ -141,8 +141,26 @@ where
     }
 }
 
-/// Backoff for the `delivered`-th attempt: 200 ms doubling up to 30 s.
+/// Backoff for the `delivered`-th attempt: 200 ms doubling up to 30 s, less
+/// up to a fifth at random, so that replicas retrying together spread out.
 pub fn backoff(delivered: u64) -> Duration {
     let exp = delivered.saturating_sub(1).min(8) as u32;
-    (Duration::from_millis(200) * 2u32.pow(exp)).min(Duration::from_secs(30))
+    let full = (Duration::from_millis(200) * 2u32.pow(exp)).min(Duration::from_secs(30));
+    let noise = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.subsec_nanos());
+    full - full.mul_f64(f64::from(noise % 1000) / 5000.0)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn backoff_doubles_to_thirty_seconds_with_jitter_below() {
+        for (attempt, full) in [(1, 200), (2, 400), (3, 800), (20, 30_000)] {
+            let d = backoff(attempt).as_millis() as u64;
+            assert!(d <= full && d >= full * 4 / 5, "attempt {attempt}: {d} ms");
+        }
+    }
 }

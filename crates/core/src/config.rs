@@ -27,6 +27,31 @@ pub struct Config {
     /// write to the IDM. Each is created in the IDM with `idsync sync create`.
     #[serde(default)]
     pub agreements: BTreeMap<String, AgreementConfig>,
+    #[serde(default)]
+    pub provisioning: ProvisioningConfig,
+}
+
+/// How the provisioner deals with targets that refuse or cannot be reached.
+#[derive(Debug, Clone, Deserialize, Serialize, PartialEq, Eq, schemars::JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct ProvisioningConfig {
+    /// Attempts at a user's accounts before the operation is parked with its
+    /// reason (`idsync provisioning parked | retry | drop`). Retries back off
+    /// exponentially, with jitter, from 200 ms to 30 s.
+    #[serde(default = "default_max_attempts")]
+    pub max_attempts: u64,
+}
+
+impl Default for ProvisioningConfig {
+    fn default() -> Self {
+        Self {
+            max_attempts: default_max_attempts(),
+        }
+    }
+}
+
+fn default_max_attempts() -> u64 {
+    20
 }
 
 /// A sync agreement as the services run it. The IDM holds the agreement
@@ -669,6 +694,12 @@ impl Config {
                     );
                 }
             }
+        }
+        if self.provisioning.max_attempts == 0 {
+            err(
+                "provisioning.max_attempts".into(),
+                "must be at least 1".into(),
+            );
         }
         if self.idm.admin_token_file.is_some() && self.idm.admin_token_env.is_some() {
             err(

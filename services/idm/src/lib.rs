@@ -103,8 +103,21 @@ pub async fn run(config: Arc<Config>, shutdown: CancellationToken) -> Result<(),
     })?;
     let authority = Authority::from_config(&config)?;
     let store = open_store(Path::new(&config.idm.data_dir)).await?;
-    status::start(&config, &store, &shutdown).await?;
-    serve(store, authority, addr, config.nats.url.clone(), shutdown).await
+    let listeners = status::start(&config, &store, &shutdown).await?;
+    let result = serve(
+        store,
+        authority,
+        addr,
+        config.nats.url.clone(),
+        shutdown.clone(),
+    )
+    .await;
+    // The status listeners close before the service returns.
+    shutdown.cancel();
+    for task in listeners {
+        let _ = task.await;
+    }
+    result
 }
 
 async fn open_store(dir: &Path) -> Result<Store, Error> {

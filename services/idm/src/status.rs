@@ -15,7 +15,9 @@ use tokio_util::sync::CancellationToken;
 use crate::Error;
 
 /// Binds every configured listener now (so a taken port fails the start),
-/// then serves them until `shutdown`.
+/// then serves them until `shutdown`. The returned tasks end, and their
+/// listeners close, once `shutdown` is cancelled: await them before the
+/// service returns, so that a restart finds its ports free.
 ///
 /// # Errors
 /// An address cannot be bound.
@@ -23,26 +25,31 @@ pub(crate) async fn start(
     config: &Config,
     store: &Store,
     shutdown: &CancellationToken,
-) -> Result<(), Error> {
+) -> Result<Vec<tokio::task::JoinHandle<()>>, Error> {
+    let mut tasks = Vec::new();
     for (name, agreement) in &config.agreements {
         let Some(bind) = &agreement.status_bind else {
             continue;
         };
         let listener = bind_to(bind, &format!("agreements.{name}.status_bind")).await?;
         tracing::info!(agreement = %name, addr = %bind, "status listener");
-        tokio::spawn(serve_word(
+        tasks.push(tokio::spawn(serve_word(
             listener,
             store.clone(),
             name.clone(),
             shutdown.clone(),
-        ));
+        )));
     }
     if let Some(bind) = &config.idm.http_bind {
         let listener = bind_to(bind, "idm.http_bind").await?;
         tracing::info!(addr = %bind, "status over HTTP");
-        tokio::spawn(serve_http(listener, store.clone(), shutdown.clone()));
+        tasks.push(tokio::spawn(serve_http(
+            listener,
+            store.clone(),
+            shutdown.clone(),
+        )));
     }
-    Ok(())
+    Ok(tasks)
 }
 
 async fn bind_to(bind: &str, field: &str) -> Result<TcpListener, Error> {

@@ -107,6 +107,12 @@ async fn handle(config: &Config, idm: &IdmClient, targets: &Pool, msg: Message) 
     };
     match result {
         Ok(()) => Handling::Done,
+        Err(Failure::Transient(reason)) if msg.delivered >= config.provisioning.max_attempts => {
+            Handling::Poison(format!(
+                "focus {}: gave up after {} attempts: {reason}",
+                change.focus_id, msg.delivered
+            ))
+        }
         Err(Failure::Transient(reason)) => Handling::Retry {
             delay: backoff(msg.delivered),
             reason,
