@@ -320,14 +320,7 @@ async fn run(cli: Cli) -> Result<ExitCode> {
             focus.attributes.insert("name".into(), vec![name.clone()]);
             apply_values(&mut focus, &set)?;
             let id = focus.id.clone();
-            client
-                .commit(
-                    vec![idsync_core::model::Op::PutFocus {
-                        focus,
-                        expected_version: 0,
-                    }],
-                    "",
-                )
+            put_user(&client, focus, 0)
                 .await
                 .with_context(|| format!("cannot create user {name:?}"))?;
             println!("created user {name} (id {id})");
@@ -340,14 +333,7 @@ async fn run(cli: Cli) -> Result<ExitCode> {
             let mut focus = find_user(&client, &user).await?;
             let expected_version = focus.version;
             apply_values(&mut focus, &values)?;
-            client
-                .commit(
-                    vec![idsync_core::model::Op::PutFocus {
-                        focus,
-                        expected_version,
-                    }],
-                    "",
-                )
+            put_user(&client, focus, expected_version)
                 .await
                 .with_context(|| format!("cannot change user {user:?}"))?;
             println!("user {user} changed");
@@ -373,14 +359,7 @@ async fn run(cli: Cli) -> Result<ExitCode> {
                 resource: resource.clone(),
                 source: "manual".into(),
             });
-            client
-                .commit(
-                    vec![idsync_core::model::Op::PutFocus {
-                        focus,
-                        expected_version,
-                    }],
-                    "",
-                )
+            put_user(&client, focus, expected_version)
                 .await
                 .with_context(|| format!("cannot assign {resource} to {user:?}"))?;
             println!("user {user} assigned {resource}");
@@ -398,14 +377,7 @@ async fn run(cli: Cli) -> Result<ExitCode> {
                 println!("user {user} has no assignment to {resource}");
                 return Ok(ExitCode::SUCCESS);
             }
-            client
-                .commit(
-                    vec![idsync_core::model::Op::PutFocus {
-                        focus,
-                        expected_version,
-                    }],
-                    "",
-                )
+            put_user(&client, focus, expected_version)
                 .await
                 .with_context(|| format!("cannot unassign {resource} from {user:?}"))?;
             println!("user {user} no longer assigned {resource}");
@@ -689,6 +661,19 @@ fn apply_values(focus: &mut Focus, settings: &[String]) -> Result<()> {
         }
     }
     Ok(())
+}
+
+/// Stores `focus` as the administrator, if it is still at `expected_version`.
+async fn put_user(
+    client: &IdmClient,
+    focus: Focus,
+    expected_version: u64,
+) -> Result<(), idsync_idm_client::IdmError> {
+    let op = idsync_core::model::Op::PutFocus {
+        focus,
+        expected_version,
+    };
+    client.commit(vec![op], "").await.map(drop)
 }
 
 /// A user by id, else by name.

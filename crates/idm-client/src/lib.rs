@@ -204,6 +204,20 @@ impl IdmClient {
     }
 
     /// Every shadow of `resource`, page by page.
+    /// The shadows of `entry_uuids` on `resource` that exist (at most 1,000 a call).
+    pub async fn get_shadows(
+        &self,
+        resource: &str,
+        entry_uuids: Vec<String>,
+    ) -> Result<Vec<Shadow>, IdmError> {
+        let req = v1::GetShadowsRequest {
+            resource: resource.to_owned(),
+            entry_uuids,
+        };
+        let list = self.raw.clone().get_shadows(req).await?.into_inner();
+        Ok(list.items.into_iter().map(Shadow::from).collect())
+    }
+
     /// How many live shadows `resource` has.
     pub async fn live_shadows(&self, resource: &str) -> Result<u64, IdmError> {
         let req = v1::CountShadowsRequest {

@@ -359,6 +359,32 @@ mod tests {
     const EXAMPLE: &str = include_str!("../../../deploy/local/idsync.toml");
 
     #[test]
+    fn a_missing_sync_token_names_the_agreement_and_the_file_not_the_token() {
+        let mut config = parse_config(EXAMPLE, "idsync.toml").unwrap();
+        let hr = config.agreements.get_mut("hr").unwrap();
+        hr.token_env = None;
+        hr.token_file = Some("/nonexistent/hr.token".into());
+        let err = agreement_clients(&config).unwrap_err().to_string();
+        assert!(
+            err.contains("agreement \"hr\": sync token")
+                && err.contains("token_file /nonexistent/hr.token"),
+            "{err}"
+        );
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("hr.token");
+        std::fs::write(&file, "idsync1.secret-token-value\n").unwrap();
+        config.agreements.get_mut("hr").unwrap().token_file = Some(file.display().to_string());
+        let token = agreement_token(&config, "hr").unwrap();
+        assert_eq!(token.expose(), "idsync1.secret-token-value");
+        assert!(!format!("{token:?} {token}").contains("secret-token"));
+        let err = agreement_token(&config, "crm").unwrap_err().to_string();
+        assert!(
+            err.contains("agreement \"crm\"") && err.contains("not in [agreements]"),
+            "{err}"
+        );
+    }
+
+    #[test]
     fn parse_errors_name_the_file_and_line() {
         let text = EXAMPLE.replace("live_sync = true", "live_sync = yes");
         let err = parse_config(&text, "idsync.toml").unwrap_err().to_string();

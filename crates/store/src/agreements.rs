@@ -1,6 +1,8 @@
 //! Sync agreements: their records, tokens, status, and their end (finalise
 //! or terminate).
 
+use std::collections::HashMap;
+
 use redb::{ReadableDatabase, ReadableTable};
 
 use idsync_proto::v1;
@@ -8,6 +10,16 @@ use idsync_proto::v1;
 use crate::commit::{Principal, Tables};
 use crate::token::{self, Claims, TokenError};
 use crate::{AGREEMENT, SHADOW, SYNC_CHILD, Store, StoreError, db, decode, load, now_ms};
+
+/// Tokens already checked against their agreement's record.
+#[derive(Debug, Default)]
+pub(crate) struct Verified {
+    /// Bumped by every change that can revoke a token, so that a check that
+    /// read the record before such a change does not cache its answer after it.
+    generation: u64,
+    /// Token hash → agreement.
+    tokens: HashMap<Vec<u8>, String>,
+}
 
 /// The origin recorded on focus changes that an agreement's end causes.
 const ORIGIN: &str = "";
@@ -101,9 +113,7 @@ impl Store {
     }
 
     pub fn get_agreement(&self, name: &str) -> Result<Option<v1::Agreement>, StoreError> {
-        let txn = self.db.begin_read().map_err(db)?;
-        let table = txn.open_table(AGREEMENT).map_err(db)?;
-        let Some(mut a) = load::<v1::Agreement>(&table, name)? else {
+        let Some(mut a) = self.agreement_record(name)? else {
             return Ok(None);
         };
         a.entries = self.count_entries(name)?;
@@ -178,7 +188,7 @@ impl Store {
         name: &str,
         label: Option<&str>,
     ) -> Result<v1::Agreement, StoreError> {
-        self.update_agreement(name, |a| {
+        let a = self.update_agreement(name, |a| {
             match label {
                 None => a.tokens.clear(),
                 Some(label) => {
@@ -192,7 +202,9 @@ impl Store {
                 }
             }
             Ok(())
-        })
+        })?;
+        self.forget_verified();
+        Ok(a)
     }
 
     /// Replaces the attributes agreement `name` yields to the IDM.
@@ -305,7 +317,7 @@ impl Store {
     /// entries were released.
     pub fn finalise_agreement(&self, name: &str) -> Result<u64, StoreError> {
         let ids = self.children(name)?;
-        self.write(|t| {
+        let released = self.write(|t| {
             t.agreement(name)?.ok_or_else(|| StoreError::NoAgreement {
                 name: name.to_owned(),
             })?;
@@ -323,7 +335,9 @@ impl Store {
             }
             t.agreements.remove(name).map_err(db)?;
             Ok(released)
-        })
+        })?;
+        self.forget_verified();
+        Ok(released)
     }
 
     /// Ends agreement `name`, deleting every entry it created and the shadows
@@ -346,7 +360,7 @@ impl Store {
                 }
             }
         }
-        self.write(|t| {
+        let deleted = self.write(|t| {
             t.agreement(name)?.ok_or_else(|| StoreError::NoAgreement {
                 name: name.to_owned(),
             })?;
@@ -370,7 +384,9 @@ impl Store {
             }
             t.agreements.remove(name).map_err(db)?;
             Ok(deleted)
-        })
+        })?;
+        self.forget_verified();
+        Ok(deleted)
     }
 
     /// Who presents `credential`: a sync token of an existing agreement whose
@@ -380,20 +396,29 @@ impl Store {
     /// Why the token is refused; never the token itself.
     pub fn authenticate(&self, credential: &str) -> Result<Principal, TokenError> {
         let claims = token::verify(&self.token_key, credential)?;
+        let hash = token::hash(credential);
+        let generation = {
+            let cache = self.verified_cache();
+            if let Some(agreement) = cache.tokens.get(&hash) {
+                return Ok(Principal::Agreement(agreement.clone()));
+            }
+            cache.generation
+        };
         let record = self
-            .get_agreement_record(&claims.agreement)
-            .map_err(|_| TokenError::NoAgreement {
-                agreement: claims.agreement.clone(),
-            })?
+            .agreement_record(&claims.agreement)
+            .map_err(|e| TokenError::Unavailable(e.to_string()))?
             .ok_or_else(|| TokenError::NoAgreement {
                 agreement: claims.agreement.clone(),
             })?;
-        let hash = token::hash(credential);
         if record
             .tokens
             .iter()
             .any(|t| t.id == claims.id && t.hash == hash)
         {
+            let mut cache = self.verified_cache();
+            if cache.generation == generation {
+                cache.tokens.insert(hash, claims.agreement.clone());
+            }
             Ok(Principal::Agreement(claims.agreement))
         } else {
             Err(TokenError::Revoked {
@@ -403,7 +428,23 @@ impl Store {
         }
     }
 
-    fn get_agreement_record(&self, name: &str) -> Result<Option<v1::Agreement>, StoreError> {
+    fn verified_cache(&self) -> std::sync::MutexGuard<'_, Verified> {
+        // A poisoned lock only means a panic elsewhere; the map is still whole.
+        self.verified
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    /// Forgets every verified token; called after any change that can revoke one.
+    fn forget_verified(&self) {
+        let mut cache = self.verified_cache();
+        cache.generation += 1;
+        cache.tokens.clear();
+    }
+
+    /// Agreement `name` as stored, without counting its entries (cheap: for
+    /// status checks and authentication).
+    pub fn agreement_record(&self, name: &str) -> Result<Option<v1::Agreement>, StoreError> {
         let txn = self.db.begin_read().map_err(db)?;
         let table = txn.open_table(AGREEMENT).map_err(db)?;
         load(&table, name)
@@ -815,6 +856,7 @@ mod tests {
             .unwrap();
         s.commit(&delete("u2", 1), "hr", &hr).unwrap();
         let (token, _) = s.generate_token("hr", "t").unwrap();
+        assert!(s.authenticate(&token).is_ok(), "verified, and remembered");
         assert_eq!(s.finalise_agreement("hr").unwrap(), 1);
         assert!(s.get_agreement("hr").unwrap().is_none());
         assert!(s.authenticate(&token).is_err(), "the token ends with it");

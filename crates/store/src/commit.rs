@@ -407,16 +407,18 @@ fn changed_attributes<'a>(a: &'a v1::Focus, b: &'a v1::Focus) -> Vec<&'a str> {
         .collect()
 }
 
-/// Links of `f` to resources that `owner` does not write under.
-fn foreign_links<'a>(
+/// Links of `f` to resources that `owner` writes under (`owned`), or to
+/// the others, in a stable order for comparison.
+fn links_by_owner<'a>(
     f: &'a v1::Focus,
     owners: &BTreeMap<String, String>,
     owner: &str,
+    owned: bool,
 ) -> Vec<&'a v1::Link> {
     let mut links: Vec<&v1::Link> = f
         .links
         .iter()
-        .filter(|l| owners.get(&l.resource).map(String::as_str) != Some(owner))
+        .filter(|l| (owners.get(&l.resource).map(String::as_str) == Some(owner)) == owned)
         .collect();
     links.sort_by(|x, y| (&x.resource, &x.entry_uuid).cmp(&(&y.resource, &y.entry_uuid)));
     links
@@ -487,7 +489,9 @@ fn authorize_put(
                     object: describe(current),
                 });
             }
-            if foreign_links(current, &writer.owners, a) != foreign_links(next, &writer.owners, a) {
+            if links_by_owner(current, &writer.owners, a, false)
+                != links_by_owner(next, &writer.owners, a, false)
+            {
                 return Err(not_owned(
                     "links to accounts on resources outside the agreement are the IDM's".into(),
                 ));
@@ -514,8 +518,8 @@ fn authorize_put(
                 && current.status == next.status
                 && current.members == next.members
                 && current.pending_members == next.pending_members
-                && owned_links(current, &writer.owners, &owner)
-                    == owned_links(next, &writer.owners, &owner);
+                && links_by_owner(current, &writer.owners, &owner, true)
+                    == links_by_owner(next, &writer.owners, &owner, true);
             if !same {
                 return Err(not_owned(format!(
                     "its status, members and links to the agreement's accounts are the agreement's (yielded attributes: {shown})"
@@ -524,21 +528,6 @@ fn authorize_put(
         }
     }
     Ok(())
-}
-
-/// Links of `f` to resources that `owner` writes under.
-fn owned_links<'a>(
-    f: &'a v1::Focus,
-    owners: &BTreeMap<String, String>,
-    owner: &str,
-) -> Vec<&'a v1::Link> {
-    let mut links: Vec<&v1::Link> = f
-        .links
-        .iter()
-        .filter(|l| owners.get(&l.resource).map(String::as_str) == Some(owner))
-        .collect();
-    links.sort_by(|x, y| (&x.resource, &x.entry_uuid).cmp(&(&y.resource, &y.entry_uuid)));
-    links
 }
 
 fn authorize_delete(writer: &Writer, current: &v1::Focus) -> Result<(), StoreError> {

@@ -238,6 +238,10 @@ pub struct Store {
     instance: u64,
     /// Signs sync tokens; made when the store is created, never leaves it.
     token_key: Arc<[u8]>,
+    /// Hashes of tokens verified against their agreement's record → the
+    /// agreement: a hit needs no read. Every change that can revoke a token
+    /// (destroy, finalise, terminate) goes through this store and clears it.
+    verified: Arc<std::sync::Mutex<agreements::Verified>>,
 }
 
 impl Store {
@@ -317,6 +321,7 @@ impl Store {
             db: Arc::new(database),
             instance,
             token_key: token_key.into(),
+            verified: Arc::default(),
         })
     }
 
@@ -398,6 +403,21 @@ impl Store {
         let txn = self.db.begin_read().map_err(db)?;
         let table = txn.open_table(SHADOW).map_err(db)?;
         load(&table, &shadow_key(resource, entry_uuid))
+    }
+
+    /// The shadows of `entry_uuids` on `resource` that exist, in one read.
+    pub fn get_shadows(
+        &self,
+        resource: &str,
+        entry_uuids: &[String],
+    ) -> Result<Vec<v1::Shadow>, StoreError> {
+        let txn = self.db.begin_read().map_err(db)?;
+        let table = txn.open_table(SHADOW).map_err(db)?;
+        let mut out = Vec::with_capacity(entry_uuids.len());
+        for uuid in entry_uuids {
+            out.extend(load::<v1::Shadow>(&table, &shadow_key(resource, uuid))?);
+        }
+        Ok(out)
     }
 
     /// How many live shadows `resource` has.
@@ -562,6 +582,21 @@ mod tests {
                 expected_version: expected,
             })),
         }
+    }
+
+    #[test]
+    fn shadows_are_read_many_at_a_time_leaving_out_the_missing() {
+        let dir = tempfile::tempdir().unwrap();
+        let s = Store::open(dir.path()).unwrap();
+        s.commit(&[put_shadow("u1", 0)], "", &Writer::admin())
+            .unwrap();
+        s.commit(&[put_shadow("u2", 0)], "", &Writer::admin())
+            .unwrap();
+        let got = s
+            .get_shadows("hr", &["u2".into(), "nope".into(), "u1".into()])
+            .unwrap();
+        let uuids: Vec<_> = got.iter().map(|s| s.entry_uuid.as_str()).collect();
+        assert_eq!(uuids, ["u2", "u1"]);
     }
 
     #[test]

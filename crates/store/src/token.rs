@@ -35,10 +35,9 @@ pub enum TokenError {
     Revoked { agreement: String, id: String },
     #[error("the administrator credential does not match")]
     BadAdmin,
-    #[error(
-        "this IDM has no administrator credential configured (idm.admin_token_file or idm.admin_token_env)"
-    )]
-    NoAdmin,
+    /// The token could not be checked: the store failed.
+    #[error("the token could not be checked: {0}")]
+    Unavailable(String),
 }
 
 /// What a verified sync token says about itself.

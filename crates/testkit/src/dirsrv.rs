@@ -66,9 +66,9 @@ use tempfile::TempDir;
 use tokio::process::{Child, Command};
 use tokio::time::Instant;
 
-use crate::TestkitError;
 use crate::process::{log_len, log_stdio, log_tail, require_binary, run_tool, terminate};
 use crate::wait::free_port;
+use crate::{TestkitError, ldif};
 
 const NS_SLAPD: &str = "/usr/sbin/ns-slapd";
 const DSCREATE: &str = "/usr/sbin/dscreate";
@@ -850,7 +850,7 @@ fn set_attributes(ldif: &str, dn: &str, attrs: &[(&str, &str)]) -> Option<String
                 out.push('\n');
             }
             for (name, value) in attrs {
-                out.push_str(&ldif_line(name, value));
+                out.push_str(&ldif::line(name, value));
             }
         } else {
             out.push_str(entry.trim_end_matches('\n'));
@@ -884,42 +884,6 @@ fn attribute(ldif: &str, dn: &str, name: &str) -> Option<String> {
         attr.eq_ignore_ascii_case(name)
             .then(|| value.trim().to_owned())
     })
-}
-
-/// One LDIF attribute line, base64-encoded when the value is not a SAFE-STRING (RFC 2849).
-fn ldif_line(name: &str, value: &str) -> String {
-    let safe = value
-        .bytes()
-        .all(|b| b.is_ascii() && b != b'\0' && b != b'\n' && b != b'\r')
-        && !value.starts_with([' ', ':', '<'])
-        && !value.ends_with(' ');
-    if safe {
-        format!("{name}: {value}\n")
-    } else {
-        format!("{name}:: {}\n", base64(value.as_bytes()))
-    }
-}
-
-fn base64(bytes: &[u8]) -> String {
-    const ALPHABET: &[u8; 64] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
-    let mut out = String::with_capacity(bytes.len().div_ceil(3) * 4);
-    for chunk in bytes.chunks(3) {
-        let b = [
-            chunk.first().copied().unwrap_or(0),
-            chunk.get(1).copied().unwrap_or(0),
-            chunk.get(2).copied().unwrap_or(0),
-        ];
-        let n = (u32::from(b[0]) << 16) | (u32::from(b[1]) << 8) | u32::from(b[2]);
-        for (i, shift) in [18u32, 12, 6, 0].into_iter().enumerate() {
-            if i <= chunk.len() {
-                let index = ((n >> shift) & 0x3f) as usize;
-                out.push(char::from(ALPHABET.get(index).copied().unwrap_or(b'=')));
-            } else {
-                out.push('=');
-            }
-        }
-    }
-    out
 }
 
 #[cfg(test)]
@@ -990,7 +954,6 @@ mod tests {
             "dn: cn=Other,cn=config\ncn: Other\nnsslapd-pluginenabled: on\na:: IHg=\na: y\n\n"
         );
         assert_eq!(remove_entry(&ldif, "cn=missing"), None);
-        assert_eq!(base64(b"foob"), "Zm9vYg==");
         assert_ne!(fnv1a(&[b"ab", b"c"]), fnv1a(&[b"a", b"bc"]));
     }
 

@@ -5,6 +5,7 @@
 
 pub mod dirsrv;
 mod error;
+mod ldif;
 mod nats;
 mod process;
 mod slapd;

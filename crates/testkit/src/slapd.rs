@@ -10,9 +10,9 @@ use tempfile::TempDir;
 use tokio::process::{Child, Command};
 use tokio::time::Instant;
 
-use crate::TestkitError;
 use crate::process::{log_len, log_stdio, log_tail, require_binary, run_tool, terminate};
 use crate::wait::free_port;
+use crate::{TestkitError, ldif};
 
 const SLAPD: &str = "/usr/sbin/slapd";
 const SLAPADD: &str = "/usr/sbin/slapadd";
@@ -570,20 +570,20 @@ async fn config_ldif_text(dir: &Path, opts: &SlapdOptions) -> Result<String, Tes
     let mut out = String::new();
 
     out.push_str("dn: cn=config\nobjectClass: olcGlobal\ncn: config\n");
-    out.push_str(&attr("olcPidFile", &path(PID_FILE)));
-    out.push_str(&attr("olcArgsFile", &path("slapd.args")));
+    out.push_str(&ldif::line("olcPidFile", &path(PID_FILE)));
+    out.push_str(&ldif::line("olcArgsFile", &path("slapd.args")));
     out.push_str("olcSizeLimit: unlimited\n");
     let tls = dir.join(TLS_DIR);
     if tls.join("server.pem").exists() {
         let file = |name: &str| tls.join(name).display().to_string();
-        out.push_str(&attr("olcTLSCACertificateFile", &file("ca.pem")));
-        out.push_str(&attr("olcTLSCertificateFile", &file("server.pem")));
-        out.push_str(&attr("olcTLSCertificateKeyFile", &file("server.key")));
+        out.push_str(&ldif::line("olcTLSCACertificateFile", &file("ca.pem")));
+        out.push_str(&ldif::line("olcTLSCertificateFile", &file("server.pem")));
+        out.push_str(&ldif::line("olcTLSCertificateKeyFile", &file("server.key")));
     }
     out.push('\n');
 
     out.push_str("dn: cn=module{0},cn=config\nobjectClass: olcModuleList\ncn: module{0}\n");
-    out.push_str(&attr("olcModulePath", MODULE_DIR));
+    out.push_str(&ldif::line("olcModulePath", MODULE_DIR));
     out.push_str("olcModuleLoad: back_mdb\nolcModuleLoad: syncprov\n\n");
 
     out.push_str("dn: cn=schema,cn=config\nobjectClass: olcSchemaConfig\ncn: schema\n\n");
@@ -621,10 +621,10 @@ async fn config_ldif_text(dir: &Path, opts: &SlapdOptions) -> Result<String, Tes
          objectClass: olcMdbConfig\n\
          olcDatabase: {1}mdb\n",
     );
-    out.push_str(&attr("olcSuffix", &opts.suffix));
-    out.push_str(&attr("olcRootDN", &admin));
-    out.push_str(&attr("olcRootPW", &opts.admin_password));
-    out.push_str(&attr("olcDbDirectory", &path(DATA_DIR)));
+    out.push_str(&ldif::line("olcSuffix", &opts.suffix));
+    out.push_str(&ldif::line("olcRootDN", &admin));
+    out.push_str(&ldif::line("olcRootPW", &opts.admin_password));
+    out.push_str(&ldif::line("olcDbDirectory", &path(DATA_DIR)));
     out.push_str(
         "olcDbNoSync: TRUE\n\
          olcDbMaxSize: 4294967296\n\
@@ -633,7 +633,7 @@ async fn config_ldif_text(dir: &Path, opts: &SlapdOptions) -> Result<String, Tes
          olcSizeLimit: unlimited\n\
          olcTimeLimit: unlimited\n",
     );
-    out.push_str(&attr(
+    out.push_str(&ldif::line(
         "olcLimits",
         &format!("dn.exact=\"{admin}\" size=unlimited time=unlimited"),
     ));
@@ -650,42 +650,6 @@ async fn config_ldif_text(dir: &Path, opts: &SlapdOptions) -> Result<String, Tes
         out.push_str("olcSpSessionlog: 10000\n");
     }
     Ok(out)
-}
-
-/// One LDIF attribute line, base64-encoded when the value is not a SAFE-STRING (RFC 2849).
-fn attr(name: &str, value: &str) -> String {
-    let safe = value
-        .bytes()
-        .all(|b| b.is_ascii() && b != b'\0' && b != b'\n' && b != b'\r')
-        && !value.starts_with([' ', ':', '<'])
-        && !value.ends_with(' ');
-    if safe {
-        format!("{name}: {value}\n")
-    } else {
-        format!("{name}:: {}\n", base64(value.as_bytes()))
-    }
-}
-
-fn base64(bytes: &[u8]) -> String {
-    const ALPHABET: &[u8; 64] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
-    let mut out = String::with_capacity(bytes.len().div_ceil(3) * 4);
-    for chunk in bytes.chunks(3) {
-        let b = [
-            chunk.first().copied().unwrap_or(0),
-            chunk.get(1).copied().unwrap_or(0),
-            chunk.get(2).copied().unwrap_or(0),
-        ];
-        let n = (u32::from(b[0]) << 16) | (u32::from(b[1]) << 8) | u32::from(b[2]);
-        for (i, shift) in [18u32, 12, 6, 0].into_iter().enumerate() {
-            if i <= chunk.len() {
-                let index = ((n >> shift) & 0x3f) as usize;
-                out.push(char::from(ALPHABET.get(index).copied().unwrap_or(b'=')));
-            } else {
-                out.push('=');
-            }
-        }
-    }
-    out
 }
 
 #[cfg(test)]
@@ -757,16 +721,6 @@ mod tests {
         .success()
         .unwrap();
         ldap.unbind().await.unwrap();
-    }
-
-    #[test]
-    fn ldif_values_are_encoded_when_unsafe() {
-        assert_eq!(attr("a", "plain value"), "a: plain value\n");
-        assert_eq!(attr("a", " x"), "a:: IHg=\n");
-        assert_eq!(attr("a", "é"), "a:: w6k=\n");
-        assert_eq!(base64(b"foobar"), "Zm9vYmFy");
-        assert_eq!(base64(b"fooba"), "Zm9vYmE=");
-        assert_eq!(base64(b"foob"), "Zm9vYg==");
     }
 
     #[tokio::test]

@@ -40,8 +40,9 @@ pub enum Error {
 /// # Errors
 /// NATS cannot be reached at start, a token cannot be read, or the IDM URL is malformed.
 pub async fn run(config: Arc<Config>, shutdown: CancellationToken) -> Result<(), Error> {
-    let bus = Bus::connect(&config.nats.url).await?;
+    // Tokens first: a missing one is a configuration error, named at once.
     let clients = idsync_runtime::agreement_clients(&config)?;
+    let bus = Bus::connect(&config.nats.url).await?;
     // Connections only to resources whose reactions act on their accounts.
     let mut accounts = Pool::new();
     for r in &config.resources {

@@ -32,9 +32,10 @@ pub enum Error {
 /// # Errors
 /// NATS cannot be reached at start, or the IDM URL is malformed.
 pub async fn run(config: Arc<Config>, shutdown: CancellationToken) -> Result<(), Error> {
-    let bus = Bus::connect(&config.nats.url).await?;
-    // Each agreement's entries are read with that agreement's token.
+    // Each agreement's entries are read with that agreement's token; a
+    // missing one is a configuration error, named before anything connects.
     let clients = idsync_runtime::agreement_clients(&config)?;
+    let bus = Bus::connect(&config.nats.url).await?;
     let source = Source {
         service: SERVICE,
         stream: names::CHANGES_STREAM,

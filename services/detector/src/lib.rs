@@ -541,7 +541,7 @@ async fn session(
                     out.commit(cookie.as_deref()).await?;
                 }
                 out.refresh = None;
-                tracing::info!(resource = %resource.resource, events = out.published, "refresh done");
+                tracing::info!(resource = %resource.resource, events = out.published, too_large = out.skipped, "refresh done");
             }
             SyncMessage::Cookie(cookie) => {
                 hold_or_commit(&mut out, &mut refreshing, Some(cookie)).await?;

@@ -313,7 +313,7 @@ pub async fn reconcile(
                     }
                 }
                 if is_target {
-                    target_page(config, resource, bus, idm, &conn, batch, &mut progress).await?;
+                    target_page(resource, bus, idm, &conn, batch, &mut progress).await?;
                 } else {
                     source_page(config, scope, idm, &mut out, batch, &mut progress).await?;
                 }
@@ -361,6 +361,8 @@ pub async fn reconcile(
             }
         }
         out.commit(None).await?;
+        // Entries too large for the bus were refused (each logged).
+        progress.errors += out.skipped;
     }
     progress.elapsed = started.elapsed();
     report(&progress);
@@ -430,28 +432,24 @@ fn kind_of(scope: &SyncScope) -> ObjectType {
     }
 }
 
-/// The shadows of a page's entries, read concurrently.
+/// The shadows of a page's entries, in one call.
 async fn shadows_of(
     idm: &IdmClient,
     resource: &str,
     batch: &[ScannedEntry],
 ) -> Result<HashMap<String, Shadow>, ReconcileError> {
-    let reads = batch
-        .iter()
-        .map(|e| async move { idm.get_shadow(resource, &e.entry_uuid).await });
-    let mut out = HashMap::with_capacity(batch.len());
-    for shadow in futures::future::join_all(reads).await {
-        if let Some(s) = shadow? {
-            out.insert(s.entry_uuid.clone(), s);
-        }
-    }
-    Ok(out)
+    let uuids = batch.iter().map(|e| e.entry_uuid.clone()).collect();
+    Ok(idm
+        .get_shadows(resource, uuids)
+        .await?
+        .into_iter()
+        .map(|s| (s.entry_uuid.clone(), s))
+        .collect())
 }
 
 /// Target accounts: linked ones have their user provisioned again (drift is
 /// put back); the others are orphans, handled by the `unmatched` reaction.
 async fn target_page(
-    config: &Config,
     resource: &ResourceConfig,
     bus: &Bus,
     idm: &IdmClient,
@@ -504,7 +502,6 @@ async fn target_page(
             _ => {}
         }
     }
-    let _ = config;
     Ok(())
 }
 

@@ -224,6 +224,9 @@ impl IdmService {
     /// the credential.
     fn principal<T>(&self, req: &Request<T>) -> Result<Principal, Status> {
         let refuse = |e: TokenError| {
+            if let TokenError::Unavailable(_) = e {
+                return Status::unavailable(e.to_string());
+            }
             tracing::warn!(reason = %e, "refused a credential");
             Status::unauthenticated(e.to_string())
         };
@@ -240,6 +243,8 @@ impl IdmService {
             return Err(refuse(TokenError::Missing));
         }
         if credential.starts_with(&format!("{}.", token::SYNC_PREFIX)) {
+            // A token seen before is answered from memory; only its first use
+            // reads the store (briefly, on this thread).
             return self.store.authenticate(credential).map_err(refuse);
         }
         if self.authority.admin.matches(credential) {
@@ -358,6 +363,24 @@ impl Idm for IdmService {
         let limit = (r.limit as usize).clamp(1, MAX_PAGE);
         let items = self
             .blocking(move |s| s.list_shadows(&r.resource, &r.after_entry_uuid, limit))
+            .await?;
+        Ok(Response::new(v1::ShadowList { items }))
+    }
+
+    async fn get_shadows(
+        &self,
+        req: Request<v1::GetShadowsRequest>,
+    ) -> Result<Response<v1::ShadowList>, Status> {
+        self.principal(&req)?;
+        let r = req.into_inner();
+        if r.entry_uuids.len() > MAX_PAGE {
+            return Err(Status::invalid_argument(format!(
+                "at most {MAX_PAGE} shadows a call, not {}",
+                r.entry_uuids.len()
+            )));
+        }
+        let items = self
+            .blocking(move |s| s.get_shadows(&r.resource, &r.entry_uuids))
             .await?;
         Ok(Response::new(v1::ShadowList { items }))
     }

@@ -68,7 +68,7 @@ async fn bind_to(bind: &str, field: &str) -> Result<TcpListener, Error> {
 async fn word(store: &Store, name: &str) -> &'static str {
     let store = store.clone();
     let name = name.to_owned();
-    tokio::task::spawn_blocking(move || store.get_agreement(&name))
+    tokio::task::spawn_blocking(move || store.agreement_record(&name))
         .await
         .ok()
         .and_then(Result::ok)
