@@ -94,7 +94,7 @@ impl Slapd {
             .tempdir()
             .map_err(|e| TestkitError::io("create temporary directory for slapd", e))?;
         let dir = temp.path().to_path_buf();
-        create(&dir, &opts).await?;
+        create_retrying(&dir, &opts).await?;
         Self::launch(dir, Some(temp), opts).await
     }
 
@@ -113,7 +113,7 @@ impl Slapd {
             .map_err(|e| TestkitError::io("create temporary directory for slapd", e))?;
         let dir = temp.path().to_path_buf();
         let ca = make_certificates(&dir.join(TLS_DIR)).await?;
-        create(&dir, &opts).await?;
+        create_retrying(&dir, &opts).await?;
         Ok((Self::launch(dir, Some(temp), opts).await?, ca))
     }
 
@@ -133,7 +133,7 @@ impl Slapd {
         if dir.join(CONFIG_DIR).is_dir() {
             tracing::debug!(dir = %dir.display(), "reusing existing slapd config and data");
         } else {
-            create(&dir, &opts).await?;
+            create_retrying(&dir, &opts).await?;
         }
         Self::launch(dir, None, opts).await
     }
@@ -410,6 +410,28 @@ async fn root_dse(url: &str) -> Result<(), String> {
 /// Build `dir/slapd.d` and `dir/data` from scratch: config and seed are loaded
 /// into a partial config dir that is renamed only once both succeeded, so a
 /// failed attempt is never mistaken for a usable directory.
+/// [`create`], again from an empty directory when a tool died of a signal:
+/// Debian 12's `slapadd -q` was seen to abort now and then with heap
+/// corruption ("double free") on seeds of tens of thousands of entries.
+async fn create_retrying(dir: &Path, opts: &SlapdOptions) -> Result<(), TestkitError> {
+    let mut attempt = 1;
+    loop {
+        match create(dir, opts).await {
+            Err(e) if attempt < 3 && e.to_string().contains("(signal:") => {
+                tracing::warn!(error = %e, attempt, "slapd setup crashed; starting it over");
+                attempt += 1;
+                tokio::fs::remove_dir_all(dir)
+                    .await
+                    .map_err(|e| TestkitError::io(format!("clear {}", dir.display()), e))?;
+                tokio::fs::create_dir_all(dir)
+                    .await
+                    .map_err(|e| TestkitError::io(format!("create {}", dir.display()), e))?;
+            }
+            result => return result,
+        }
+    }
+}
+
 async fn create(dir: &Path, opts: &SlapdOptions) -> Result<(), TestkitError> {
     let slapadd = require_binary(SLAPADD)?;
     require_binary(SLAPD)?;
