@@ -8,11 +8,12 @@ use clap::{Parser, Subcommand};
 use idsync::cases;
 use idsync::dev::Deployment;
 use idsync_core::config::Config;
-use idsync_core::model::{Focus, FocusStatus};
+use idsync_core::model::{Assignment, Focus, FocusStatus};
 use idsync_core::secret::Secret;
 use idsync_idm_client::IdmClient;
 
 mod agreements;
+mod roles;
 
 #[derive(Debug, Parser)]
 #[command(
@@ -102,6 +103,11 @@ enum Command {
         #[command(subcommand)]
         command: UsersCommand,
     },
+    /// Roles: accounts, values and group memberships they give their holders.
+    Roles {
+        #[command(subcommand)]
+        command: roles::RolesCommand,
+    },
     /// Groups in the IDM.
     Groups {
         #[command(subcommand)]
@@ -187,11 +193,25 @@ enum UsersCommand {
         #[arg(required = true, value_name = "ATTR=VALUE")]
         values: Vec<String>,
     },
-    /// Assigns a user an account on a resource; the provisioner creates it.
-    Assign { user: String, resource: String },
-    /// Removes a user's assignments to a resource; the account is
-    /// deprovisioned by the resource's policy (deleted, or disabled and kept).
-    Unassign { user: String, resource: String },
+    /// Assigns a user an account on a resource, or a role (`--role`); the
+    /// provisioner makes what it calls for.
+    Assign {
+        user: String,
+        #[arg(required_unless_present = "role", conflicts_with = "role")]
+        resource: Option<String>,
+        #[arg(long)]
+        role: Option<String>,
+    },
+    /// Removes a user's assignments to a resource, or a role (`--role`).
+    /// Accounts nothing else calls for are deprovisioned by their resource's
+    /// policy (deleted, or disabled and kept).
+    Unassign {
+        user: String,
+        #[arg(required_unless_present = "role", conflicts_with = "role")]
+        resource: Option<String>,
+        #[arg(long)]
+        role: Option<String>,
+    },
     /// Lists users with their links to accounts.
     List {
         /// One JSON document, for scripts.
@@ -339,48 +359,92 @@ async fn run(cli: Cli) -> Result<ExitCode> {
             println!("user {user} changed");
             Ok(ExitCode::SUCCESS)
         }
+        Command::Roles { command } => roles::run(&global, command).await,
         Command::Users {
-            command: UsersCommand::Assign { user, resource },
+            command:
+                UsersCommand::Assign {
+                    user,
+                    resource,
+                    role,
+                },
         } => {
-            let config = global.optional_config()?;
-            if let Some(c) = &config
-                && c.resource(&resource).is_err()
-            {
-                bail!("resource {resource:?} is not in the configuration");
-            }
             let (client, _) = global.admin()?;
+            let wanted = match (resource, role) {
+                (Some(resource), _) => {
+                    if let Some(c) = global.optional_config()?
+                        && c.resource(&resource).is_err()
+                    {
+                        bail!("resource {resource:?} is not in the configuration");
+                    }
+                    Assignment {
+                        resource,
+                        source: "manual".into(),
+                        role: String::new(),
+                    }
+                }
+                (None, Some(role)) => {
+                    if client.get_role(&role).await?.is_none() {
+                        bail!("no role named {role:?} (`idsync roles list` shows them)");
+                    }
+                    Assignment {
+                        resource: String::new(),
+                        source: "manual".into(),
+                        role,
+                    }
+                }
+                (None, None) => bail!("name a resource or a --role"),
+            };
+            let what = assignment_words(&wanted);
             let mut focus = find_user(&client, &user).await?;
-            if focus.has_assignment(&resource) {
-                println!("user {user} is already assigned {resource}");
+            if focus
+                .assignments
+                .iter()
+                .any(|a| a.resource == wanted.resource && a.role == wanted.role)
+            {
+                println!("user {user} is already assigned {what}");
                 return Ok(ExitCode::SUCCESS);
             }
             let expected_version = focus.version;
-            focus.assignments.push(idsync_core::model::Assignment {
-                resource: resource.clone(),
-                source: "manual".into(),
-            });
+            focus.assignments.push(wanted);
             put_user(&client, focus, expected_version)
                 .await
-                .with_context(|| format!("cannot assign {resource} to {user:?}"))?;
-            println!("user {user} assigned {resource}");
+                .with_context(|| format!("cannot assign {what} to {user:?}"))?;
+            println!("user {user} assigned {what}");
             Ok(ExitCode::SUCCESS)
         }
         Command::Users {
-            command: UsersCommand::Unassign { user, resource },
+            command:
+                UsersCommand::Unassign {
+                    user,
+                    resource,
+                    role,
+                },
         } => {
             let (client, _) = global.admin()?;
             let mut focus = find_user(&client, &user).await?;
             let expected_version = focus.version;
             let before = focus.assignments.len();
-            focus.assignments.retain(|a| a.resource != resource);
+            let what = match (&resource, &role) {
+                (Some(r), _) => {
+                    focus
+                        .assignments
+                        .retain(|a| !(a.role.is_empty() && a.resource == *r));
+                    r.clone()
+                }
+                (None, Some(r)) => {
+                    focus.assignments.retain(|a| a.role != *r);
+                    format!("role {r}")
+                }
+                (None, None) => bail!("name a resource or a --role"),
+            };
             if focus.assignments.len() == before {
-                println!("user {user} has no assignment to {resource}");
+                println!("user {user} has no assignment to {what}");
                 return Ok(ExitCode::SUCCESS);
             }
             put_user(&client, focus, expected_version)
                 .await
-                .with_context(|| format!("cannot unassign {resource} from {user:?}"))?;
-            println!("user {user} no longer assigned {resource}");
+                .with_context(|| format!("cannot unassign {what} from {user:?}"))?;
+            println!("user {user} no longer assigned {what}");
             Ok(ExitCode::SUCCESS)
         }
         Command::Users {
@@ -663,6 +727,14 @@ fn apply_values(focus: &mut Focus, settings: &[String]) -> Result<()> {
     Ok(())
 }
 
+fn assignment_words(a: &Assignment) -> String {
+    if a.role.is_empty() {
+        a.resource.clone()
+    } else {
+        format!("role {}", a.role)
+    }
+}
+
 /// Stores `focus` as the administrator, if it is still at `expected_version`.
 async fn put_user(
     client: &IdmClient,
@@ -720,7 +792,7 @@ fn print_users(users: &[Focus]) {
             }
         }
         for a in &u.assignments {
-            println!("    assigned: {} ({})", a.resource, a.source);
+            println!("    assigned: {} ({})", assignment_words(a), a.source);
         }
         for l in &u.links {
             println!("    -> {}: {}  [{}]", l.resource, l.dn, l.entry_uuid);
@@ -739,7 +811,7 @@ fn users_json(users: &[Focus]) -> serde_json::Value {
                     "status": status(u),
                     "sync_parent": (!u.sync_parent.is_empty()).then_some(&u.sync_parent),
                     "attributes": u.attributes,
-                    "assignments": u.assignments.iter().map(|a| serde_json::json!({"resource": a.resource, "source": a.source})).collect::<Vec<_>>(),
+                    "assignments": u.assignments.iter().map(|a| if a.role.is_empty() { serde_json::json!({"resource": a.resource, "source": a.source}) } else { serde_json::json!({"role": a.role, "source": a.source}) }).collect::<Vec<_>>(),
                     "links": u.links.iter().map(|l| serde_json::json!({"resource": l.resource, "dn": l.dn, "entry_uuid": l.entry_uuid})).collect::<Vec<_>>(),
                 })
             })

@@ -250,20 +250,6 @@ async fn discovery_links_an_account_that_is_already_there_by_the_reaction() {
 }
 
 /// The entry `dn` of the target directory, if there is one.
-async fn target_entry(env: &Env, dn: &str) -> Option<ldap3::SearchEntry> {
-    let mut ldap = env.d.target.admin_conn().await.unwrap();
-    let result = ldap
-        .search(dn, ldap3::Scope::Base, "(objectClass=*)", vec!["*"])
-        .await
-        .unwrap();
-    let entries = result.success().map(|(e, _)| e).unwrap_or_default();
-    let _ = ldap.unbind().await;
-    entries
-        .into_iter()
-        .next()
-        .map(ldap3::SearchEntry::construct)
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn unassigning_deprovisions_by_the_resources_policy() {
     // Default policy: delete.

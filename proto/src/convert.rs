@@ -3,8 +3,8 @@
 use std::collections::BTreeMap;
 
 use idsync_core::model::{
-    Assignment, Attrs, ChangeKind, Focus, FocusStatus, Link, MemberRef, ObjectType, Op, Shadow,
-    SourceChange,
+    Assignment, Attrs, ChangeKind, Focus, FocusStatus, Inducement, Link, MemberRef, ObjectType, Op,
+    PendingOperation, Shadow, SourceChange,
 };
 
 use crate::v1;
@@ -47,6 +47,7 @@ impl From<v1::Focus> for Focus {
                 .map(|a| Assignment {
                     resource: a.resource,
                     source: a.source,
+                    role: a.role,
                 })
                 .collect(),
             links: f
@@ -74,6 +75,16 @@ impl From<v1::Focus> for Focus {
                 })
                 .collect(),
             sync_parent: f.sync_parent,
+            inducements: f
+                .inducements
+                .into_iter()
+                .map(|i| Inducement {
+                    resource: i.resource,
+                    attributes: attrs_from(i.attributes.into_iter().collect()),
+                    groups: i.groups,
+                    role: i.role,
+                })
+                .collect(),
         }
     }
 }
@@ -91,6 +102,7 @@ impl From<Focus> for v1::Focus {
                 .map(|a| v1::Assignment {
                     resource: a.resource,
                     source: a.source,
+                    role: a.role,
                 })
                 .collect(),
             links: f
@@ -117,6 +129,16 @@ impl From<Focus> for v1::Focus {
                 })
                 .collect(),
             sync_parent: f.sync_parent,
+            inducements: f
+                .inducements
+                .into_iter()
+                .map(|i| v1::Inducement {
+                    resource: i.resource,
+                    attributes: attrs_to(i.attributes),
+                    groups: i.groups,
+                    role: i.role,
+                })
+                .collect(),
         }
     }
 }
@@ -137,6 +159,13 @@ impl From<v1::Shadow> for Shadow {
             candidates: s.candidates,
             object_type: object_type(s.object_type),
             member_keys: s.member_keys,
+            groups: s.groups,
+            pending: s.pending.map(|p| PendingOperation {
+                operation: p.operation,
+                attempts: p.attempts,
+                reason: p.reason,
+                since_ms: p.since_ms,
+            }),
         }
     }
 }
@@ -167,6 +196,13 @@ impl From<Shadow> for v1::Shadow {
                 ObjectType::Group => v1::ObjectType::Group,
             } as i32,
             member_keys: s.member_keys,
+            groups: s.groups,
+            pending: s.pending.map(|p| v1::PendingOperation {
+                operation: p.operation,
+                attempts: p.attempts,
+                reason: p.reason,
+                since_ms: p.since_ms,
+            }),
         }
     }
 }

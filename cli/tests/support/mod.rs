@@ -182,3 +182,53 @@ pub async fn delete_person(server: &Slapd, uid: &str) {
         .unwrap();
     let _ = ldap.unbind().await;
 }
+
+/// The target's entry at `dn`, with every user attribute.
+pub async fn target_entry(env: &Env, dn: &str) -> Option<ldap3::SearchEntry> {
+    let mut ldap = env.d.target.admin_conn().await.unwrap();
+    let result = ldap
+        .search(dn, ldap3::Scope::Base, "(objectClass=*)", vec!["*"])
+        .await
+        .unwrap();
+    let entries = result.success().map(|(e, _)| e).unwrap_or_default();
+    let _ = ldap.unbind().await;
+    entries
+        .into_iter()
+        .next()
+        .map(ldap3::SearchEntry::construct)
+}
+
+/// Waits until the target's entry at `dn` passes `check` (`None`: it is absent).
+pub async fn target_where(
+    env: &Env,
+    dn: &str,
+    what: &str,
+    check: impl Fn(Option<&ldap3::SearchEntry>) -> bool,
+) {
+    let check = &check;
+    eventually(&format!("{dn}: {what}"), WAIT, || async move {
+        let e = target_entry(env, dn).await;
+        Ok(check(e.as_ref()).then_some(()))
+    })
+    .await
+    .unwrap();
+}
+
+/// Adds an LDIF-like entry to the target: (attribute, values) pairs.
+pub async fn add_target(env: &Env, dn: &str, attrs: &[(&str, &[&str])]) {
+    let mut ldap = env.d.target.admin_conn().await.unwrap();
+    let attrs: Vec<(&str, HashSet<&str>)> = attrs
+        .iter()
+        .map(|(a, v)| (*a, v.iter().copied().collect()))
+        .collect();
+    ldap.add(dn, attrs).await.unwrap().success().unwrap();
+    let _ = ldap.unbind().await;
+}
+
+/// Values of `attribute` of `entry` (empty when it has none).
+pub fn values<'a>(entry: Option<&'a ldap3::SearchEntry>, attribute: &str) -> Vec<&'a str> {
+    entry
+        .and_then(|e| e.attrs.get(attribute))
+        .map(|v| v.iter().map(String::as_str).collect())
+        .unwrap_or_default()
+}

@@ -201,6 +201,36 @@ pub struct ResourceConfig {
     /// Stops mass deletions of this resource's entries before they reach
     /// the IDM (Entra Connect's export threshold, midPoint's policy thresholds).
     pub deletion_guard: Option<DeletionGuard>,
+    /// How group membership that roles give is written on this resource.
+    #[serde(default)]
+    pub entitlements: Entitlements,
+}
+
+/// How an account is made a member of a group on a target resource: the
+/// group's `attribute` gets the account's DN (`groupOfNames`' `member`, the
+/// default), or the first value of one of its attributes (`value = "uid"`
+/// for `posixGroup`'s `memberUid`).
+#[derive(Debug, Clone, Deserialize, Serialize, PartialEq, Eq, schemars::JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct Entitlements {
+    #[serde(default = "default_member_attribute")]
+    pub attribute: String,
+    /// `dn`, or the name of an account attribute.
+    #[serde(default = "default_member_value")]
+    pub value: String,
+}
+
+impl Default for Entitlements {
+    fn default() -> Self {
+        Self {
+            attribute: default_member_attribute(),
+            value: default_member_value(),
+        }
+    }
+}
+
+fn default_member_value() -> String {
+    "dn".to_owned()
 }
 
 /// Deprovisioning policy of a target resource.
@@ -433,6 +463,26 @@ pub struct ObjectTemplate {
     /// Resources on which every focus gets an account.
     #[serde(default)]
     pub assignments: Vec<String>,
+    /// Roles (by name, managed with `idsync roles`) every focus is assigned.
+    #[serde(default)]
+    pub roles: Vec<String>,
+}
+
+/// Whether `name` can name a role: not empty, no whitespace or control
+/// characters at either end.
+///
+/// # Errors
+/// What is wrong with the name.
+pub fn check_role_name(name: &str) -> Result<(), String> {
+    if name.is_empty() {
+        return Err("a role name cannot be empty".into());
+    }
+    if name.trim() != name || name.chars().any(char::is_control) {
+        return Err(format!(
+            "role name {name:?} has whitespace at an end or a control character"
+        ));
+    }
+    Ok(())
 }
 
 impl Config {
@@ -692,6 +742,11 @@ impl Config {
                         format!("{at}.assignments[{j}]"),
                         format!("names resource {a:?}, which is not defined"),
                     );
+                }
+            }
+            for (j, role) in t.roles.iter().enumerate() {
+                if let Err(reason) = check_role_name(role) {
+                    err(format!("{at}.roles[{j}]"), reason);
                 }
             }
         }

@@ -25,6 +25,12 @@ pub enum CoreError {
         expression: String,
         reason: String,
     },
+    #[error("{holder} is given role {role:?}, which does not exist")]
+    UnknownRole { holder: String, role: String },
+    #[error(
+        "role {role:?} gives an account on resource {resource:?}, which is not a target in the configuration (no such resource, or it has no dn_template)"
+    )]
+    NotATarget { role: String, resource: String },
     #[error("reaction {reaction} needs a focus but none was found")]
     NoFocus { reaction: String },
 }

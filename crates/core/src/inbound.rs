@@ -564,6 +564,16 @@ pub fn apply_template(
             focus.assignments.push(Assignment {
                 resource: resource.clone(),
                 source: format!("template:{}", template.name),
+                role: String::new(),
+            });
+        }
+    }
+    for role in &template.roles {
+        if !focus.has_role(role) {
+            focus.assignments.push(Assignment {
+                resource: String::new(),
+                source: format!("template:{}", template.name),
+                role: role.clone(),
             });
         }
     }

@@ -10,6 +10,7 @@ pub type Attrs = BTreeMap<String, Vec<String>>;
 /// Focus object kinds.
 pub const KIND_USER: &str = "user";
 pub const KIND_GROUP: &str = "group";
+pub const KIND_ROLE: &str = "role";
 
 /// A DN in a form for comparison (RFC 4514): lower case; no spaces around
 /// the `,`, `+` and `=` that separate RDNs and their parts; every escape
@@ -128,11 +129,35 @@ pub enum FocusStatus {
     Disabled,
 }
 
-/// Why a focus should have an account on a resource.
-#[derive(Debug, Clone, PartialEq, Eq)]
+/// Why a focus should have an account on a resource: assigned the resource
+/// itself (`resource`), or a role that gives one (`role`, `resource` empty).
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
 pub struct Assignment {
     pub resource: String,
     pub source: String,
+    pub role: String,
+}
+
+/// What a role gives its holders (midPoint's inducement): an account on
+/// `resource` with `attributes` and membership of `groups` there, or all
+/// that the role named `role` gives.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct Inducement {
+    pub resource: String,
+    /// Attribute names as the resource spells them (compared lower-cased).
+    pub attributes: Attrs,
+    /// DNs of groups on the resource.
+    pub groups: Vec<String>,
+    pub role: String,
+}
+
+/// A target operation still being retried, as its account's shadow shows it.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct PendingOperation {
+    pub operation: String,
+    pub attempts: u32,
+    pub reason: String,
+    pub since_ms: i64,
 }
 
 /// A focus's link to one of its shadows.
@@ -161,6 +186,8 @@ pub struct Focus {
     /// The sync agreement that created the focus and alone may write it
     /// (except for its yielded attributes); empty when the IDM owns it.
     pub sync_parent: String,
+    /// Roles: what the role gives its holders.
+    pub inducements: Vec<Inducement>,
 }
 
 /// A member as a source names it: by DN, or by uid (`memberUid`).
@@ -211,8 +238,16 @@ impl Focus {
             .retain(|l| !(l.resource == resource && l.entry_uuid == entry_uuid));
     }
 
+    /// Whether the focus is assigned `resource` itself (not through a role).
     pub fn has_assignment(&self, resource: &str) -> bool {
-        self.assignments.iter().any(|a| a.resource == resource)
+        self.assignments
+            .iter()
+            .any(|a| a.role.is_empty() && a.resource == resource)
+    }
+
+    /// Whether the focus is assigned the role named `role`.
+    pub fn has_role(&self, role: &str) -> bool {
+        self.assignments.iter().any(|a| a.role == role)
     }
 }
 
@@ -236,6 +271,10 @@ pub struct Shadow {
     pub object_type: ObjectType,
     /// Keys besides its DN under which groups name this account (`uid:jack`).
     pub member_keys: Vec<String>,
+    /// Target accounts: the groups idsync made the account a member of.
+    pub groups: Vec<String>,
+    /// Target accounts: the operation still being retried.
+    pub pending: Option<PendingOperation>,
 }
 
 /// An entry as a source resource reports it: whole state or tombstone.

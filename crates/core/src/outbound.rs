@@ -7,7 +7,7 @@ use std::collections::{BTreeMap, BTreeSet};
 use crate::CoreError;
 use crate::config::{Config, Range, ResourceConfig, Strength};
 use crate::mapping::{Template, applies, dedup_in_order, escape_dn_value, evaluate};
-use crate::model::{Attrs, Focus, FocusStatus};
+use crate::model::{Attrs, Focus, FocusStatus, normalize_dn};
 
 /// An account as idsync wants it on a resource. Attribute names lower-cased.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -24,24 +24,132 @@ pub struct Account {
     pub produced: Attrs,
 }
 
-/// Resources on which `focus` should have an account: those it is assigned to,
-/// while it is enabled.
-pub fn wanted_resources<'a>(config: &'a Config, focus: &Focus) -> Vec<&'a ResourceConfig> {
-    if focus.status == FocusStatus::Disabled {
-        return Vec::new();
-    }
-    config
-        .resources
+/// What a focus should have on one target resource beside what the outbound
+/// mappings give: the values and group memberships its roles give there.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Construction {
+    /// Values by attribute (lower-cased names), from every role that gives some.
+    pub attributes: Attrs,
+    /// Group DNs on the resource, one spelling per group.
+    pub groups: Vec<String>,
+}
+
+/// Roles by name.
+pub type Roles = BTreeMap<String, Focus>;
+
+/// The roles `focus` holds, directly or through roles that include others,
+/// that are missing from `known`: what must be read before
+/// [`constructions`] can run. Cycles end where they close.
+pub fn missing_roles(focus: &Focus, known: &Roles) -> Vec<String> {
+    let mut seen = BTreeSet::new();
+    let mut stack: Vec<&str> = focus
+        .assignments
         .iter()
-        .filter(|r| focus.has_assignment(&r.name) && r.dn_template.is_some())
-        .collect()
+        .filter(|a| !a.role.is_empty())
+        .map(|a| a.role.as_str())
+        .collect();
+    let mut missing = Vec::new();
+    while let Some(name) = stack.pop() {
+        if !seen.insert(name) {
+            continue;
+        }
+        match known.get(name) {
+            Some(role) => stack.extend(
+                role.inducements
+                    .iter()
+                    .filter(|i| !i.role.is_empty())
+                    .map(|i| i.role.as_str()),
+            ),
+            None => missing.push(name.to_owned()),
+        }
+    }
+    missing
+}
+
+/// Target resources on which `focus` should have an account, with what its
+/// roles give there: those it is assigned directly and those its roles
+/// (with the roles they include) construct — while it is enabled.
+///
+/// # Errors
+/// A role that `roles` lacks, or a role that names a resource which is not a
+/// target.
+pub fn constructions(
+    config: &Config,
+    focus: &Focus,
+    roles: &Roles,
+) -> Result<BTreeMap<String, Construction>, CoreError> {
+    let mut out: BTreeMap<String, Construction> = BTreeMap::new();
+    if focus.status == FocusStatus::Disabled {
+        return Ok(out);
+    }
+    for r in &config.resources {
+        if r.dn_template.is_some() && focus.has_assignment(&r.name) {
+            out.entry(r.name.clone()).or_default();
+        }
+    }
+    let holder = format!(
+        "{} {}",
+        focus.kind,
+        focus
+            .first(crate::model::NAME_ATTRIBUTE)
+            .unwrap_or(&focus.id)
+    );
+    let mut seen = BTreeSet::new();
+    let mut stack: Vec<&str> = focus
+        .assignments
+        .iter()
+        .filter(|a| !a.role.is_empty())
+        .map(|a| a.role.as_str())
+        .collect();
+    while let Some(name) = stack.pop() {
+        if !seen.insert(name) {
+            continue;
+        }
+        let role = roles.get(name).ok_or_else(|| CoreError::UnknownRole {
+            holder: holder.clone(),
+            role: name.to_owned(),
+        })?;
+        for i in &role.inducements {
+            if !i.role.is_empty() {
+                stack.push(&i.role);
+                continue;
+            }
+            if !config
+                .resources
+                .iter()
+                .any(|r| r.name == i.resource && r.dn_template.is_some())
+            {
+                return Err(CoreError::NotATarget {
+                    role: name.to_owned(),
+                    resource: i.resource.clone(),
+                });
+            }
+            let c = out.entry(i.resource.clone()).or_default();
+            for (attr, values) in &i.attributes {
+                let have = c.attributes.entry(attr.to_ascii_lowercase()).or_default();
+                have.extend(values.iter().cloned());
+                dedup_in_order(have);
+            }
+            for g in &i.groups {
+                let key = normalize_dn(g);
+                if !c.groups.iter().any(|x| normalize_dn(x) == key) {
+                    c.groups.push(g.clone());
+                }
+            }
+        }
+    }
+    Ok(out)
 }
 
 /// The account `focus` should have on `resource`.
 ///
 /// # Errors
 /// A DN template whose attribute the focus lacks, or a malformed template.
-pub fn desired_account(resource: &ResourceConfig, focus: &Focus) -> Result<Account, CoreError> {
+pub fn desired_account(
+    resource: &ResourceConfig,
+    focus: &Focus,
+    construction: &Construction,
+) -> Result<Account, CoreError> {
     let template_text = resource
         .dn_template
         .as_deref()
@@ -86,6 +194,17 @@ pub fn desired_account(resource: &ResourceConfig, focus: &Focus) -> Result<Accou
         if !values.is_empty() {
             attributes.insert(name, values);
         }
+    }
+    // What roles give is idsync's to keep (strong) and to take back when
+    // the role goes (the mapped range): other values stay.
+    for (name, values) in &construction.attributes {
+        strengths.insert(name.clone(), Strength::Strong);
+        let p = produced.entry(name.clone()).or_default();
+        p.extend(values.iter().cloned());
+        dedup_in_order(p);
+        let a = attributes.entry(name.clone()).or_default();
+        a.extend(values.iter().cloned());
+        dedup_in_order(a);
     }
     keep_rdn(&rdn, &mut attributes);
     Ok(Account {
@@ -134,6 +253,22 @@ pub fn modifications(
             Strength::Normal | Strength::Strong => differs,
         };
         if write {
+            out.push((name.clone(), want));
+        }
+    }
+    // Attributes idsync fed before and feeds no more (a role taken away):
+    // the values it set go, the others stay.
+    for (name, before) in previous {
+        if desired.strengths.contains_key(name) {
+            continue;
+        }
+        let have = current.get(name).cloned().unwrap_or_default();
+        let want: Vec<String> = have
+            .iter()
+            .filter(|v| !before.contains(v))
+            .cloned()
+            .collect();
+        if want.len() != have.len() {
             out.push((name.clone(), want));
         }
     }
@@ -216,7 +351,7 @@ pub fn account_modifications(
 #[allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 mod tests {
     use super::*;
-    use crate::model::Assignment;
+    use crate::model::{Assignment, Inducement};
 
     fn setup() -> (Config, Focus) {
         let cfg: Config =
@@ -237,6 +372,7 @@ mod tests {
             assignments: vec![Assignment {
                 resource: "acme".into(),
                 source: "template:default-user".into(),
+                role: String::new(),
             }],
             ..Default::default()
         };
@@ -246,9 +382,9 @@ mod tests {
     #[test]
     fn seed_account_on_acme() {
         let (cfg, focus) = setup();
-        let wanted = wanted_resources(&cfg, &focus);
-        assert_eq!(wanted.len(), 1);
-        let acc = desired_account(wanted[0], &focus).unwrap();
+        let wanted = constructions(&cfg, &focus, &Roles::new()).unwrap();
+        assert_eq!(wanted.keys().collect::<Vec<_>>(), ["acme"]);
+        let acc = desired_account(cfg.resource("acme").unwrap(), &focus, &wanted["acme"]).unwrap();
         assert_eq!(acc.dn, "cn=will,o=Acme");
         assert_eq!(acc.attributes["cn"], vec!["will", "Will Turner"]);
         assert_eq!(acc.attributes["description"], vec!["Created by IDM"]);
@@ -259,11 +395,13 @@ mod tests {
     fn full_name_change_replaces_cn_keeping_the_rdn() {
         let (cfg, mut focus) = setup();
         let r = cfg.resource("acme").unwrap();
-        let current = desired_account(r, &focus).unwrap().attributes;
+        let current = desired_account(r, &focus, &Construction::default())
+            .unwrap()
+            .attributes;
         focus
             .attributes
             .insert("fullName".into(), vec!["cpt. Will Turner".into()]);
-        let desired = desired_account(r, &focus).unwrap();
+        let desired = desired_account(r, &focus, &Construction::default()).unwrap();
         let mods = account_modifications(&desired, &current, &Attrs::new());
         assert_eq!(
             mods,
@@ -282,12 +420,12 @@ mod tests {
         focus
             .attributes
             .insert("name".into(), vec!["Smith, John".into()]);
-        let acc = desired_account(r, &focus).unwrap();
+        let acc = desired_account(r, &focus, &Construction::default()).unwrap();
         assert_eq!(acc.dn, "cn=Smith\\, John,o=Acme");
         assert_eq!(acc.rdn.1, "Smith, John");
         focus.attributes.remove("name");
         assert!(matches!(
-            desired_account(r, &focus),
+            desired_account(r, &focus, &Construction::default()),
             Err(CoreError::MissingValue { .. })
         ));
     }
@@ -311,7 +449,7 @@ mod tests {
         focus
             .attributes
             .insert("mail".into(), vec!["new@idm".into()]);
-        let desired = desired_account(r, &focus).unwrap();
+        let desired = desired_account(r, &focus, &Construction::default()).unwrap();
         assert_eq!(desired.produced["mail"], vec!["new@idm"]);
         let mut current = desired.attributes.clone();
         current.insert("mail".into(), vec!["local@acme".into(), "old@idm".into()]);
@@ -329,10 +467,130 @@ mod tests {
         assert!(account_modifications(&desired, &current, &desired.produced).is_empty());
     }
 
+    fn role(name: &str, inducements: Vec<Inducement>) -> (String, Focus) {
+        let focus = Focus {
+            id: format!("role-{name}"),
+            kind: "role".into(),
+            attributes: Attrs::from([("name".to_owned(), vec![name.to_owned()])]),
+            inducements,
+            ..Default::default()
+        };
+        (name.to_owned(), focus)
+    }
+
+    fn holding(roles: &[&str]) -> Focus {
+        let (_, mut focus) = setup();
+        focus.assignments = roles
+            .iter()
+            .map(|r| Assignment {
+                role: (*r).to_owned(),
+                source: "admin".into(),
+                ..Default::default()
+            })
+            .collect();
+        focus
+    }
+
+    #[test]
+    fn nested_roles_give_an_account_its_values_and_groups() {
+        let (cfg, _) = setup();
+        let roles = Roles::from([
+            role(
+                "engineer",
+                vec![
+                    Inducement {
+                        resource: "acme".into(),
+                        attributes: Attrs::from([(
+                            "Title".to_owned(),
+                            vec!["Engineer".to_owned()],
+                        )]),
+                        groups: vec!["cn=engineers,o=Acme".into()],
+                        ..Default::default()
+                    },
+                    Inducement {
+                        role: "employee".into(),
+                        ..Default::default()
+                    },
+                ],
+            ),
+            role(
+                "employee",
+                vec![
+                    Inducement {
+                        resource: "acme".into(),
+                        groups: vec!["CN=Staff, o=Acme".into(), "cn=engineers,o=acme".into()],
+                        ..Default::default()
+                    },
+                    // A cycle ends where it closes.
+                    Inducement {
+                        role: "engineer".into(),
+                        ..Default::default()
+                    },
+                ],
+            ),
+        ]);
+        let focus = holding(&["engineer"]);
+        assert!(missing_roles(&focus, &roles).is_empty());
+        let c = constructions(&cfg, &focus, &roles).unwrap();
+        assert_eq!(c.keys().collect::<Vec<_>>(), ["acme"]);
+        assert_eq!(c["acme"].attributes["title"], vec!["Engineer"]);
+        assert_eq!(
+            c["acme"].groups,
+            vec![
+                "cn=engineers,o=Acme".to_owned(),
+                "CN=Staff, o=Acme".to_owned()
+            ]
+        );
+        let acc = desired_account(cfg.resource("acme").unwrap(), &focus, &c["acme"]).unwrap();
+        assert_eq!(acc.attributes["title"], vec!["Engineer"]);
+        assert_eq!(acc.strengths["title"], Strength::Strong);
+
+        // The role taken away: the value idsync gave goes, one set on the
+        // target stays.
+        let bare = desired_account(
+            cfg.resource("acme").unwrap(),
+            &focus,
+            &Construction::default(),
+        )
+        .unwrap();
+        let mut current = acc.attributes.clone();
+        current.insert("title".into(), vec!["Engineer".into(), "Local".into()]);
+        let mods = account_modifications(&bare, &current, &acc.produced);
+        assert_eq!(mods, vec![("title".to_owned(), vec!["Local".to_owned()])]);
+    }
+
+    #[test]
+    fn unknown_roles_and_resources_that_are_not_targets_are_named() {
+        let (cfg, _) = setup();
+        let focus = holding(&["ghost"]);
+        assert_eq!(missing_roles(&focus, &Roles::new()), vec!["ghost"]);
+        assert_eq!(
+            constructions(&cfg, &focus, &Roles::new())
+                .unwrap_err()
+                .to_string(),
+            "user will is given role \"ghost\", which does not exist"
+        );
+        let roles = Roles::from([role(
+            "ghost",
+            vec![Inducement {
+                resource: "hr".into(),
+                ..Default::default()
+            }],
+        )]);
+        assert!(matches!(
+            constructions(&cfg, &focus, &roles),
+            Err(CoreError::NotATarget { .. })
+        ));
+    }
+
     #[test]
     fn disabled_focus_wants_no_account() {
         let (cfg, mut focus) = setup();
         focus.status = FocusStatus::Disabled;
-        assert!(wanted_resources(&cfg, &focus).is_empty());
+        assert!(
+            constructions(&cfg, &focus, &Roles::new())
+                .unwrap()
+                .is_empty()
+        );
     }
 }

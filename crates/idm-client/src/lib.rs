@@ -218,6 +218,28 @@ impl IdmClient {
         Ok(list.items.into_iter().map(Shadow::from).collect())
     }
 
+    /// Who refers to role `role`: (ids of focus objects assigned it, names
+    /// of roles that include it).
+    pub async fn role_referrers(&self, role: &str) -> Result<(Vec<String>, Vec<String>), IdmError> {
+        let req = v1::RoleReferrersRequest {
+            role: role.to_owned(),
+        };
+        let r = self.raw.clone().role_referrers(req).await?.into_inner();
+        Ok((r.holder_ids, r.including_roles))
+    }
+
+    /// The role named `name`, if there is one.
+    pub async fn get_role(&self, name: &str) -> Result<Option<Focus>, IdmError> {
+        let found = self
+            .find_focus(
+                idsync_core::model::KIND_ROLE,
+                idsync_core::model::NAME_ATTRIBUTE,
+                name,
+            )
+            .await?;
+        Ok(found.into_iter().next())
+    }
+
     /// How many live shadows `resource` has.
     pub async fn live_shadows(&self, resource: &str) -> Result<u64, IdmError> {
         let req = v1::CountShadowsRequest {

@@ -11,6 +11,8 @@ use crate::{Connection, LdapError};
 
 const RC_NO_SUCH_OBJECT: u32 = 32;
 const RC_ALREADY_EXISTS: u32 = 68;
+const RC_NO_SUCH_ATTRIBUTE: u32 = 16;
+const RC_VALUE_EXISTS: u32 = 20;
 
 /// An entry as read from a target directory; attribute names lower-cased,
 /// values as UTF-8 strings (non-UTF-8 values skipped).
@@ -202,6 +204,46 @@ impl Directory {
             .map_err(|e| op.failed(e, OPERATION_TIMEOUT))?;
         match result.rc {
             0 => Ok(()),
+            RC_NO_SUCH_OBJECT => Err(LdapError::NoSuchObject { dn: dn.to_owned() }),
+            rc => Err(op.result(rc, &result.text)),
+        }
+    }
+
+    /// Adds `value` to `attribute` of `dn` (`add: true`) or deletes it from
+    /// there (`add: false`). Already there (rc 20) or already gone (rc 16)
+    /// counts as done, so a retry changes nothing.
+    ///
+    /// # Errors
+    ///
+    /// [`LdapError::NoSuchObject`] when `dn` does not exist (rc 32),
+    /// [`LdapError::Operation`] for other error results,
+    /// [`LdapError::Timeout`], [`LdapError::Closed`].
+    pub async fn change_value(
+        &mut self,
+        dn: &str,
+        attribute: &str,
+        value: &str,
+        add: bool,
+    ) -> Result<(), LdapError> {
+        let op = Op {
+            url: &self.url,
+            operation: "modify",
+            dn,
+        };
+        let values = HashSet::from([value]);
+        let change = if add {
+            Mod::Add(attribute, values)
+        } else {
+            Mod::Delete(attribute, values)
+        };
+        let result = self
+            .ldap
+            .with_timeout(OPERATION_TIMEOUT)
+            .modify(dn, vec![change])
+            .await
+            .map_err(|e| op.failed(e, OPERATION_TIMEOUT))?;
+        match result.rc {
+            0 | RC_NO_SUCH_ATTRIBUTE | RC_VALUE_EXISTS => Ok(()),
             RC_NO_SUCH_OBJECT => Err(LdapError::NoSuchObject { dn: dn.to_owned() }),
             rc => Err(op.result(rc, &result.text)),
         }

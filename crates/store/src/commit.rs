@@ -21,8 +21,9 @@ use idsync_proto::v1;
 
 use crate::{
     AGREEMENT, FOCUS, FOCUS_NAME, GUARD, MEMBER_OF, META, NAME, NEXT_OUTBOX, OUTBOX, PENDING,
-    SHADOW, SHADOW_BY_MEMBER_KEY, SHADOW_LIVE, SYNC_CHILD, Store, StoreError, db, focus_name, load,
-    name_key, now_ms, pending_key, ref_key, resolve_pending, shadow_key, shadow_member_keys,
+    ROLE_REF, SHADOW, SHADOW_BY_MEMBER_KEY, SHADOW_LIVE, SYNC_CHILD, Store, StoreError, db,
+    focus_name, load, name_key, now_ms, pending_key, ref_key, resolve_pending, shadow_key,
+    shadow_member_keys,
 };
 
 /// Who makes a write.
@@ -93,6 +94,7 @@ pub(crate) struct Tables<'t> {
     pub by_member_key: redb::Table<'t, &'static str, &'static str>,
     pub pending: redb::Table<'t, &'static str, ()>,
     pub member_of: redb::Table<'t, &'static str, ()>,
+    pub role_refs: redb::Table<'t, &'static str, ()>,
     pub outbox: redb::Table<'t, u64, &'static [u8]>,
     pub meta: redb::Table<'t, &'static str, u64>,
     pub agreements: redb::Table<'t, &'static str, &'static [u8]>,
@@ -113,6 +115,7 @@ impl<'t> Tables<'t> {
             by_member_key: txn.open_table(SHADOW_BY_MEMBER_KEY).map_err(db)?,
             pending: txn.open_table(PENDING).map_err(db)?,
             member_of: txn.open_table(MEMBER_OF).map_err(db)?,
+            role_refs: txn.open_table(ROLE_REF).map_err(db)?,
             outbox: txn.open_table(OUTBOX).map_err(db)?,
             agreements: txn.open_table(AGREEMENT).map_err(db)?,
             sync_child: txn.open_table(SYNC_CHILD).map_err(db)?,
@@ -238,6 +241,24 @@ impl<'t> Tables<'t> {
         Ok(())
     }
 
+    /// Replaces the role references of `before` by those of `after` (either
+    /// absent for a focus created or deleted).
+    pub fn index_role_refs(
+        &mut self,
+        before: Option<&v1::Focus>,
+        after: Option<&v1::Focus>,
+    ) -> Result<(), StoreError> {
+        let old = before.map(role_ref_keys).unwrap_or_default();
+        let new = after.map(role_ref_keys).unwrap_or_default();
+        for k in old.difference(&new) {
+            self.role_refs.remove(k.as_str()).map_err(db)?;
+        }
+        for k in new.difference(&old) {
+            self.role_refs.insert(k.as_str(), ()).map_err(db)?;
+        }
+        Ok(())
+    }
+
     /// Writes `focus` with the next version and its outbox record.
     pub fn rewrite_focus(&mut self, mut focus: v1::Focus, origin: &str) -> Result<(), StoreError> {
         focus.version += 1;
@@ -272,6 +293,7 @@ impl<'t> Tables<'t> {
                 .remove(format!("{m}\0{}", last.id).as_str())
                 .map_err(db)?;
         }
+        self.index_role_refs(Some(&last), None)?;
         if !last.sync_parent.is_empty() {
             self.sync_child
                 .remove(format!("{}\0{id}", last.sync_parent).as_str())
@@ -319,6 +341,21 @@ pub(crate) fn owner_words(f: &v1::Focus) -> String {
     }
 }
 
+/// The role-index keys of `f`: the roles it is assigned, and for a role,
+/// the roles it includes.
+fn role_ref_keys(f: &v1::Focus) -> std::collections::BTreeSet<String> {
+    let mut keys = std::collections::BTreeSet::new();
+    for a in f.assignments.iter().filter(|a| !a.role.is_empty()) {
+        keys.insert(format!("{}\0f\0{}", a.role, f.id));
+    }
+    if let Some(name) = focus_name(f) {
+        for i in f.inducements.iter().filter(|i| !i.role.is_empty()) {
+            keys.insert(format!("{}\0r\0{name}", i.role));
+        }
+    }
+    keys
+}
+
 /// The IDM's own rules for a focus, whoever writes it.
 fn check_schema(f: &v1::Focus) -> Result<(), StoreError> {
     let on = |attribute: &str, reason: String| StoreError::Schema {
@@ -331,6 +368,28 @@ fn check_schema(f: &v1::Focus) -> Result<(), StoreError> {
             return Err(on(
                 name,
                 "the attribute's name is empty or holds spaces or control characters".into(),
+            ));
+        }
+    }
+    if !f.inducements.is_empty() && f.kind != idsync_core::model::KIND_ROLE {
+        return Err(on(
+            "inducements",
+            format!("only roles give accounts and groups; this is a {}", f.kind),
+        ));
+    }
+    for i in &f.inducements {
+        if i.role.is_empty() == i.resource.is_empty() {
+            return Err(on(
+                "inducements",
+                "each names either a resource (an account there) or a role to include".into(),
+            ));
+        }
+    }
+    for a in &f.assignments {
+        if a.role.is_empty() == a.resource.is_empty() {
+            return Err(on(
+                "assignments",
+                "each names either a resource or a role".into(),
             ));
         }
     }
@@ -432,6 +491,18 @@ fn authorize_put(
     current: Option<&v1::Focus>,
     next: &mut v1::Focus,
 ) -> Result<(), StoreError> {
+    // Roles are the IDM's: administrators make and change them, no agreement.
+    let is_role = |f: &v1::Focus| f.kind == idsync_core::model::KIND_ROLE;
+    if let Principal::Agreement(a) = &writer.principal
+        && (is_role(next) || current.is_some_and(is_role))
+    {
+        return Err(StoreError::NotOwned {
+            object: describe(next),
+            owner: "a role (roles are the IDM's)".into(),
+            writer: format!("agreement {a:?}"),
+            detail: "manage roles with `idsync roles`".into(),
+        });
+    }
     let Some(current) = current else {
         // A new entry belongs to whoever creates it.
         next.sync_parent = match &writer.principal {
@@ -670,6 +741,7 @@ pub(crate) fn apply(
                         .insert(format!("{}\0{}", focus.sync_parent, focus.id).as_str(), ())
                         .map_err(db)?;
                 }
+                t.index_role_refs(current.as_ref(), Some(&focus))?;
                 // Pending members whose accounts are already here resolve now,
                 // inside this transaction: no account can slip in between.
                 resolve_pending(&mut focus, &t.by_member_key, &t.shadows)?;

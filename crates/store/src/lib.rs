@@ -32,6 +32,9 @@ const SHADOW_BY_MEMBER_KEY: TableDefinition<&str, &str> = TableDefinition::new("
 const PENDING: TableDefinition<&str, ()> = TableDefinition::new("pending_member");
 /// `<member focus id>\0<group id>` → (): the groups a focus is a member of.
 const MEMBER_OF: TableDefinition<&str, ()> = TableDefinition::new("member_of");
+/// `<role>\0f\0<focus id>` → () for a focus assigned the role, and
+/// `<role>\0r\0<role name>` → () for a role that includes it.
+const ROLE_REF: TableDefinition<&str, ()> = TableDefinition::new("role_ref");
 /// outbox sequence → encoded `FocusChange`.
 const OUTBOX: TableDefinition<u64, &[u8]> = TableDefinition::new("outbox");
 const META: TableDefinition<&str, u64> = TableDefinition::new("meta");
@@ -270,6 +273,7 @@ impl Store {
             txn.open_table(SHADOW_BY_MEMBER_KEY).map_err(db)?;
             txn.open_table(PENDING).map_err(db)?;
             txn.open_table(MEMBER_OF).map_err(db)?;
+            txn.open_table(ROLE_REF).map_err(db)?;
             txn.open_table(OUTBOX).map_err(db)?;
             txn.open_table(AGREEMENT).map_err(db)?;
             txn.open_table(SYNC_CHILD).map_err(db)?;
@@ -453,6 +457,27 @@ impl Store {
             }
         }
         Ok(out)
+    }
+
+    /// Who refers to role `role`: the ids of focus objects assigned it, and
+    /// the names of roles that include it.
+    pub fn role_referrers(&self, role: &str) -> Result<(Vec<String>, Vec<String>), StoreError> {
+        let txn = self.db.begin_read().map_err(db)?;
+        let refs = txn.open_table(ROLE_REF).map_err(db)?;
+        let prefix = format!("{role}\0");
+        let (mut holders, mut roles) = (Vec::new(), Vec::new());
+        for row in refs.range(prefix.as_str()..).map_err(db)? {
+            let (k, _) = row.map_err(db)?;
+            let Some(rest) = k.value().strip_prefix(prefix.as_str()) else {
+                break;
+            };
+            if let Some(id) = rest.strip_prefix("f\0") {
+                holders.push(id.to_owned());
+            } else if let Some(name) = rest.strip_prefix("r\0") {
+                roles.push(name.to_owned());
+            }
+        }
+        Ok((holders, roles))
     }
 
     /// For each member reference, the focus its live shadow is linked to, or "".

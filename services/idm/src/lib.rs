@@ -395,6 +395,20 @@ impl Idm for IdmService {
         Ok(Response::new(v1::ShadowCount { live }))
     }
 
+    async fn role_referrers(
+        &self,
+        req: Request<v1::RoleReferrersRequest>,
+    ) -> Result<Response<v1::RoleReferrersResponse>, Status> {
+        self.principal(&req)?;
+        let r = req.into_inner();
+        let (holder_ids, including_roles) =
+            self.blocking(move |s| s.role_referrers(&r.role)).await?;
+        Ok(Response::new(v1::RoleReferrersResponse {
+            holder_ids,
+            including_roles,
+        }))
+    }
+
     async fn resolve_members(
         &self,
         req: Request<v1::ResolveMembersRequest>,

@@ -9,9 +9,15 @@ use std::sync::Arc;
 
 use idsync_bus::worker::{Handling, Message, Source, backoff, run_worker};
 use idsync_bus::{Bus, BusError, names};
+use idsync_core::config::Strength;
 use idsync_core::config::{Config, Deprovision, ResourceConfig};
-use idsync_core::model::{Attrs, Focus, Link, Op, Shadow, normalize_dn};
-use idsync_core::outbound::{account_modifications, desired_account, wanted_resources};
+use idsync_core::model::{
+    Attrs, Focus, KIND_ROLE, Link, Op, PendingOperation, Shadow, normalize_dn,
+};
+use idsync_core::outbound::{
+    Account, Construction, Roles, account_modifications, constructions, desired_account,
+    missing_roles,
+};
 use idsync_core::situation::{Reaction, Situation};
 use idsync_idm_client::{IdmClient, IdmError};
 use idsync_ldap::{Connection, Directory, LdapError, Pool};
@@ -52,7 +58,7 @@ pub async fn run(config: Arc<Config>, shutdown: CancellationToken) -> Result<(),
         filter_subject: None,
     };
     run_worker(&bus, source, shutdown, |msg| {
-        handle(&config, &idm, &targets, msg)
+        handle(&config, &bus, &idm, &targets, msg)
     })
     .await?;
     Ok(())
@@ -86,7 +92,13 @@ fn ldap_failure(resource: &str, e: LdapError) -> Failure {
 }
 
 #[tracing::instrument(skip_all, fields(seq = msg.stream_seq))]
-async fn handle(config: &Config, idm: &IdmClient, targets: &Pool, msg: Message) -> Handling {
+async fn handle(
+    config: &Config,
+    bus: &Bus,
+    idm: &IdmClient,
+    targets: &Pool,
+    msg: Message,
+) -> Handling {
     let change = match v1::FocusChange::decode(msg.payload.as_ref()) {
         Ok(c) => c,
         Err(e) => return Handling::Poison(format!("not a FocusChange: {e}")),
@@ -94,14 +106,22 @@ async fn handle(config: &Config, idm: &IdmClient, targets: &Pool, msg: Message) 
     if let Err(e) = idsync_proto::check_version(change.schema_version) {
         return Handling::Poison(e.to_string());
     }
-    let result = if change.deleted {
+    let attempt = Attempt {
+        number: msg.delivered,
+        origin: change.origin_resource.clone(),
+    };
+    let kind = change.focus.as_ref().map(|f| f.kind.as_str());
+    let result = if kind == Some(KIND_ROLE) {
+        let role: Focus = change.focus.clone().unwrap_or_default().into();
+        fan_out(bus, idm, &role, change.outbox_seq).await
+    } else if change.deleted {
         let last: Focus = change.focus.unwrap_or_default().into();
         deprovision_all(config, idm, targets, &last).await
     } else {
         match idm.get_focus(&change.focus_id).await {
             // Deleted since: its tombstone event deprovisions it.
             Ok(None) => Ok(()),
-            Ok(Some(focus)) => provision(config, idm, targets, focus).await,
+            Ok(Some(focus)) => provision(config, idm, targets, focus, &attempt).await,
             Err(e) => Err(e.into()),
         }
     };
@@ -123,31 +143,176 @@ async fn handle(config: &Config, idm: &IdmClient, targets: &Pool, msg: Message) 
     }
 }
 
+/// Which delivery of a change this is, and which resource the change came
+/// from (empty for the IDM's own changes).
+struct Attempt {
+    number: u64,
+    origin: String,
+}
+
+/// A role changed (or went): every focus that holds it, directly or through
+/// roles that include it, is provisioned again — one focus event each, so
+/// that they spread over the provisioner's replicas.
+async fn fan_out(bus: &Bus, idm: &IdmClient, role: &Focus, seq: u64) -> Result<(), Failure> {
+    let Some(name) = role.first(idsync_core::model::NAME_ATTRIBUTE) else {
+        return Ok(());
+    };
+    let mut holders = std::collections::BTreeSet::new();
+    let mut seen = std::collections::BTreeSet::from([name.to_owned()]);
+    let mut queue = vec![name.to_owned()];
+    while let Some(r) = queue.pop() {
+        let (ids, including) = idm.role_referrers(&r).await?;
+        holders.extend(ids);
+        queue.extend(including.into_iter().filter(|i| seen.insert(i.clone())));
+    }
+    let mut acks = Vec::with_capacity(holders.len());
+    for id in &holders {
+        let change = v1::FocusChange {
+            schema_version: idsync_proto::SCHEMA_VERSION,
+            outbox_seq: 0,
+            focus_id: id.clone(),
+            focus: None,
+            deleted: false,
+            origin_resource: String::new(),
+        };
+        let msg_id = format!("role:{}:{seq}:{id}", role.id);
+        let ack = bus
+            .publish(names::FOCUS_SUBJECT, &msg_id, change.encode_to_vec().into())
+            .await
+            .map_err(|e| Failure::Transient(e.to_string()))?;
+        acks.push(ack);
+    }
+    for ack in acks {
+        ack.wait()
+            .await
+            .map_err(|e| Failure::Transient(e.to_string()))?;
+    }
+    if !holders.is_empty() {
+        tracing::info!(role = %name, holders = holders.len(), "role changed; its holders are provisioned again");
+    }
+    Ok(())
+}
+
+/// Reads the roles `focus` holds, with those they include.
+async fn load_roles(idm: &IdmClient, focus: &Focus) -> Result<Roles, Failure> {
+    let mut roles = Roles::new();
+    let mut absent = std::collections::BTreeSet::new();
+    loop {
+        let missing: Vec<String> = missing_roles(focus, &roles)
+            .into_iter()
+            .filter(|r| !absent.contains(r))
+            .collect();
+        if missing.is_empty() {
+            return Ok(roles);
+        }
+        for name in missing {
+            match idm.get_role(&name).await? {
+                Some(role) => {
+                    roles.insert(name, role);
+                }
+                // [`constructions`] names it.
+                None => {
+                    absent.insert(name);
+                }
+            }
+        }
+    }
+}
+
 /// Creates, updates or removes the focus's account on every target resource.
 async fn provision(
     config: &Config,
     idm: &IdmClient,
     targets: &Pool,
     focus: Focus,
+    attempt: &Attempt,
 ) -> Result<(), Failure> {
-    let wanted: Vec<&str> = wanted_resources(config, &focus)
-        .iter()
-        .map(|r| r.name.as_str())
-        .collect();
+    let roles = load_roles(idm, &focus).await?;
+    let wanted =
+        constructions(config, &focus, &roles).map_err(|e| Failure::Permanent(e.to_string()))?;
     for resource in config.resources.iter().filter(|r| r.dn_template.is_some()) {
         let link = focus.link_to(&resource.name).cloned();
-        let want = wanted.contains(&resource.name.as_str());
-        match (want, link) {
-            (true, None) => create(idm, targets, resource, &focus).await?,
-            (true, Some(link)) => update(idm, targets, resource, &focus, &link).await?,
-            (false, Some(link)) if resource.deprovision == Deprovision::Disable => {
-                disable(idm, targets, resource, &link, false).await?;
+        let (operation, result) = match (wanted.get(&resource.name), &link) {
+            (Some(c), None) => ("create", create(idm, targets, resource, &focus, c).await),
+            (Some(c), Some(link)) => {
+                let echo = attempt.origin == resource.name;
+                (
+                    "modify",
+                    update(idm, targets, resource, &focus, c, link, echo).await,
+                )
             }
-            (false, Some(link)) => remove(idm, targets, resource, Some(&focus), &link).await?,
-            (false, None) => {}
+            (None, Some(link)) if resource.deprovision == Deprovision::Disable => (
+                "disable",
+                disable(idm, targets, resource, link, false).await,
+            ),
+            (None, Some(link)) => (
+                "delete",
+                remove(idm, targets, resource, Some(&focus), link).await,
+            ),
+            (None, None) => continue,
+        };
+        if let (Err(Failure::Transient(reason)), Some(link)) = (&result, &link) {
+            note_pending(idm, resource, link, operation, reason, attempt.number).await;
         }
+        result?;
     }
     Ok(())
+}
+
+/// Whether the IDM keeps this resource's shadows for the provisioner: a
+/// resource that also writes to the IDM under an agreement has its shadows
+/// and links made by its own inbound synchronisation instead.
+fn idm_owned(resource: &ResourceConfig) -> bool {
+    resource.agreement.is_none()
+}
+
+/// Shows a failed operation on the account's shadow while it is retried
+/// (best effort: the IDM may be what failed).
+async fn note_pending(
+    idm: &IdmClient,
+    resource: &ResourceConfig,
+    link: &Link,
+    operation: &str,
+    reason: &str,
+    attempts: u64,
+) {
+    if !idm_owned(resource) {
+        return;
+    }
+    let noted = async {
+        let Some(shadow) = idm.get_shadow(&resource.name, &link.entry_uuid).await? else {
+            return Ok(());
+        };
+        let since_ms = shadow.pending.as_ref().map_or_else(now_ms, |p| p.since_ms);
+        let expected_version = shadow.version;
+        let next = Shadow {
+            pending: Some(PendingOperation {
+                operation: operation.to_owned(),
+                attempts: u32::try_from(attempts).unwrap_or(u32::MAX),
+                reason: reason.to_owned(),
+                since_ms,
+            }),
+            ..shadow
+        };
+        idm.commit(
+            vec![Op::PutShadow {
+                shadow: next,
+                expected_version,
+            }],
+            &resource.name,
+        )
+        .await
+        .map(|_| ())
+    };
+    if let Err(e) = noted.await {
+        tracing::warn!(resource = %resource.name, dn = %link.dn, error = %e, "could not record the pending operation on the shadow");
+    }
+}
+
+fn now_ms() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX))
 }
 
 /// Removes every account a deleted focus had on target resources.
@@ -182,14 +347,78 @@ async fn with_dir<T>(
         .map_err(|e| ldap_failure(&resource.name, e))
 }
 
+/// The value that names the account in a group's member attribute.
+fn member_value(resource: &ResourceConfig, dn: &str, account: &Attrs) -> Result<String, Failure> {
+    let e = &resource.entitlements;
+    if e.value.eq_ignore_ascii_case("dn") {
+        return Ok(dn.to_owned());
+    }
+    account
+        .get(&e.value.to_ascii_lowercase())
+        .and_then(|v| v.first())
+        .cloned()
+        .ok_or_else(|| {
+            Failure::Permanent(format!(
+                "resource {}: account {dn} has no {} to name it in groups (entitlements.value)",
+                resource.name, e.value
+            ))
+        })
+}
+
+/// Makes the account a member of the groups `wanted` and no longer of those
+/// in `before` that are not wanted; returns the groups it is now in.
+async fn sync_groups(
+    targets: &Pool,
+    resource: &ResourceConfig,
+    value: &str,
+    wanted: &[String],
+    before: &[String],
+) -> Result<Vec<String>, Failure> {
+    let has = |list: &[String], g: &str| {
+        let key = normalize_dn(g);
+        list.iter().any(|x| normalize_dn(x) == key)
+    };
+    let attribute = &resource.entitlements.attribute;
+    for g in wanted.iter().filter(|g| !has(before, g)) {
+        with_dir(targets, resource, async |dir| {
+            dir.change_value(g, attribute, value, true).await
+        })
+        .await
+        .map_err(|e| match e {
+            Failure::Permanent(reason) if reason.contains("does not exist") => {
+                Failure::Permanent(format!(
+                    "resource {}: group {g}, given by a role, cannot take {value}: {reason}",
+                    resource.name
+                ))
+            }
+            other => other,
+        })?;
+        tracing::info!(resource = %resource.name, group = %g, member = %value, "member added");
+    }
+    for g in before.iter().filter(|g| !has(wanted, g)) {
+        let result = with_dir(targets, resource, async |dir| {
+            match dir.change_value(g, attribute, value, false).await {
+                // The group is gone, and the membership with it.
+                Err(LdapError::NoSuchObject { .. }) => Ok(()),
+                other => other,
+            }
+        })
+        .await;
+        result?;
+        tracing::info!(resource = %resource.name, group = %g, member = %value, "member removed");
+    }
+    Ok(wanted.to_vec())
+}
+
 async fn create(
     idm: &IdmClient,
     targets: &Pool,
     resource: &ResourceConfig,
     focus: &Focus,
+    construction: &Construction,
 ) -> Result<(), Failure> {
-    let account =
-        desired_account(resource, focus).map_err(|e| Failure::Permanent(e.to_string()))?;
+    let account = desired_account(resource, focus, construction)
+        .map_err(|e| Failure::Permanent(e.to_string()))?;
     let added = with_dir(targets, resource, async |dir| {
         match dir.add(&account.dn, &account.attributes).await {
             Ok(()) => Ok(None),
@@ -234,6 +463,14 @@ async fn create(
             .await?;
         }
     }
+    let value = member_value(resource, &account.dn, &account.attributes)?;
+    let groups = sync_groups(targets, resource, &value, &construction.groups, &[]).await?;
+    if !idm_owned(resource) {
+        // The resource's own inbound synchronisation sees the new account,
+        // correlates it to this focus and links it.
+        tracing::info!(resource = %resource.name, dn = %account.dn, focus = %focus.id, "account created");
+        return Ok(());
+    }
     let entry = with_dir(targets, resource, async |dir| dir.read(&account.dn).await).await?;
     let Some(entry) = entry else {
         return Err(Failure::Transient(format!(
@@ -251,6 +488,8 @@ async fn create(
         position: focus.version,
         situation: "linked".into(),
         attributes: account.produced.clone(),
+        groups,
+        pending: None,
         ..existing.clone().unwrap_or_default()
     };
     let mut linked = focus.clone();
@@ -272,26 +511,30 @@ async fn create(
     commit(idm, ops, &resource.name).await
 }
 
+/// Brings a linked account in line. `echo`: the change came from this very
+/// resource, so only strong mappings write to it (no echo of its own change).
 async fn update(
     idm: &IdmClient,
     targets: &Pool,
     resource: &ResourceConfig,
     focus: &Focus,
+    construction: &Construction,
     link: &Link,
+    echo: bool,
 ) -> Result<(), Failure> {
-    let account =
-        desired_account(resource, focus).map_err(|e| Failure::Permanent(e.to_string()))?;
+    let account = desired_account(resource, focus, construction)
+        .map_err(|e| Failure::Permanent(e.to_string()))?;
+    // What idsync produced and the groups it gave, last time.
+    let shadow = if idm_owned(resource) {
+        idm.get_shadow(&resource.name, &link.entry_uuid).await?
+    } else {
+        None
+    };
     if normalize_dn(&account.dn) != normalize_dn(&link.dn) {
         // The name the DN comes from changed: rename the account (modrdn),
         // keeping its identity, then record the new DN on link and shadow.
-        return rename(idm, targets, resource, focus, link, &account.dn).await;
+        return rename(idm, targets, resource, focus, link, &account, shadow).await;
     }
-    // Mapped-range mappings need what they produced last time: the shadow has it.
-    let shadow = if account.produced.is_empty() {
-        None
-    } else {
-        idm.get_shadow(&resource.name, &link.entry_uuid).await?
-    };
     let previous = shadow
         .as_ref()
         .map(|s| s.attributes.clone())
@@ -301,6 +544,9 @@ async fn update(
             return Ok(None);
         };
         let mut mods = account_modifications(&account, &current.attributes, &previous);
+        if echo {
+            mods.retain(|(name, _)| account.strengths.get(name) == Some(&Strength::Strong));
+        }
         // Wanted again after it was disabled: enable it.
         if resource.deprovision == Deprovision::Disable
             && let Some(d) = &resource.disable
@@ -317,59 +563,70 @@ async fn update(
         Ok(Some(mods.len()))
     })
     .await?;
-    match changed {
+    let Some(n) = changed else {
         // The account was deleted behind our back: forget the link, create anew.
-        None => {
-            tracing::warn!(resource = %resource.name, dn = %link.dn, "linked account is gone; creating it again");
-            let mut unlinked = focus.clone();
-            unlinked.remove_link(&link.resource, &link.entry_uuid);
+        tracing::warn!(resource = %resource.name, dn = %link.dn, "linked account is gone; creating it again");
+        if !idm_owned(resource) {
+            return create(idm, targets, resource, focus, construction).await;
+        }
+        let mut unlinked = focus.clone();
+        unlinked.remove_link(&link.resource, &link.entry_uuid);
+        return commit(
+            idm,
+            vec![Op::PutFocus {
+                expected_version: focus.version,
+                focus: unlinked,
+            }],
+            &resource.name,
+        )
+        .await;
+    };
+    if n > 0 {
+        tracing::info!(resource = %resource.name, dn = %link.dn, attributes = n, "account modified");
+    }
+    let before = shadow
+        .as_ref()
+        .map(|s| s.groups.clone())
+        .unwrap_or_default();
+    let value = member_value(resource, &link.dn, &account.attributes)?;
+    let groups = sync_groups(targets, resource, &value, &construction.groups, &before).await?;
+    match shadow {
+        Some(s)
+            if s.attributes != account.produced || s.groups != groups || s.pending.is_some() =>
+        {
+            let expected_version = s.version;
+            let next = Shadow {
+                attributes: account.produced.clone(),
+                groups,
+                pending: None,
+                ..s
+            };
             commit(
                 idm,
-                vec![Op::PutFocus {
-                    expected_version: focus.version,
-                    focus: unlinked,
+                vec![Op::PutShadow {
+                    shadow: next,
+                    expected_version,
                 }],
                 &resource.name,
             )
             .await
         }
-        Some(n) => {
-            if n > 0 {
-                tracing::info!(resource = %resource.name, dn = %link.dn, attributes = n, "account modified");
-            }
-            match shadow {
-                Some(s) if s.attributes != account.produced => {
-                    let expected_version = s.version;
-                    let next = Shadow {
-                        attributes: account.produced.clone(),
-                        ..s
-                    };
-                    commit(
-                        idm,
-                        vec![Op::PutShadow {
-                            shadow: next,
-                            expected_version,
-                        }],
-                        &resource.name,
-                    )
-                    .await
-                }
-                _ => Ok(()),
-            }
-        }
+        _ => Ok(()),
     }
 }
 
-/// Renames the account of `link` to `new_dn` and records it; the next focus
-/// event (this commit's own) brings its attributes in line.
+/// Renames the account of `link` to the DN of `account` and records it; the
+/// next focus event (this commit's own) brings its attributes in line.
 async fn rename(
     idm: &IdmClient,
     targets: &Pool,
     resource: &ResourceConfig,
     focus: &Focus,
     link: &Link,
-    new_dn: &str,
+    account: &Account,
+    shadow: Option<Shadow>,
 ) -> Result<(), Failure> {
+    let new_dn = account.dn.as_str();
     let result = with_dir(targets, resource, async |dir| {
         match dir.rename(&link.dn, new_dn).await {
             Ok(()) => Ok(true),
@@ -398,6 +655,26 @@ async fn rename(
         Err(e) => return Err(e),
     }
     tracing::info!(resource = %resource.name, from = %link.dn, to = %new_dn, focus = %focus.id, "account renamed");
+    // Groups name members by DN: move the memberships to the new one.
+    if resource.entitlements.value.eq_ignore_ascii_case("dn")
+        && let Some(s) = &shadow
+    {
+        for g in &s.groups {
+            let attribute = &resource.entitlements.attribute;
+            with_dir(targets, resource, async |dir| {
+                dir.change_value(g, attribute, new_dn, true).await?;
+                match dir.change_value(g, attribute, &link.dn, false).await {
+                    Err(LdapError::NoSuchObject { .. }) => Ok(()),
+                    other => other,
+                }
+            })
+            .await?;
+        }
+    }
+    if !idm_owned(resource) {
+        // Its inbound synchronisation records the new DN.
+        return Ok(());
+    }
     let mut renamed = focus.clone();
     renamed.set_link(Link {
         resource: resource.name.clone(),
@@ -408,11 +685,12 @@ async fn rename(
         expected_version: focus.version,
         focus: renamed,
     }];
-    if let Some(shadow) = idm.get_shadow(&resource.name, &link.entry_uuid).await? {
+    if let Some(shadow) = shadow {
         ops.push(Op::PutShadow {
             expected_version: shadow.version,
             shadow: Shadow {
                 dn: new_dn.to_owned(),
+                pending: None,
                 ..shadow
             },
         });
@@ -453,20 +731,30 @@ async fn disable(
     if changed {
         tracing::info!(resource = %resource.name, dn = %link.dn, "account disabled and kept");
     }
-    if orphaned
-        && let Some(shadow) = idm.get_shadow(&resource.name, &link.entry_uuid).await?
-        && shadow.focus_id.is_some()
+    if !idm_owned(resource) {
+        return Ok(());
+    }
+    if let Some(shadow) = idm.get_shadow(&resource.name, &link.entry_uuid).await?
+        && (shadow.pending.is_some() || (orphaned && shadow.focus_id.is_some()))
     {
         let expected_version = shadow.version;
-        let unlinked = Shadow {
-            focus_id: None,
-            situation: "unlinked".into(),
-            ..shadow
+        let next = if orphaned {
+            Shadow {
+                focus_id: None,
+                situation: "unlinked".into(),
+                pending: None,
+                ..shadow
+            }
+        } else {
+            Shadow {
+                pending: None,
+                ..shadow
+            }
         };
         commit(
             idm,
             vec![Op::PutShadow {
-                shadow: unlinked,
+                shadow: next,
                 expected_version,
             }],
             &resource.name,
@@ -483,6 +771,30 @@ async fn remove(
     focus: Option<&Focus>,
     link: &Link,
 ) -> Result<(), Failure> {
+    let shadow = if idm_owned(resource) {
+        idm.get_shadow(&resource.name, &link.entry_uuid).await?
+    } else {
+        None
+    };
+    // Groups keep a deleted member's DN unless told (no referential integrity).
+    if let Some(s) = &shadow
+        && !s.groups.is_empty()
+    {
+        let value = if resource.entitlements.value.eq_ignore_ascii_case("dn") {
+            Some(link.dn.clone())
+        } else {
+            with_dir(targets, resource, async |dir| dir.read(&link.dn).await)
+                .await?
+                .and_then(|e| {
+                    e.attributes
+                        .get(&resource.entitlements.value.to_ascii_lowercase())
+                        .and_then(|v| v.first().cloned())
+                })
+        };
+        if let Some(value) = value {
+            sync_groups(targets, resource, &value, &[], &s.groups).await?;
+        }
+    }
     with_dir(targets, resource, async |dir| {
         match dir.delete(&link.dn).await {
             Ok(()) | Err(LdapError::NoSuchObject { .. }) => Ok(()),
@@ -491,8 +803,11 @@ async fn remove(
     })
     .await?;
     tracing::info!(resource = %resource.name, dn = %link.dn, "account deleted");
+    if !idm_owned(resource) {
+        return Ok(());
+    }
     let mut ops = Vec::new();
-    if let Some(shadow) = idm.get_shadow(&resource.name, &link.entry_uuid).await? {
+    if let Some(shadow) = shadow {
         ops.push(Op::DeleteShadow {
             resource: resource.name.clone(),
             entry_uuid: link.entry_uuid.clone(),
