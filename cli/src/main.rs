@@ -161,6 +161,12 @@ enum Command {
 
 #[derive(Debug, Subcommand)]
 enum ProvisioningCommand {
+    /// Lists accounts with an operation the provisioner is still retrying
+    /// (as their shadows show it).
+    Pending {
+        #[arg(long)]
+        json: bool,
+    },
     /// Lists parked provisioning operations with their reasons.
     Parked,
     /// Provisions the user of a parked operation again (its current state).
@@ -289,10 +295,62 @@ async fn run(cli: Cli) -> Result<ExitCode> {
     let global = cli.global;
     match cli.command {
         Command::Sync { command } => agreements::run(&global, command).await,
+        Command::Provisioning {
+            command: ProvisioningCommand::Pending { json },
+        } => {
+            let (idm, url) = global.admin()?;
+            let config = global.config()?;
+            let mut pending = Vec::new();
+            for r in config.resources.iter().filter(|r| r.dn_template.is_some()) {
+                let shadows = idm
+                    .all_shadows(&r.name)
+                    .await
+                    .with_context(|| format!("cannot read the shadows of {} from {url}", r.name))?;
+                pending.extend(shadows.into_iter().filter(|s| s.pending.is_some()));
+            }
+            if json {
+                let out: Vec<_> = pending
+                    .iter()
+                    .filter_map(|s| {
+                        let p = s.pending.as_ref()?;
+                        Some(serde_json::json!({
+                            "resource": s.resource,
+                            "dn": s.dn,
+                            "user": s.focus_id,
+                            "operation": p.operation,
+                            "attempts": p.attempts,
+                            "since": idsync_core::schedule::format_utc(p.since_ms / 1000),
+                            "reason": p.reason,
+                        }))
+                    })
+                    .collect();
+                println!("{}", serde_json::to_string_pretty(&out)?);
+            } else if pending.is_empty() {
+                println!("no pending operations");
+            } else {
+                for s in &pending {
+                    if let Some(p) = &s.pending {
+                        println!(
+                            "{} {}: {} pending since {}, {} attempts\n    {}",
+                            s.resource,
+                            s.dn,
+                            p.operation,
+                            idsync_core::schedule::format_utc(p.since_ms / 1000),
+                            p.attempts,
+                            p.reason
+                        );
+                    }
+                }
+            }
+            Ok(ExitCode::SUCCESS)
+        }
         Command::Provisioning { command } => {
-            let bus = idsync_bus::Bus::connect(&global.nats_url()?).await?;
+            let bus = || async { anyhow::Ok(idsync_bus::Bus::connect(&global.nats_url()?).await?) };
             match command {
+                // Answered above: it reads the IDM only.
+                ProvisioningCommand::Pending { .. } => {}
                 ProvisioningCommand::Parked => {
+                    let bus = bus().await?;
                     let parked = idsync::sync::parked_provisioning(&bus).await?;
                     if parked.is_empty() {
                         println!("no parked provisioning");
@@ -302,11 +360,13 @@ async fn run(cli: Cli) -> Result<ExitCode> {
                     }
                 }
                 ProvisioningCommand::Retry { seq } => {
+                    let bus = bus().await?;
                     let (idm, _) = global.admin()?;
                     idsync::sync::retry_provisioning(&bus, &idm, seq).await?;
                     println!("provisioning {seq} sent again");
                 }
                 ProvisioningCommand::Drop { seq } => {
+                    let bus = bus().await?;
                     idsync::sync::drop_provisioning(&bus, seq).await?;
                     println!("provisioning {seq} dropped");
                 }

@@ -150,6 +150,13 @@ async fn roles_give_accounts_values_and_groups_and_take_them_back() {
         member_of(g, &renamed) && !member_of(g, &will)
     })
     .await;
+    // Any administrator's change is provisioned.
+    env.ok(&["users", "set", "wturner", "fullName=William Turner"])
+        .await;
+    target_where(&env, &renamed, "the new full name", |e| {
+        values(e, "cn").contains(&"William Turner")
+    })
+    .await;
 
     // A role still held cannot be deleted.
     let refused = env.cli(&["roles", "delete", "engineer"]).await;
@@ -230,5 +237,180 @@ async fn a_role_that_does_not_exist_parks_the_provisioning_with_its_name() {
         .unwrap()
         .to_owned();
     env.ok(&["provisioning", "drop", &seq]).await;
+    env.d.shutdown().await.unwrap();
+}
+
+/// hr (the source) and crm (on the target directory) both read and written,
+/// under one agreement: each sends its changes to the IDM, and the IDM's
+/// changes go out to both.
+fn two_way_config() -> String {
+    let hr_start = EXAMPLE_CONFIG.find("[[resources]]").unwrap();
+    let head = EXAMPLE_CONFIG[..hr_start].replace(
+        "assignments = [\"acme\"]",
+        "assignments = [\"hr\", \"crm\"]",
+    );
+    format!(
+        r#"{head}
+[[resources]]
+name = "hr"
+agreement = "hr"
+url = "ldap://127.0.0.1:389"
+bind_dn = "cn=admin,dc=example,dc=com"
+base_dn = "ou=people,dc=example,dc=com"
+filter = "(objectClass=inetOrgPerson)"
+live_sync = true
+object_classes = ["inetOrgPerson"]
+dn_template = "uid={{name}},ou=people,dc=example,dc=com"
+inbound = [
+  {{ source = "uid", target = "name", strength = "strong" }},
+  {{ source = "cn", target = "fullName" }},
+  {{ source = "sn", target = "familyName" }},
+]
+outbound = [
+  {{ source = "fullName", target = "cn" }},
+  {{ source = "familyName", target = "sn" }},
+  # Normal: follows the IDM, but never echoes hr's own change back to hr.
+  {{ source = "fullName", target = "displayName" }},
+  # Strong: enforced even on hr's own changes.
+  {{ value = "idsync", target = "employeeType", strength = "strong" }},
+]
+correlation = [{{ conditions = [{{ focus_attribute = "name", source = "uid" }}] }}]
+
+[resources.reactions]
+linked = {{ action = "synchronize" }}
+unlinked = {{ action = "link" }}
+unmatched = {{ action = "add_focus", template = "default-user" }}
+deleted = {{ action = "unlink" }}
+
+[[resources]]
+name = "crm"
+agreement = "hr"
+url = "ldap://127.0.0.1:390"
+bind_dn = "cn=admin,o=Acme"
+base_dn = "o=Acme"
+filter = "(objectClass=inetOrgPerson)"
+live_sync = true
+object_classes = ["inetOrgPerson"]
+dn_template = "uid={{name}},o=Acme"
+inbound = [
+  {{ source = "cn", target = "fullName" }},
+  {{ source = "sn", target = "familyName" }},
+]
+outbound = [
+  {{ source = "fullName", target = "cn" }},
+  {{ source = "familyName", target = "sn" }},
+]
+correlation = [{{ conditions = [{{ focus_attribute = "name", source = "uid" }}] }}]
+
+[resources.reactions]
+linked = {{ action = "synchronize" }}
+unlinked = {{ action = "link" }}
+unmatched = {{ action = "nothing" }}
+deleted = {{ action = "unlink" }}
+"#
+    )
+}
+
+/// The entry's attributes with its entryCSN (which every write changes).
+async fn read(server: &idsync_testkit::Slapd, dn: &str) -> (String, ldap3::SearchEntry) {
+    let mut ldap = server.admin_conn().await.unwrap();
+    let (entries, _) = ldap
+        .search(
+            dn,
+            ldap3::Scope::Base,
+            "(objectClass=*)",
+            vec!["*", "entryCSN"],
+        )
+        .await
+        .unwrap()
+        .success()
+        .unwrap();
+    let _ = ldap.unbind().await;
+    let e = ldap3::SearchEntry::construct(entries.into_iter().next().unwrap());
+    (e.attrs["entryCSN"][0].clone(), e)
+}
+
+async fn set(server: &idsync_testkit::Slapd, dn: &str, attribute: &str, value: &str) -> String {
+    let mut ldap = server.admin_conn().await.unwrap();
+    ldap.modify(dn, vec![ldap3::Mod::Replace(attribute, [value].into())])
+        .await
+        .unwrap()
+        .success()
+        .unwrap();
+    let _ = ldap.unbind().await;
+    read(server, dn).await.0
+}
+
+/// Nothing changes any more: the user's version and both entries stay put
+/// for a while.
+async fn settled(env: &Env, hr: &str, crm: &str) -> (u64, String, String) {
+    let state = || async {
+        (
+            env.user("jack").await.unwrap().version,
+            read(&env.d.source, hr).await.0,
+            read(&env.d.target, crm).await.0,
+        )
+    };
+    let before = state().await;
+    tokio::time::sleep(std::time::Duration::from_secs(3)).await;
+    let after = state().await;
+    assert_eq!(before, after, "still changing after 3 s: no settling");
+    after
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_resources_mapped_both_ways_settle_without_echoes() {
+    let env = start(&two_way_config()).await;
+    let hr = format!("uid=jack,{}", idsync::dev::PEOPLE);
+    let crm = format!("uid=jack,{TARGET_SUFFIX}");
+
+    // jack from hr gets an account on crm, and hr the strong value.
+    env.user_where("jack", "linked to both", |u| {
+        u.link_to("hr").is_some() && u.link_to("crm").is_some()
+    })
+    .await;
+    eventually("hr gets the strong value", WAIT, || async {
+        let (_, e) = read(&env.d.source, &hr).await;
+        Ok(e.attrs.contains_key("employeeType").then_some(()))
+    })
+    .await
+    .unwrap();
+    let (_, e) = read(&env.d.target, &crm).await;
+    assert_eq!(e.attrs["cn"], ["Jack Sparrow"]);
+    settled(&env, &hr, &crm).await;
+
+    // A change on crm reaches hr, normal mappings included, and nothing
+    // is written back to crm.
+    let crm_csn = set(&env.d.target, &crm, "cn", "Jack the Pirate").await;
+    eventually("hr follows crm", WAIT, || async {
+        let (_, e) = read(&env.d.source, &hr).await;
+        Ok((values(Some(&e), "cn") == ["Jack the Pirate"]
+            && values(Some(&e), "displayName") == ["Jack the Pirate"])
+        .then_some(()))
+    })
+    .await
+    .unwrap();
+    let (version, _, crm_after) = settled(&env, &hr, &crm).await;
+    assert_eq!(crm_after, crm_csn, "crm was written back to");
+
+    // And the other way: hr's change reaches crm, in one round.
+    let hr_csn = set(&env.d.source, &hr, "cn", "Captain Jack").await;
+    eventually("crm follows hr", WAIT, || async {
+        let (_, e) = read(&env.d.target, &crm).await;
+        Ok((values(Some(&e), "cn") == ["Captain Jack"]).then_some(()))
+    })
+    .await
+    .unwrap();
+    let (version_after, hr_after, _) = settled(&env, &hr, &crm).await;
+    assert_eq!(hr_after, hr_csn, "hr was written back to");
+    // So hr's own displayName (a normal mapping) is left as it was: it
+    // follows changes that come from elsewhere.
+    let (_, e) = read(&env.d.source, &hr).await;
+    assert_eq!(values(Some(&e), "displayName"), ["Jack the Pirate"]);
+    assert_eq!(
+        version_after,
+        version + 1,
+        "one change of the user, not a ping-pong"
+    );
     env.d.shutdown().await.unwrap();
 }

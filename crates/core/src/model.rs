@@ -228,9 +228,22 @@ impl Focus {
     }
 
     /// Replace the link to `link.resource` (a focus has one account per resource).
+    /// In place when there is one, so that linking again changes nothing.
     pub fn set_link(&mut self, link: Link) {
-        self.links.retain(|l| l.resource != link.resource);
-        self.links.push(link);
+        let resource = link.resource.clone();
+        match self.links.iter().position(|l| l.resource == resource) {
+            Some(at) => {
+                self.links[at] = link;
+                // One account per resource: any later duplicate goes.
+                let mut index = 0;
+                self.links.retain(|l| {
+                    let keep = l.resource != resource || index == at;
+                    index += 1;
+                    keep
+                });
+            }
+            None => self.links.push(link),
+        }
     }
 
     pub fn remove_link(&mut self, resource: &str, entry_uuid: &str) {
@@ -358,6 +371,23 @@ mod tests {
             let once = normalize_dn(&dn);
             prop_assert_eq!(normalize_dn(&once), once);
         }
+    }
+
+    #[test]
+    fn linking_again_changes_nothing() {
+        let link = |resource: &str, uuid: &str| super::Link {
+            resource: resource.into(),
+            entry_uuid: uuid.into(),
+            dn: format!("uid=x,o={resource}"),
+        };
+        let mut f = super::Focus::default();
+        f.set_link(link("hr", "1"));
+        f.set_link(link("crm", "2"));
+        let before = f.clone();
+        f.set_link(link("hr", "1"));
+        assert_eq!(f, before, "the order of links is kept");
+        f.set_link(link("hr", "3"));
+        assert_eq!(f.links, vec![link("hr", "3"), link("crm", "2")]);
     }
 
     #[test]
