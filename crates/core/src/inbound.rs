@@ -657,6 +657,25 @@ mod tests {
     }
 
     #[test]
+    fn a_template_assigns_its_roles_once() {
+        let mut template = config().templates[0].clone();
+        template.roles = vec!["employee".into()];
+        let mut focus = Focus::default();
+        apply_template(&template, &Attrs::new(), &mut focus).unwrap();
+        apply_template(&template, &Attrs::new(), &mut focus).unwrap();
+        assert!(focus.has_role("employee"));
+        assert!(focus.has_assignment("acme"));
+        assert_eq!(focus.assignments.len(), 2, "{:?}", focus.assignments);
+        let role = focus
+            .assignments
+            .iter()
+            .find(|a| a.role == "employee")
+            .unwrap();
+        assert_eq!(role.resource, "");
+        assert_eq!(role.source, "template:default-user");
+    }
+
+    #[test]
     fn weak_template_fills_full_name_when_source_has_none() {
         let cfg = config();
         let mut change = entry("will", "x", "Will", "Turner");

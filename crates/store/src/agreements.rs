@@ -925,4 +925,82 @@ mod tests {
             "Unknown"
         );
     }
+
+    fn role(id: &str, name: &str, includes: &[&str]) -> v1::Focus {
+        let mut r = user(id, name, &[]);
+        r.kind = "role".into();
+        r.inducements = includes
+            .iter()
+            .map(|i| v1::Inducement {
+                role: (*i).to_owned(),
+                ..Default::default()
+            })
+            .collect();
+        r
+    }
+
+    #[test]
+    fn roles_are_the_idms_and_their_referrers_are_indexed() {
+        let (_d, s, hr, _crm, admin) = setup();
+        let err = s.commit(&put(&role("r1", "staff", &[]), 0), "", &hr);
+        assert!(
+            matches!(err, Err(StoreError::NotOwned { .. })),
+            "an agreement made a role: {err:?}"
+        );
+        s.commit(&put(&role("r1", "staff", &[]), 0), "", &admin)
+            .unwrap();
+        s.commit(&put(&role("r2", "engineer", &["staff"]), 0), "", &admin)
+            .unwrap();
+        let mut jack = user("f1", "jack", &[]);
+        jack.assignments.push(v1::Assignment {
+            role: "staff".into(),
+            source: "admin".into(),
+            ..Default::default()
+        });
+        s.commit(&put(&jack, 0), "", &admin).unwrap();
+        assert_eq!(
+            s.role_referrers("staff").unwrap(),
+            (vec!["f1".to_owned()], vec!["engineer".to_owned()])
+        );
+        // Assignments and inducements change: the index follows.
+        jack.assignments.clear();
+        s.commit(&put(&jack, 1), "", &admin).unwrap();
+        s.commit(&put(&role("r2", "engineer", &[]), 1), "", &admin)
+            .unwrap();
+        assert_eq!(s.role_referrers("staff").unwrap(), (vec![], vec![]));
+        // A deleted holder is no referrer.
+        let mut will = user("f2", "will", &[]);
+        will.assignments.push(v1::Assignment {
+            role: "engineer".into(),
+            source: "admin".into(),
+            ..Default::default()
+        });
+        s.commit(&put(&will, 0), "", &admin).unwrap();
+        assert_eq!(s.role_referrers("engineer").unwrap().0, ["f2"]);
+        s.commit(&delete("f2", 1), "", &admin).unwrap();
+        assert!(s.role_referrers("engineer").unwrap().0.is_empty());
+    }
+
+    #[test]
+    fn inducements_and_assignments_must_say_what_they_are() {
+        let (_d, s, _hr, _crm, admin) = setup();
+        let mut jack = user("f1", "jack", &[]);
+        jack.inducements.push(v1::Inducement {
+            resource: "acme".into(),
+            ..Default::default()
+        });
+        let err = s.commit(&put(&jack, 0), "", &admin).unwrap_err();
+        assert!(err.to_string().contains("only roles give"), "{err}");
+        jack.inducements.clear();
+        jack.assignments.push(v1::Assignment {
+            resource: "acme".into(),
+            role: "staff".into(),
+            source: "admin".into(),
+        });
+        let err = s.commit(&put(&jack, 0), "", &admin).unwrap_err();
+        assert!(
+            err.to_string().contains("either a resource or a role"),
+            "{err}"
+        );
+    }
 }
