@@ -375,6 +375,8 @@ pub async fn retry_provisioning(bus: &Bus, idm: &IdmClient, seq: u64) -> Result<
         deleted: focus.is_none(),
         focus: focus.map(Into::into),
         origin_resource: String::new(),
+        // No before-image: the user's whole state is enforced again.
+        ..Default::default()
     };
     bus.publish_and_wait(
         names::FOCUS_SUBJECT,

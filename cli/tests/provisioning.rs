@@ -414,3 +414,81 @@ async fn two_resources_mapped_both_ways_settle_without_echoes() {
     );
     env.d.shutdown().await.unwrap();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn normal_mappings_follow_their_sources_and_strong_ones_are_enforced() {
+    // acme is the example's last resource: this mapping is its.
+    let config = format!(
+        "{EXAMPLE_CONFIG}\n[[resources.outbound]]\nvalue = \"idsync\"\ntarget = \"employeeType\"\nstrength = \"strong\"\n"
+    );
+    let env = start(&config).await;
+    let jack = dn("jack");
+    target_where(&env, &jack, "provisioned", |e| {
+        values(e, "employeeType") == ["idsync"]
+    })
+    .await;
+    let mut ldap = env.d.target.admin_conn().await.unwrap();
+    ldap.modify(
+        &jack,
+        vec![
+            ldap3::Mod::Replace("sn", ["Hand"].into()),
+            ldap3::Mod::Replace("description", ["by hand"].into()),
+            ldap3::Mod::Replace("employeeType", ["hand"].into()),
+        ],
+    )
+    .await
+    .unwrap()
+    .success()
+    .unwrap();
+    let _ = ldap.unbind().await;
+
+    // fullName changes: cn follows, the strong value is put back, and the
+    // normal mappings whose sources did not change leave the hand edits.
+    set_cn(&env.d.source, "jack", "Captain Jack").await;
+    target_where(&env, &jack, "cn follows, the strong value is back", |e| {
+        values(e, "cn").contains(&"Captain Jack") && values(e, "employeeType") == ["idsync"]
+    })
+    .await;
+    let e = target_entry(&env, &jack).await;
+    assert_eq!(values(e.as_ref(), "sn"), ["Hand"]);
+    assert_eq!(values(e.as_ref(), "description"), ["by hand"]);
+
+    // Reconciliation enforces strong mappings only.
+    let mut ldap = env.d.target.admin_conn().await.unwrap();
+    ldap.modify(
+        &jack,
+        vec![ldap3::Mod::Replace("employeeType", ["hand"].into())],
+    )
+    .await
+    .unwrap()
+    .success()
+    .unwrap();
+    let _ = ldap.unbind().await;
+    let out = env
+        .ok(&["reconcile", "acme", "--json", "--rate", "2000"])
+        .await;
+    assert!(out.contains("\"reprovisioned\":1"), "{out}");
+    target_where(&env, &jack, "the strong value put back", |e| {
+        values(e, "employeeType") == ["idsync"]
+    })
+    .await;
+    let e = target_entry(&env, &jack).await;
+    assert_eq!(values(e.as_ref(), "sn"), ["Hand"], "normal: left alone");
+
+    // A change of its source: the normal mapping follows.
+    let mut ldap = env.d.source.admin_conn().await.unwrap();
+    ldap.modify(
+        &format!("uid=jack,{}", idsync::dev::PEOPLE),
+        vec![ldap3::Mod::Replace("sn", ["Sparrow II"].into())],
+    )
+    .await
+    .unwrap()
+    .success()
+    .unwrap();
+    let _ = ldap.unbind().await;
+    target_where(&env, &jack, "sn follows its source", |e| {
+        values(e, "sn") == ["Sparrow II"]
+    })
+    .await;
+    env.d.shutdown().await.unwrap();
+}

@@ -138,6 +138,7 @@ impl<'t> Tables<'t> {
         focus: v1::Focus,
         deleted: bool,
         origin: &str,
+        before: Option<&v1::Focus>,
     ) -> Result<(), StoreError> {
         let change = v1::FocusChange {
             schema_version: idsync_proto::SCHEMA_VERSION,
@@ -146,6 +147,8 @@ impl<'t> Tables<'t> {
             focus: Some(focus),
             deleted,
             origin_resource: origin.to_owned(),
+            before_attributes: before.map(|b| b.attributes.clone()).unwrap_or_default(),
+            has_before: before.is_some(),
         };
         self.outbox
             .insert(self.next_seq, change.encode_to_vec().as_slice())
@@ -265,7 +268,7 @@ impl<'t> Tables<'t> {
         self.focus
             .insert(focus.id.as_str(), focus.encode_to_vec().as_slice())
             .map_err(db)?;
-        self.append_outbox(focus, false, origin)
+        self.append_outbox(focus, false, origin, None)
     }
 
     /// Deletes focus `id` with its indexes; it leaves every group it was a
@@ -319,7 +322,7 @@ impl<'t> Tables<'t> {
             group.members.retain(|m| m != id);
             self.rewrite_focus(group, origin)?;
         }
-        self.append_outbox(last.clone(), true, origin)?;
+        self.append_outbox(last.clone(), true, origin, None)?;
         Ok(Some(last))
     }
 }
@@ -772,7 +775,7 @@ pub(crate) fn apply(
                     .insert(focus.id.as_str(), focus.encode_to_vec().as_slice())
                     .map_err(db)?;
                 versions.push(focus.version);
-                t.append_outbox(focus, false, origin)?;
+                t.append_outbox(focus, false, origin, current.as_ref())?;
             }
             Some(Op::DeleteFocus(del)) => {
                 let current: Option<v1::Focus> = load(&t.focus, &del.id)?;

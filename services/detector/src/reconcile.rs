@@ -537,6 +537,14 @@ async fn reprovision(
         focus: Some(focus.clone().into()),
         deleted: false,
         origin_resource: String::new(),
+        // Nothing changed at the user: strong mappings are enforced, normal
+        // ones (which follow changes of their sources) are not.
+        before_attributes: focus
+            .attributes
+            .iter()
+            .map(|(k, v)| (k.clone(), v1::Values { values: v.clone() }))
+            .collect(),
+        has_before: true,
     };
     bus.publish_and_wait(
         names::FOCUS_SUBJECT,

@@ -109,6 +109,13 @@ async fn handle(
     let attempt = Attempt {
         number: msg.delivered,
         origin: change.origin_resource.clone(),
+        before: change.has_before.then(|| {
+            change
+                .before_attributes
+                .iter()
+                .map(|(k, v)| (k.clone(), v.values.clone()))
+                .collect()
+        }),
     };
     let kind = change.focus.as_ref().map(|f| f.kind.as_str());
     let result = if kind == Some(KIND_ROLE) {
@@ -143,11 +150,13 @@ async fn handle(
     }
 }
 
-/// Which delivery of a change this is, and which resource the change came
-/// from (empty for the IDM's own changes).
+/// Which delivery of a change this is, which resource the change came from
+/// (empty for the IDM's own changes), and the focus's attributes before it
+/// (absent where the whole state is to be enforced).
 struct Attempt {
     number: u64,
     origin: String,
+    before: Option<Attrs>,
 }
 
 /// A role changed (or went): every focus that holds it, directly or through
@@ -174,6 +183,7 @@ async fn fan_out(bus: &Bus, idm: &IdmClient, role: &Focus, seq: u64) -> Result<(
             focus: None,
             deleted: false,
             origin_resource: String::new(),
+            ..Default::default()
         };
         let msg_id = format!("role:{}:{seq}:{id}", role.id);
         let ack = bus
@@ -235,10 +245,23 @@ async fn provision(
         let (operation, result) = match (wanted.get(&resource.name), &link) {
             (Some(c), None) => ("create", create(idm, targets, resource, &focus, c).await),
             (Some(c), Some(link)) => {
-                let echo = attempt.origin == resource.name;
+                let only = if attempt.origin == resource.name {
+                    Writes::StrongOnly
+                } else if let Some(before) = &attempt.before {
+                    let mut old = focus.clone();
+                    old.attributes = before.clone();
+                    // What the mappings gave before the change; a template
+                    // that cannot render then wrote nothing to compare with.
+                    match desired_account(resource, &old, c) {
+                        Ok(account) => Writes::Changed(account.attributes),
+                        Err(_) => Writes::All,
+                    }
+                } else {
+                    Writes::All
+                };
                 (
                     "modify",
-                    update(idm, targets, resource, &focus, c, link, echo).await,
+                    update(idm, targets, resource, &focus, c, link, only).await,
                 )
             }
             (None, Some(link)) if resource.deprovision == Deprovision::Disable => (
@@ -511,8 +534,44 @@ async fn create(
     commit(idm, ops, &resource.name).await
 }
 
-/// Brings a linked account in line. `echo`: the change came from this very
-/// resource, so only strong mappings write to it (no echo of its own change).
+/// Which mappings may write to an existing account.
+enum Writes {
+    /// Every mapping by its strength (creation, reconciliation, a role change,
+    /// a retry from the parked list: the whole state is enforced).
+    All,
+    /// Strong mappings, and normal ones whose output differs from what they
+    /// gave before the change (given here): normal follows its sources.
+    Changed(Attrs),
+    /// Strong mappings only: the change came from this very resource, and is
+    /// not echoed back to it.
+    StrongOnly,
+}
+
+impl Writes {
+    fn allows(&self, account: &Account, attribute: &str) -> bool {
+        match account.strengths.get(attribute) {
+            Some(Strength::Strong) => true,
+            // Fills only what is empty (decided by the modifications).
+            Some(Strength::Weak) => !matches!(self, Writes::StrongOnly),
+            // Fed no more: what idsync gave is taken back.
+            None => !matches!(self, Writes::StrongOnly),
+            Some(_) => match self {
+                Writes::All => true,
+                Writes::StrongOnly => false,
+                Writes::Changed(old) => {
+                    let set = |a: &Attrs| {
+                        a.get(attribute)
+                            .map(|v| v.iter().cloned().collect::<std::collections::BTreeSet<_>>())
+                            .unwrap_or_default()
+                    };
+                    set(old) != set(&account.attributes)
+                }
+            },
+        }
+    }
+}
+
+/// Brings a linked account in line, writing what `only` allows.
 async fn update(
     idm: &IdmClient,
     targets: &Pool,
@@ -520,7 +579,7 @@ async fn update(
     focus: &Focus,
     construction: &Construction,
     link: &Link,
-    echo: bool,
+    only: Writes,
 ) -> Result<(), Failure> {
     let account = desired_account(resource, focus, construction)
         .map_err(|e| Failure::Permanent(e.to_string()))?;
@@ -544,9 +603,7 @@ async fn update(
             return Ok(None);
         };
         let mut mods = account_modifications(&account, &current.attributes, &previous);
-        if echo {
-            mods.retain(|(name, _)| account.strengths.get(name) == Some(&Strength::Strong));
-        }
+        mods.retain(|(name, _)| only.allows(&account, name));
         // Wanted again after it was disabled: enable it.
         if resource.deprovision == Deprovision::Disable
             && let Some(d) = &resource.disable
