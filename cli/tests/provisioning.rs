@@ -237,6 +237,28 @@ async fn a_role_that_does_not_exist_parks_the_provisioning_with_its_name() {
         .unwrap()
         .to_owned();
     env.ok(&["provisioning", "drop", &seq]).await;
+
+    // A group the role names that the target does not have: parked, named.
+    env.ok(&[
+        "roles",
+        "add",
+        "ghost",
+        "acme",
+        "--group",
+        "cn=nogroup,o=Acme",
+    ])
+    .await;
+    let parked = eventually("the missing group parks bob", WAIT, || async {
+        let out = env.ok(&["provisioning", "parked"]).await;
+        Ok(out.contains("nogroup").then_some(out))
+    })
+    .await
+    .unwrap();
+    assert!(
+        parked
+            .contains("resource acme: group cn=nogroup,o=Acme, which a role gives, does not exist"),
+        "{parked}"
+    );
     env.d.shutdown().await.unwrap();
 }
 

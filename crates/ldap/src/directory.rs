@@ -164,7 +164,7 @@ impl Directory {
             .map_err(|e| op.failed(e, OPERATION_TIMEOUT))?;
         match result.rc {
             0 => Ok(()),
-            RC_ALREADY_EXISTS => Err(LdapError::AlreadyExists { dn: dn.to_owned() }),
+            RC_ALREADY_EXISTS => Err(op.exists(dn)),
             rc => Err(op.result(rc, &result.text)),
         }
     }
@@ -204,7 +204,7 @@ impl Directory {
             .map_err(|e| op.failed(e, OPERATION_TIMEOUT))?;
         match result.rc {
             0 => Ok(()),
-            RC_NO_SUCH_OBJECT => Err(LdapError::NoSuchObject { dn: dn.to_owned() }),
+            RC_NO_SUCH_OBJECT => Err(op.missing()),
             rc => Err(op.result(rc, &result.text)),
         }
     }
@@ -244,7 +244,7 @@ impl Directory {
             .map_err(|e| op.failed(e, OPERATION_TIMEOUT))?;
         match result.rc {
             0 | RC_NO_SUCH_ATTRIBUTE | RC_VALUE_EXISTS => Ok(()),
-            RC_NO_SUCH_OBJECT => Err(LdapError::NoSuchObject { dn: dn.to_owned() }),
+            RC_NO_SUCH_OBJECT => Err(op.missing()),
             rc => Err(op.result(rc, &result.text)),
         }
     }
@@ -269,7 +269,7 @@ impl Directory {
             .map_err(|e| op.failed(e, OPERATION_TIMEOUT))?;
         match result.rc {
             0 => Ok(()),
-            RC_NO_SUCH_OBJECT => Err(LdapError::NoSuchObject { dn: dn.to_owned() }),
+            RC_NO_SUCH_OBJECT => Err(op.missing()),
             rc => Err(op.result(rc, &result.text)),
         }
     }
@@ -305,10 +305,8 @@ impl Directory {
             .map_err(|e| op.failed(e, OPERATION_TIMEOUT))?;
         match result.rc {
             0 => Ok(()),
-            RC_NO_SUCH_OBJECT => Err(LdapError::NoSuchObject { dn: dn.to_owned() }),
-            RC_ALREADY_EXISTS => Err(LdapError::AlreadyExists {
-                dn: new_dn.to_owned(),
-            }),
+            RC_NO_SUCH_OBJECT => Err(op.missing()),
+            RC_ALREADY_EXISTS => Err(op.exists(new_dn)),
             rc => Err(op.result(rc, &result.text)),
         }
     }

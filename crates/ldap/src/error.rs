@@ -48,18 +48,22 @@ pub enum LdapError {
         text: String,
     },
 
-    /// An add found the entry already there (rc 68).
-    #[error("entry {dn} already exists (rc 68, entryAlreadyExists)")]
+    /// An add or rename found the entry already there (rc 68).
+    #[error("LDAP {operation} on {url}: entry {dn} already exists (rc 68, entryAlreadyExists)")]
     AlreadyExists {
         /// The entry that exists.
         dn: String,
+        operation: String,
+        url: String,
     },
 
     /// The entry to change or delete does not exist (rc 32).
-    #[error("entry {dn} does not exist (rc 32, noSuchObject)")]
+    #[error("LDAP {operation} on {url}: entry {dn} does not exist (rc 32, noSuchObject)")]
     NoSuchObject {
         /// The missing entry.
         dn: String,
+        operation: String,
+        url: String,
     },
 
     /// The sync provider cannot resume from the cookie (e-syncRefreshRequired, rc 4096):
@@ -128,6 +132,24 @@ pub(crate) struct Op<'a> {
 }
 
 impl Op<'_> {
+    /// rc 68 for `dn` (the operation's own DN, or a rename's new one).
+    pub(crate) fn exists(&self, dn: &str) -> LdapError {
+        LdapError::AlreadyExists {
+            dn: dn.to_owned(),
+            operation: self.operation.to_owned(),
+            url: self.url.to_owned(),
+        }
+    }
+
+    /// rc 32 for the operation's DN.
+    pub(crate) fn missing(&self) -> LdapError {
+        LdapError::NoSuchObject {
+            dn: self.dn.to_owned(),
+            operation: self.operation.to_owned(),
+            url: self.url.to_owned(),
+        }
+    }
+
     /// An error result from the server.
     pub(crate) fn result(&self, rc: u32, text: &str) -> LdapError {
         LdapError::Operation {

@@ -531,7 +531,7 @@ async fn directory_round_trip_and_errors() {
 
     let err = directory.add(&dora, &wanted).await.unwrap_err();
     assert!(
-        matches!(&err, LdapError::AlreadyExists { dn } if dn == &dora),
+        matches!(&err, LdapError::AlreadyExists { dn, .. } if dn == &dora),
         "{err}"
     );
 
@@ -582,7 +582,7 @@ async fn directory_round_trip_and_errors() {
     assert_eq!(directory.read(&dora).await.unwrap(), None);
     let err = directory.delete(&dora).await.unwrap_err();
     assert!(
-        matches!(&err, LdapError::NoSuchObject { dn } if dn == &dora),
+        matches!(&err, LdapError::NoSuchObject { dn, .. } if dn == &dora),
         "{err}"
     );
     let err = directory

@@ -403,19 +403,21 @@ async fn sync_groups(
     };
     let attribute = &resource.entitlements.attribute;
     for g in wanted.iter().filter(|g| !has(before, g)) {
-        with_dir(targets, resource, async |dir| {
-            dir.change_value(g, attribute, value, true).await
-        })
-        .await
-        .map_err(|e| match e {
-            Failure::Permanent(reason) if reason.contains("does not exist") => {
-                Failure::Permanent(format!(
-                    "resource {}: group {g}, given by a role, cannot take {value}: {reason}",
+        let added = targets
+            .with(&resource.name, async |dir| {
+                dir.change_value(g, attribute, value, true).await
+            })
+            .await;
+        match added {
+            Ok(()) => {}
+            Err(LdapError::NoSuchObject { .. }) => {
+                return Err(Failure::Permanent(format!(
+                    "resource {}: group {g}, which a role gives, does not exist (idsync manages members, not groups)",
                     resource.name
-                ))
+                )));
             }
-            other => other,
-        })?;
+            Err(e) => return Err(ldap_failure(&resource.name, e)),
+        }
         tracing::info!(resource = %resource.name, group = %g, member = %value, "member added");
     }
     for g in before.iter().filter(|g| !has(wanted, g)) {
@@ -684,15 +686,16 @@ async fn rename(
     shadow: Option<Shadow>,
 ) -> Result<(), Failure> {
     let new_dn = account.dn.as_str();
-    let result = with_dir(targets, resource, async |dir| {
-        match dir.rename(&link.dn, new_dn).await {
-            Ok(()) => Ok(true),
-            // Renamed already (a retry after a crash): nothing to do here.
-            Err(LdapError::NoSuchObject { .. }) => Ok(dir.read(new_dn).await?.is_some()),
-            Err(e) => Err(e),
-        }
-    })
-    .await;
+    let result = targets
+        .with(&resource.name, async |dir| {
+            match dir.rename(&link.dn, new_dn).await {
+                Ok(()) => Ok(true),
+                // Renamed already (a retry after a crash): nothing to do here.
+                Err(LdapError::NoSuchObject { .. }) => Ok(dir.read(new_dn).await?.is_some()),
+                Err(e) => Err(e),
+            }
+        })
+        .await;
     match result {
         Ok(true) => {}
         Ok(false) => {
@@ -701,15 +704,13 @@ async fn rename(
                 resource.name, link.dn
             )));
         }
-        Err(Failure::Permanent(reason)) | Err(Failure::Transient(reason))
-            if reason.contains("already exists") =>
-        {
+        Err(e @ LdapError::AlreadyExists { .. }) => {
             return Err(Failure::Permanent(format!(
-                "resource {}: cannot rename {} to {new_dn}: {reason}",
+                "resource {}: cannot rename {} to {new_dn}: {e}",
                 resource.name, link.dn
             )));
         }
-        Err(e) => return Err(e),
+        Err(e) => return Err(ldap_failure(&resource.name, e)),
     }
     tracing::info!(resource = %resource.name, from = %link.dn, to = %new_dn, focus = %focus.id, "account renamed");
     // Groups name members by DN: move the memberships to the new one.
