@@ -300,7 +300,7 @@ impl Bus {
             .messages()
             .await
             .map_err(|e| error("pull messages from", Box::new(e)))?;
-        Ok(Deliveries::new(messages, stream, durable))
+        Ok(Deliveries::new(messages, stream, durable, consumer))
     }
 
     /// Park a message that cannot be processed: store a

@@ -13,6 +13,16 @@ pub struct Deliveries {
     messages: consumer::pull::Stream,
     stream: String,
     durable: String,
+    /// Samples the consumer's backlog into a gauge while the deliveries live.
+    lag: Option<tokio::task::JoinHandle<()>>,
+}
+
+impl Drop for Deliveries {
+    fn drop(&mut self) {
+        if let Some(task) = self.lag.take() {
+            task.abort();
+        }
+    }
 }
 
 impl fmt::Debug for Deliveries {
@@ -25,11 +35,31 @@ impl fmt::Debug for Deliveries {
 }
 
 impl Deliveries {
-    pub(crate) fn new(messages: consumer::pull::Stream, stream: &str, durable: &str) -> Self {
+    pub(crate) fn new(
+        messages: consumer::pull::Stream,
+        stream: &str,
+        durable: &str,
+        mut consumer: consumer::PullConsumer,
+    ) -> Self {
+        let (s, d) = (stream.to_owned(), durable.to_owned());
+        let lag = tokio::spawn(async move {
+            loop {
+                if let Ok(info) = consumer.info().await {
+                    idsync_telemetry::metrics::set(
+                        "idsync_consumer_pending",
+                        "Messages of a durable consumer not yet delivered or not yet acknowledged (consumer lag).",
+                        &[("stream", &s), ("durable", &d)],
+                        (info.num_pending + info.num_ack_pending as u64) as f64,
+                    );
+                }
+                tokio::time::sleep(std::time::Duration::from_secs(10)).await;
+            }
+        });
         Self {
             messages,
             stream: stream.to_owned(),
             durable: durable.to_owned(),
+            lag: Some(lag),
         }
     }
 

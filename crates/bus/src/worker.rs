@@ -86,6 +86,7 @@ where
     let mut deliveries = bus
         .consume(source.stream, source.durable, source.filter_subject)
         .await?;
+    idsync_telemetry::health::set_ready(true);
     loop {
         let next = tokio::select! {
             biased;
@@ -113,7 +114,10 @@ where
             delivered: delivery.delivered(),
         };
         let seq = message.stream_seq;
-        match handle(message).await {
+        let started = std::time::Instant::now();
+        let handling = handle(message).await;
+        count(source.service, &handling, started.elapsed());
+        match handling {
             Handling::Done => delivery.ack().await?,
             Handling::Retry { delay, reason } => {
                 tracing::warn!(service = source.service, seq, %reason, retry_in_ms = delay.as_millis() as u64, "will retry");
@@ -139,6 +143,28 @@ where
             }
         }
     }
+}
+
+/// Counts a handled message by its outcome, and how long handling took.
+fn count(service: &str, handling: &Handling, took: Duration) {
+    use idsync_telemetry::metrics;
+    let outcome = match handling {
+        Handling::Done => "done",
+        Handling::Retry { .. } => "retry",
+        Handling::Poison(_) => "parked",
+        Handling::Halt(_) => "halted",
+    };
+    metrics::inc(
+        "idsync_messages_total",
+        "Messages handled, by service and outcome (done, retry, parked, halted).",
+        &[("service", service), ("outcome", outcome)],
+    );
+    metrics::observe(
+        "idsync_message_handling_seconds",
+        "Time to handle one message, by service.",
+        &[("service", service)],
+        took.as_secs_f64(),
+    );
 }
 
 /// Backoff for the `delivered`-th attempt: 200 ms doubling up to 30 s, less

@@ -6,6 +6,7 @@ use std::future::Future;
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::sync::Arc;
+use std::time::Duration;
 
 use idsync_core::config::{Config, ResourceConfig};
 use idsync_core::secret::Secret;
@@ -314,6 +315,18 @@ pub fn config_path_from_args() -> Option<PathBuf> {
     std::env::var_os(CONFIG_ENV).map(PathBuf::from)
 }
 
+/// The environment variable with the seconds a stopping service may take to
+/// drain (default 20, inside Kubernetes' default 30 s termination grace).
+pub const GRACE_ENV: &str = "IDSYNC_SHUTDOWN_GRACE_SECONDS";
+
+fn grace_period() -> Duration {
+    let seconds = std::env::var(GRACE_ENV)
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(20);
+    Duration::from_secs(seconds)
+}
+
 /// The whole `main` of a service binary: tracing, configuration, signals,
 /// then `run`; a failure becomes one line on stderr and exit code 1 (2 for
 /// a configuration problem).
@@ -336,9 +349,60 @@ where
         }
     };
     let shutdown = shutdown_on_signal();
+    // Probes and metrics live until the service has drained.
+    let probes = CancellationToken::new();
+    let health = match std::env::var(idsync_telemetry::health::BIND_ENV) {
+        Ok(bind) => {
+            match idsync_telemetry::health::serve(
+                &bind,
+                idsync_telemetry::health::BIND_ENV,
+                probes.clone(),
+            )
+            .await
+            {
+                Ok(task) => Some(task),
+                Err(e) => {
+                    eprintln!("idsync-{name}: {e}");
+                    return ExitCode::from(2);
+                }
+            }
+        }
+        Err(_) => None,
+    };
+    let grace = grace_period();
+    let draining = shutdown.clone();
     tracing::info!(service = name, config = %path.display(), "starting");
     let span = tracing::info_span!("service", name);
-    match tracing::Instrument::instrument(run(config, shutdown), span).await {
+    let work = tracing::Instrument::instrument(run(config, shutdown), span);
+    tokio::pin!(work);
+    // On SIGTERM the service stops taking work and finishes what it holds;
+    // past the grace period it exits anyway (unacknowledged messages are
+    // delivered again, to another replica or after the restart).
+    let outcome = tokio::select! {
+        r = &mut work => Some(r),
+        () = async {
+            draining.cancelled().await;
+            idsync_telemetry::health::set_ready(false);
+            tokio::time::sleep(grace).await;
+        } => None,
+    };
+    probes.cancel();
+    if let Some(task) = health {
+        let _ = task.await;
+    }
+    let Some(outcome) = outcome else {
+        tracing::error!(
+            service = name,
+            grace_s = grace.as_secs(),
+            "did not stop within the grace period; exiting"
+        );
+        eprintln!(
+            "idsync-{name}: did not stop within the grace period of {} s ({GRACE_ENV}); exiting",
+            grace.as_secs()
+        );
+        return ExitCode::FAILURE;
+    };
+    match outcome {
         Ok(()) => {
             tracing::info!(service = name, "stopped");
             ExitCode::SUCCESS

@@ -261,6 +261,18 @@ async fn handle(config: &Config, ctx: Agreement<'_>, accounts: &Pool, msg: Messa
         match idm.commit(ops, &change.resource).await {
             Ok(_) => {
                 tracing::info!(resource = %change.resource, dn = %change.dn, %situation, %reaction, "applied");
+                let detected = decision.change.as_ref().map_or(0, |c| c.detected_at_ms);
+                if detected > 0 {
+                    let now = std::time::SystemTime::now()
+                        .duration_since(std::time::UNIX_EPOCH)
+                        .map_or(0, |d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX));
+                    idsync_telemetry::metrics::observe(
+                        "idsync_end_to_end_seconds",
+                        "From detection at the source to the IDM commit, by resource.",
+                        &[("resource", &change.resource)],
+                        (now - detected).max(0) as f64 / 1000.0,
+                    );
+                }
                 return Handling::Done;
             }
             Err(IdmError::Conflict(reason)) => {

@@ -114,6 +114,15 @@ async fn handle(
     };
     let (action, _) = reaction(resource, situation);
     tracing::info!(resource = %change.resource, dn = %change.dn, %situation, reaction = %action, "decided");
+    idsync_telemetry::metrics::inc(
+        "idsync_decisions_total",
+        "Correlation decisions, by resource, situation and reaction.",
+        &[
+            ("resource", &change.resource),
+            ("situation", &situation.to_string()),
+            ("reaction", &action.to_string()),
+        ],
+    );
     decision.situation = situation.to_string();
     decision.reaction = action.to_string();
     decision.focus_id = correlation

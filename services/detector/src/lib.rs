@@ -428,6 +428,7 @@ async fn session(
     // states they were the first time.
     let refresh = (!resumed).then(|| format!(":full{}", now_ms()));
     tracing::info!(resource = %resource.resource, resumed, persist, "sync session started");
+    idsync_telemetry::health::set_ready(true);
     let mut refreshing = Some(Refreshing::default());
     let mut out = Publisher {
         refresh,
@@ -542,6 +543,12 @@ async fn session(
                 }
                 out.refresh = None;
                 tracing::info!(resource = %resource.resource, events = out.published, too_large = out.skipped, "refresh done");
+                idsync_telemetry::metrics::add(
+                    "idsync_detected_events_total",
+                    "Change events published by the detector, by resource.",
+                    &[("resource", &resource.resource)],
+                    out.published as u64,
+                );
             }
             SyncMessage::Cookie(cookie) => {
                 hold_or_commit(&mut out, &mut refreshing, Some(cookie)).await?;

@@ -152,6 +152,7 @@ pub async fn serve(
         shutdown.clone(),
     ));
     tracing::info!(%addr, "IDM listening");
+    idsync_telemetry::health::set_ready(true);
     // tonic takes requests of at most 4 MB by default; a commit of a group
     // carries every member twice (the focus and its shadow's snapshot), about
     // 4.3 MB for 50,000 members. The clients allow as much (IdmClient::new).

@@ -274,6 +274,22 @@ async fn provision(
             ),
             (None, None) => continue,
         };
+        idsync_telemetry::metrics::inc(
+            "idsync_provisioning_total",
+            "Provisioning of one account, by resource, operation and outcome.",
+            &[
+                ("resource", &resource.name),
+                ("operation", operation),
+                (
+                    "outcome",
+                    match &result {
+                        Ok(()) => "ok",
+                        Err(Failure::Transient(_)) => "retry",
+                        Err(Failure::Permanent(_)) => "failed",
+                    },
+                ),
+            ],
+        );
         if let (Err(Failure::Transient(reason)), Some(link)) = (&result, &link) {
             note_pending(idm, resource, link, operation, reason, attempt.number).await;
         }
