@@ -3,4 +3,5 @@
 
 pub mod cases;
 pub mod dev;
+pub mod replay;
 pub mod sync;

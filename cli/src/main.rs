@@ -13,6 +13,7 @@ use idsync_core::secret::Secret;
 use idsync_idm_client::IdmClient;
 
 mod agreements;
+mod events;
 mod roles;
 
 #[derive(Debug, Parser)]
@@ -131,6 +132,12 @@ enum Command {
         /// The summary as one JSON document.
         #[arg(long)]
         json: bool,
+    },
+    /// Change events kept in JetStream: tail, show, and replay (simulated,
+    /// compared between two configurations, or into the pipeline).
+    Events {
+        #[command(subcommand)]
+        command: events::EventsCommand,
     },
     /// Provisioning operations the provisioner gave up on.
     Provisioning {
@@ -420,6 +427,7 @@ async fn run(cli: Cli) -> Result<ExitCode> {
             Ok(ExitCode::SUCCESS)
         }
         Command::Roles { command } => roles::run(&global, command).await,
+        Command::Events { command } => events::run(&global, command).await,
         Command::Users {
             command:
                 UsersCommand::Assign {

@@ -168,7 +168,7 @@ async fn plan_entry(
 }
 
 /// The focus operations in words; a shadow's bookkeeping is left out.
-fn describe(ops: &[Op], before: Option<&Focus>) -> Vec<String> {
+pub(crate) fn describe(ops: &[Op], before: Option<&Focus>) -> Vec<String> {
     let mut out = Vec::new();
     for op in ops {
         match op {

@@ -397,7 +397,14 @@ async fn a_provisioning_that_keeps_failing_is_parked_and_retried_from_the_cli() 
     .unwrap();
     assert!(parked.contains("gave up after 3 attempts"), "{parked}");
     assert!(parked.contains("acme"), "names the resource: {parked}");
-    let seq = parked.split_whitespace().next().unwrap().to_owned();
+    // Will's line: other focus events that met the stopped target may be
+    // parked too, in any order.
+    let seq = parked
+        .lines()
+        .find(|l| l.contains(&will.id))
+        .and_then(|l| l.split_whitespace().next())
+        .unwrap()
+        .to_owned();
 
     env.d.target.restart().await.unwrap();
     env.ok(&["provisioning", "retry", &seq]).await;

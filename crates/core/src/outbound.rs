@@ -325,6 +325,45 @@ fn keep_rdn(rdn: &(String, String), attributes: &mut Attrs) {
     }
 }
 
+/// Which mappings may write to an existing account.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Writes {
+    /// Every mapping by its strength (creation, reconciliation, a role change,
+    /// a retry from the parked list: the whole state is enforced).
+    All,
+    /// Strong mappings, and normal ones whose output differs from what they
+    /// gave before the change (given here): normal follows its sources.
+    Changed(Attrs),
+    /// Strong mappings only: the change came from this very resource, and is
+    /// not echoed back to it.
+    StrongOnly,
+}
+
+impl Writes {
+    /// Whether a modification of `attribute` may be written.
+    pub fn allows(&self, account: &Account, attribute: &str) -> bool {
+        match account.strengths.get(attribute) {
+            Some(Strength::Strong) => true,
+            // Fills only what is empty (decided by the modifications).
+            Some(Strength::Weak) => !matches!(self, Writes::StrongOnly),
+            // Fed no more: what idsync gave is taken back.
+            None => !matches!(self, Writes::StrongOnly),
+            Some(_) => match self {
+                Writes::All => true,
+                Writes::StrongOnly => false,
+                Writes::Changed(old) => {
+                    let set = |a: &Attrs| {
+                        a.get(attribute)
+                            .map(|v| v.iter().cloned().collect::<std::collections::BTreeSet<_>>())
+                            .unwrap_or_default()
+                    };
+                    set(old) != set(&account.attributes)
+                }
+            },
+        }
+    }
+}
+
 /// As [`modifications`], with the RDN value kept in the naming attribute.
 pub fn account_modifications(
     desired: &Account,

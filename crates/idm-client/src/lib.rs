@@ -240,6 +240,33 @@ impl IdmClient {
         Ok(found.into_iter().next())
     }
 
+    /// The roles `focus` holds, with those they include (those that do not
+    /// exist are left out: `constructions` names them).
+    pub async fn roles_of(&self, focus: &Focus) -> Result<idsync_core::outbound::Roles, IdmError> {
+        use idsync_core::outbound::{Roles, missing_roles};
+        let mut roles = Roles::new();
+        let mut absent = std::collections::BTreeSet::new();
+        loop {
+            let missing: Vec<String> = missing_roles(focus, &roles)
+                .into_iter()
+                .filter(|r| !absent.contains(r))
+                .collect();
+            if missing.is_empty() {
+                return Ok(roles);
+            }
+            for name in missing {
+                match self.get_role(&name).await? {
+                    Some(role) => {
+                        roles.insert(name, role);
+                    }
+                    None => {
+                        absent.insert(name);
+                    }
+                }
+            }
+        }
+    }
+
     /// How many live shadows `resource` has.
     pub async fn live_shadows(&self, resource: &str) -> Result<u64, IdmError> {
         let req = v1::CountShadowsRequest {

@@ -9,14 +9,12 @@ use std::sync::Arc;
 
 use idsync_bus::worker::{Handling, Message, Source, backoff, run_worker};
 use idsync_bus::{Bus, BusError, names};
-use idsync_core::config::Strength;
 use idsync_core::config::{Config, Deprovision, ResourceConfig};
 use idsync_core::model::{
     Attrs, Focus, KIND_ROLE, Link, Op, PendingOperation, Shadow, normalize_dn,
 };
 use idsync_core::outbound::{
-    Account, Construction, Roles, account_modifications, constructions, desired_account,
-    missing_roles,
+    Account, Construction, Writes, account_modifications, constructions, desired_account,
 };
 use idsync_core::situation::{Reaction, Situation};
 use idsync_idm_client::{IdmClient, IdmError};
@@ -203,32 +201,6 @@ async fn fan_out(bus: &Bus, idm: &IdmClient, role: &Focus, seq: u64) -> Result<(
     Ok(())
 }
 
-/// Reads the roles `focus` holds, with those they include.
-async fn load_roles(idm: &IdmClient, focus: &Focus) -> Result<Roles, Failure> {
-    let mut roles = Roles::new();
-    let mut absent = std::collections::BTreeSet::new();
-    loop {
-        let missing: Vec<String> = missing_roles(focus, &roles)
-            .into_iter()
-            .filter(|r| !absent.contains(r))
-            .collect();
-        if missing.is_empty() {
-            return Ok(roles);
-        }
-        for name in missing {
-            match idm.get_role(&name).await? {
-                Some(role) => {
-                    roles.insert(name, role);
-                }
-                // [`constructions`] names it.
-                None => {
-                    absent.insert(name);
-                }
-            }
-        }
-    }
-}
-
 /// Creates, updates or removes the focus's account on every target resource.
 async fn provision(
     config: &Config,
@@ -237,7 +209,7 @@ async fn provision(
     focus: Focus,
     attempt: &Attempt,
 ) -> Result<(), Failure> {
-    let roles = load_roles(idm, &focus).await?;
+    let roles = idm.roles_of(&focus).await?;
     let wanted =
         constructions(config, &focus, &roles).map_err(|e| Failure::Permanent(e.to_string()))?;
     for resource in config.resources.iter().filter(|r| r.dn_template.is_some()) {
@@ -550,43 +522,6 @@ async fn create(
         },
     ];
     commit(idm, ops, &resource.name).await
-}
-
-/// Which mappings may write to an existing account.
-enum Writes {
-    /// Every mapping by its strength (creation, reconciliation, a role change,
-    /// a retry from the parked list: the whole state is enforced).
-    All,
-    /// Strong mappings, and normal ones whose output differs from what they
-    /// gave before the change (given here): normal follows its sources.
-    Changed(Attrs),
-    /// Strong mappings only: the change came from this very resource, and is
-    /// not echoed back to it.
-    StrongOnly,
-}
-
-impl Writes {
-    fn allows(&self, account: &Account, attribute: &str) -> bool {
-        match account.strengths.get(attribute) {
-            Some(Strength::Strong) => true,
-            // Fills only what is empty (decided by the modifications).
-            Some(Strength::Weak) => !matches!(self, Writes::StrongOnly),
-            // Fed no more: what idsync gave is taken back.
-            None => !matches!(self, Writes::StrongOnly),
-            Some(_) => match self {
-                Writes::All => true,
-                Writes::StrongOnly => false,
-                Writes::Changed(old) => {
-                    let set = |a: &Attrs| {
-                        a.get(attribute)
-                            .map(|v| v.iter().cloned().collect::<std::collections::BTreeSet<_>>())
-                            .unwrap_or_default()
-                    };
-                    set(old) != set(&account.attributes)
-                }
-            },
-        }
-    }
 }
 
 /// Brings a linked account in line, writing what `only` allows.
