@@ -95,6 +95,18 @@ impl Bus {
     /// or [`BusError::Bucket`] when JetStream refuses a declaration (for
     /// example JetStream is not enabled).
     pub async fn connect(url: &str) -> Result<Self, BusError> {
+        Self::connect_with(url, None).await
+    }
+
+    /// As [`Bus::connect`]; with `retention`, the change, decision and focus
+    /// streams keep messages that long (they are created so, and changed to
+    /// it when they exist with another). Services pass the configuration's
+    /// `nats.retention_days`; tools that only read pass `None` and leave the
+    /// streams as they are.
+    ///
+    /// # Errors
+    /// As [`Bus::connect`], and a stream whose retention cannot be changed.
+    pub async fn connect_with(url: &str, retention: Option<Duration>) -> Result<Self, BusError> {
         let options = async_nats::ConnectOptions::new()
             .name("idsync")
             .connection_timeout(CONNECT_TIMEOUT);
@@ -120,8 +132,13 @@ impl Bus {
             }
         };
         let js = jetstream::new(client.clone());
-        for config in stream_configs() {
-            declare_stream(&js, config).await?;
+        for config in stream_configs(retention.unwrap_or(RETENTION)) {
+            let keep = if config.max_age.is_zero() {
+                None
+            } else {
+                retention
+            };
+            declare_stream(&js, config, keep).await?;
         }
         let cookies = declare_cookie_bucket(&js).await?;
         tracing::debug!(url, "connected to NATS and declared idsync streams");
@@ -453,7 +470,7 @@ pub struct StoredMessage {
 }
 
 /// The four streams: file storage, limits retention, de-duplication window.
-fn stream_configs() -> [stream::Config; 4] {
+fn stream_configs(retention: Duration) -> [stream::Config; 4] {
     let config =
         |name: &str, subjects: &str, max_age: Duration, description: &str| stream::Config {
             name: name.to_owned(),
@@ -470,19 +487,19 @@ fn stream_configs() -> [stream::Config; 4] {
         config(
             names::CHANGES_STREAM,
             names::CHANGES_SUBJECTS,
-            RETENTION,
+            retention,
             "idsync: changes read from connected resources",
         ),
         config(
             names::DECISIONS_STREAM,
             names::DECISIONS_SUBJECTS,
-            RETENTION,
+            retention,
             "idsync: decisions made by the correlator",
         ),
         config(
             names::FOCUS_STREAM,
             names::FOCUS_SUBJECTS,
-            RETENTION,
+            retention,
             "idsync: changes of focus objects in the IDM",
         ),
         // Parked messages wait for a person; they never age out.
@@ -503,14 +520,29 @@ fn stream_not_found(e: &jetstream::context::GetStreamError) -> bool {
     )
 }
 
-async fn declare_stream(js: &jetstream::Context, config: stream::Config) -> Result<(), BusError> {
+async fn declare_stream(
+    js: &jetstream::Context,
+    config: stream::Config,
+    retention: Option<Duration>,
+) -> Result<(), BusError> {
     let mut attempt = 1;
     loop {
         // Look before creating: services that start after the first find the
         // stream and send no create at all. (nats-server 2.9 can leave
         // concurrent creates of one stream unanswered.)
         let declared = match js.get_stream(&config.name).await {
-            Ok(_) => Ok(()),
+            Ok(found) => match retention {
+                Some(age) if found.cached_info().config.max_age != age => {
+                    let mut changed = found.cached_info().config.clone();
+                    changed.max_age = age;
+                    tracing::info!(stream = %config.name, retention_s = age.as_secs(), "stream retention changed");
+                    js.update_stream(changed)
+                        .await
+                        .map(drop)
+                        .map_err(|e| e.to_string())
+                }
+                _ => Ok(()),
+            },
             Err(e) if stream_not_found(&e) => js
                 .create_stream(config.clone())
                 .await
@@ -543,7 +575,7 @@ async fn declare_stream(js: &jetstream::Context, config: stream::Config) -> Resu
 /// cannot parse a 2.9 server's answer (it requires 2.10's `reserved_*`
 /// fields), so the stream is declared with the settings async-nats would use.
 async fn declare_cookie_bucket(js: &jetstream::Context) -> Result<kv::Store, BusError> {
-    declare_stream(js, cookie_stream_config()).await?;
+    declare_stream(js, cookie_stream_config(), None).await?;
     js.get_key_value(names::COOKIE_BUCKET)
         .await
         .map_err(|e| bucket_error(String::new(), "open", Box::new(e)))
@@ -620,7 +652,7 @@ mod tests {
 
     #[test]
     fn streams_follow_the_names() {
-        let configs = stream_configs();
+        let configs = stream_configs(RETENTION);
         let names: Vec<_> = configs.iter().map(|c| c.name.as_str()).collect();
         assert_eq!(
             names,

@@ -373,3 +373,40 @@ async fn deliveries_resume_after_a_server_restart() -> TestResult {
     delivery.ack().await?;
     Ok(())
 }
+
+#[tokio::test]
+async fn a_configured_retention_is_applied_and_readers_leave_it_alone() -> TestResult {
+    let nats = NatsServer::start().await?;
+    let max_age = |name: &'static str| {
+        let url = nats.url().to_owned();
+        async move {
+            let client = async_nats::connect(url).await.unwrap();
+            let js = async_nats::jetstream::new(client);
+            let stream = js.get_stream(name).await.unwrap();
+            stream.cached_info().config.max_age
+        }
+    };
+    Bus::connect(nats.url()).await?;
+    assert_eq!(
+        max_age(names::CHANGES_STREAM).await,
+        Duration::from_secs(7 * 86_400)
+    );
+    let day = Duration::from_secs(86_400);
+    Bus::connect_with(nats.url(), Some(day)).await?;
+    for stream in [
+        names::CHANGES_STREAM,
+        names::DECISIONS_STREAM,
+        names::FOCUS_STREAM,
+    ] {
+        assert_eq!(max_age(stream).await, day, "{stream}");
+    }
+    assert_eq!(
+        max_age(names::DEAD_STREAM).await,
+        Duration::ZERO,
+        "parked messages never age out"
+    );
+    // A tool that only reads does not put the default back.
+    Bus::connect(nats.url()).await?;
+    assert_eq!(max_age(names::CHANGES_STREAM).await, day);
+    Ok(())
+}

@@ -109,6 +109,21 @@ pub enum OnError {
 pub struct NatsConfig {
     /// For example `nats://127.0.0.1:4222`.
     pub url: String,
+    /// How long change events, decisions and focus changes stay in JetStream
+    /// for replay and debugging (default 7); parked messages never age out.
+    #[serde(default = "default_retention_days")]
+    pub retention_days: u32,
+}
+
+fn default_retention_days() -> u32 {
+    7
+}
+
+impl NatsConfig {
+    /// The streams' retention.
+    pub fn retention(&self) -> std::time::Duration {
+        std::time::Duration::from_secs(u64::from(self.retention_days) * 86_400)
+    }
 }
 
 #[derive(Debug, Clone, Deserialize, Serialize, PartialEq, schemars::JsonSchema)]
@@ -749,6 +764,12 @@ impl Config {
                     err(format!("{at}.roles[{j}]"), reason);
                 }
             }
+        }
+        if self.nats.retention_days == 0 {
+            err(
+                "nats.retention_days".into(),
+                "must be at least 1 (replay and restarts read from the streams)".into(),
+            );
         }
         if self.provisioning.max_attempts == 0 {
             err(

@@ -56,9 +56,12 @@ impl Pool {
             ),
         };
         let result = op(dir).await;
+        // A connection that broke or hung is not used again: the next
+        // operation dials anew (a timed-out request may still be in flight
+        // on the old one).
         if matches!(
             result,
-            Err(LdapError::Connect { .. } | LdapError::Closed { .. })
+            Err(LdapError::Connect { .. } | LdapError::Closed { .. } | LdapError::Timeout { .. })
         ) {
             open.remove(resource);
         }

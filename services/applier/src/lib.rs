@@ -42,7 +42,7 @@ pub enum Error {
 pub async fn run(config: Arc<Config>, shutdown: CancellationToken) -> Result<(), Error> {
     // Tokens first: a missing one is a configuration error, named at once.
     let clients = idsync_runtime::agreement_clients(&config)?;
-    let bus = Bus::connect(&config.nats.url).await?;
+    let bus = Bus::connect_with(&config.nats.url, Some(config.nats.retention())).await?;
     // Connections only to resources whose reactions act on their accounts.
     let mut accounts = Pool::new();
     for r in &config.resources {

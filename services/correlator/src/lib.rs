@@ -35,7 +35,7 @@ pub async fn run(config: Arc<Config>, shutdown: CancellationToken) -> Result<(),
     // Each agreement's entries are read with that agreement's token; a
     // missing one is a configuration error, named before anything connects.
     let clients = idsync_runtime::agreement_clients(&config)?;
-    let bus = Bus::connect(&config.nats.url).await?;
+    let bus = Bus::connect_with(&config.nats.url, Some(config.nats.retention())).await?;
     let source = Source {
         service: SERVICE,
         stream: names::CHANGES_STREAM,

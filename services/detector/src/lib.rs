@@ -44,7 +44,7 @@ pub enum Error {
 /// NATS cannot be reached at start, or a bind password cannot be read.
 pub async fn run(config: Arc<Config>, shutdown: CancellationToken) -> Result<(), Error> {
     tracing::debug!(url = %config.nats.url, "connecting to NATS");
-    let bus = Bus::connect(&config.nats.url).await?;
+    let bus = Bus::connect_with(&config.nats.url, Some(config.nats.retention())).await?;
     // Each agreement's shadows are read with its token, to find what a
     // refresh implies is gone.
     let clients = idsync_runtime::agreement_clients(&config)?;

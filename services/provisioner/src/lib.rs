@@ -41,7 +41,7 @@ pub enum Error {
 /// NATS cannot be reached at start, the IDM URL is malformed, or a target's
 /// bind password cannot be read.
 pub async fn run(config: Arc<Config>, shutdown: CancellationToken) -> Result<(), Error> {
-    let bus = Bus::connect(&config.nats.url).await?;
+    let bus = Bus::connect_with(&config.nats.url, Some(config.nats.retention())).await?;
     // Provisioning is the IDM's own work: target shadows belong to no agreement.
     let idm = idsync_runtime::admin_client(&config)?;
     let mut targets = Pool::new();
@@ -84,7 +84,10 @@ impl From<IdmError> for Failure {
 fn ldap_failure(resource: &str, e: LdapError) -> Failure {
     let text = format!("resource {resource}: {e}");
     match e {
-        LdapError::Connect { .. } | LdapError::Closed { .. } => Failure::Transient(text),
+        // A directory that does not answer in time is as good as down.
+        LdapError::Connect { .. } | LdapError::Closed { .. } | LdapError::Timeout { .. } => {
+            Failure::Transient(text)
+        }
         _ => Failure::Permanent(text),
     }
 }
@@ -105,7 +108,6 @@ async fn handle(
         return Handling::Poison(e.to_string());
     }
     let attempt = Attempt {
-        number: msg.delivered,
         origin: change.origin_resource.clone(),
         before: change.has_before.then(|| {
             change
@@ -148,11 +150,10 @@ async fn handle(
     }
 }
 
-/// Which delivery of a change this is, which resource the change came from
-/// (empty for the IDM's own changes), and the focus's attributes before it
-/// (absent where the whole state is to be enforced).
+/// Which resource a change came from (empty for the IDM's own changes), and
+/// the focus's attributes before it (absent where the whole state is to be
+/// enforced).
 struct Attempt {
-    number: u64,
     origin: String,
     before: Option<Attrs>,
 }
@@ -263,7 +264,7 @@ async fn provision(
             ],
         );
         if let (Err(Failure::Transient(reason)), Some(link)) = (&result, &link) {
-            note_pending(idm, resource, link, operation, reason, attempt.number).await;
+            note_pending(idm, resource, link, operation, reason).await;
         }
         result?;
     }
@@ -285,7 +286,6 @@ async fn note_pending(
     link: &Link,
     operation: &str,
     reason: &str,
-    attempts: u64,
 ) {
     if !idm_owned(resource) {
         return;
@@ -294,13 +294,16 @@ async fn note_pending(
         let Some(shadow) = idm.get_shadow(&resource.name, &link.entry_uuid).await? else {
             return Ok(());
         };
-        let since_ms = shadow.pending.as_ref().map_or_else(now_ms, |p| p.since_ms);
+        // Attempts on the account, whichever of its user's events made them.
+        let (since_ms, attempts) = shadow.pending.as_ref().map_or((now_ms(), 1), |p| {
+            (p.since_ms, p.attempts.saturating_add(1))
+        });
         let expected_version = shadow.version;
         let next = Shadow {
             pending: Some(PendingOperation {
                 operation: operation.to_owned(),
-                attempts: u32::try_from(attempts).unwrap_or(u32::MAX),
-                reason: reason.to_owned(),
+                attempts,
+                reason: format!("{operation} {}: {reason}", link.dn),
                 since_ms,
             }),
             ..shadow
