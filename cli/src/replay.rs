@@ -9,10 +9,10 @@ use std::collections::BTreeMap;
 use anyhow::{Context, Result, bail};
 use idsync_bus::{Bus, names};
 use idsync_core::config::{Config, Deprovision};
-use idsync_core::inbound::{InboundState, Outcome, plan};
+use idsync_core::inbound::Outcome;
 use idsync_core::model::{Focus, Op, SourceChange, normalize_dn};
 use idsync_core::outbound::{Writes, account_modifications, constructions, desired_account};
-use idsync_idm_client::{IdmClient, correlate, memberships};
+use idsync_idm_client::IdmClient;
 use idsync_ldap::{Connection, Pool};
 use idsync_proto::v1;
 use prost::Message as _;
@@ -252,27 +252,10 @@ async fn decide(
     change: &SourceChange,
     seq: u64,
 ) -> Result<Decided> {
-    let state = correlate(idm, config, change).await?;
-    let members = memberships(config, idm, change).await?;
     // Decided as if it arrived now: an event the IDM has applied already is
     // simulated again, not discarded as stale.
-    let shadow = state.shadow.clone().map(|mut s| {
-        s.position = 0;
-        s.csn.clear();
-        s
-    });
-    let input = InboundState {
-        shadow: shadow.as_ref(),
-        focus: state.focus.as_ref(),
-        situation: state.situation,
-        candidates: &state.candidates,
-        members: &members,
-        ..Default::default()
-    };
-    let new_id = config
-        .mapped_id(&change.resource, &change.entry_uuid)
-        .map_or_else(|| uuid::Uuid::new_v4().to_string(), str::to_owned);
-    Ok(match plan(config, change, seq, input, &new_id)? {
+    let (outcome, focus) = crate::sync::plan_against_idm(config, idm, change, seq, true).await?;
+    Ok(match outcome {
         Outcome::Stale { .. } => Decided::Stale,
         Outcome::Ignored => Decided::Ignored,
         Outcome::Commit {
@@ -282,7 +265,7 @@ async fn decide(
         } => Decided::Commit {
             decision: format!("{situation} → {reaction}"),
             ops,
-            before: state.focus.map(Box::new),
+            before: focus.map(Box::new),
         },
     })
 }

@@ -144,10 +144,41 @@ async fn plan_entry(
     idm: &IdmClient,
     change: &SourceChange,
 ) -> Result<Option<(String, Vec<Op>, Option<Focus>)>> {
+    let (outcome, focus) = plan_against_idm(config, idm, change, u64::MAX, false).await?;
+    Ok(match outcome {
+        Outcome::Stale { .. } | Outcome::Ignored => None,
+        Outcome::Commit {
+            situation,
+            reaction,
+            ops,
+        } => Some((format!("{situation} → {reaction}"), ops, focus)),
+    })
+}
+
+/// Correlates `change` against the IDM as it is and plans it as the applier
+/// would at stream position `seq`; `as_new` plans it even when its shadow
+/// holds it or newer. Returns the plan and the focus as it is now.
+///
+/// # Errors
+/// The IDM cannot be read, or the mappings fail.
+pub(crate) async fn plan_against_idm(
+    config: &Config,
+    idm: &IdmClient,
+    change: &SourceChange,
+    seq: u64,
+    as_new: bool,
+) -> Result<(Outcome, Option<Focus>)> {
     let state = correlate(idm, config, change).await?;
     let members = memberships(config, idm, change).await?;
+    let shadow = state.shadow.clone().map(|mut s| {
+        if as_new {
+            s.position = 0;
+            s.csn.clear();
+        }
+        s
+    });
     let input = InboundState {
-        shadow: state.shadow.as_ref(),
+        shadow: shadow.as_ref(),
         focus: state.focus.as_ref(),
         situation: state.situation,
         candidates: &state.candidates,
@@ -157,14 +188,8 @@ async fn plan_entry(
     let new_id = config
         .mapped_id(&change.resource, &change.entry_uuid)
         .map_or_else(|| uuid::Uuid::new_v4().to_string(), str::to_owned);
-    Ok(match plan(config, change, u64::MAX, input, &new_id)? {
-        Outcome::Stale { .. } | Outcome::Ignored => None,
-        Outcome::Commit {
-            situation,
-            reaction,
-            ops,
-        } => Some((format!("{situation} → {reaction}"), ops, state.focus)),
-    })
+    let outcome = plan(config, change, seq, input, &new_id)?;
+    Ok((outcome, state.focus))
 }
 
 /// The focus operations in words; a shadow's bookkeeping is left out.
