@@ -159,6 +159,13 @@ enum Command {
         #[command(subcommand)]
         command: ConfigCommand,
     },
+    /// Runs one service in this process, as its own binary would
+    /// (`idsync-<service>`): one image or package serves them all. Probes
+    /// and metrics on IDSYNC_HEALTH_BIND; SIGTERM drains.
+    Serve {
+        #[arg(value_parser = ["idm", "detector", "correlator", "applier", "provisioner"])]
+        service: String,
+    },
     /// A local all-in-one deployment for trying idsync out.
     Dev {
         #[command(subcommand)]
@@ -427,6 +434,7 @@ async fn run(cli: Cli) -> Result<ExitCode> {
             Ok(ExitCode::SUCCESS)
         }
         Command::Roles { command } => roles::run(&global, command).await,
+        Command::Serve { service } => Ok(serve(&service).await),
         Command::Events { command } => events::run(&global, command).await,
         Command::Users {
             command:
@@ -793,6 +801,31 @@ fn apply_values(focus: &mut Focus, settings: &[String]) -> Result<()> {
         }
     }
     Ok(())
+}
+
+async fn serve(service: &str) -> ExitCode {
+    let name = service.to_owned();
+    idsync_runtime::service_main(service, move |config, stop| async move {
+        match name.as_str() {
+            "idm" => idsync_idm::run(config, stop)
+                .await
+                .map_err(|e| e.to_string()),
+            "detector" => idsync_detector::run(config, stop)
+                .await
+                .map_err(|e| e.to_string()),
+            "correlator" => idsync_correlator::run(config, stop)
+                .await
+                .map_err(|e| e.to_string()),
+            "applier" => idsync_applier::run(config, stop)
+                .await
+                .map_err(|e| e.to_string()),
+            "provisioner" => idsync_provisioner::run(config, stop)
+                .await
+                .map_err(|e| e.to_string()),
+            other => Err(format!("no service {other:?}")),
+        }
+    })
+    .await
 }
 
 fn assignment_words(a: &Assignment) -> String {

@@ -122,3 +122,24 @@ fn config_check_accepts_the_freeipa_example_with_its_ca_file() {
     let out = idsync(&["config", "check", file.to_str().unwrap()]);
     assert!(out.status.success(), "{}", text(&out));
 }
+
+#[test]
+fn serve_runs_only_known_services_and_needs_a_configuration() {
+    let unknown = idsync(&["serve", "mailer"]);
+    assert_eq!(unknown.status.code(), Some(2));
+    assert!(text(&unknown).contains("mailer"), "{}", text(&unknown));
+    let bare = idsync(&["serve", "correlator"]);
+    assert_eq!(bare.status.code(), Some(2));
+    assert!(
+        text(&bare).contains("idsync-correlator: no configuration"),
+        "{}",
+        text(&bare)
+    );
+    let missing = idsync(&["serve", "applier", "--config", "/nonexistent/idsync.toml"]);
+    assert_eq!(missing.status.code(), Some(2));
+    assert!(
+        text(&missing).contains("/nonexistent/idsync.toml"),
+        "{}",
+        text(&missing)
+    );
+}
