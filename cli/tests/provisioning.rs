@@ -142,10 +142,21 @@ async fn roles_give_accounts_values_and_groups_and_take_them_back() {
     )
     .await;
 
-    // A rename moves the membership to the new DN.
-    env.ok(&["users", "set", "will", "name=wturner"]).await;
+    // A rename moves the membership to the new DN; a change made in the same
+    // commit reaches the renamed account too.
+    env.ok(&[
+        "users",
+        "set",
+        "will",
+        "name=wturner",
+        "familyName=Turner-Swann",
+    ])
+    .await;
     let renamed = dn("wturner");
-    target_where(&env, &renamed, "renamed", |e| e.is_some()).await;
+    target_where(&env, &renamed, "renamed, with the new surname", |e| {
+        values(e, "sn") == ["Turner-Swann"]
+    })
+    .await;
     target_where(&env, &dn("engineers"), "membership moved", |g| {
         member_of(g, &renamed) && !member_of(g, &will)
     })

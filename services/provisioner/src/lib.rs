@@ -14,7 +14,7 @@ use idsync_core::model::{
     Attrs, Focus, KIND_ROLE, Link, Op, PendingOperation, Shadow, normalize_dn,
 };
 use idsync_core::outbound::{
-    Account, Construction, Writes, account_modifications, constructions, desired_account,
+    Construction, Writes, account_modifications, constructions, desired_account,
 };
 use idsync_core::situation::{Reaction, Situation};
 use idsync_idm_client::{IdmClient, IdmError};
@@ -313,7 +313,7 @@ async fn note_pending(
                 shadow: next,
                 expected_version,
             }],
-            &resource.name,
+            "",
         )
         .await
         .map(|_| ())
@@ -524,7 +524,7 @@ async fn create(
             focus: linked,
         },
     ];
-    commit(idm, ops, &resource.name).await
+    commit(idm, ops).await
 }
 
 /// Brings a linked account in line, writing what `only` allows.
@@ -545,17 +545,20 @@ async fn update(
     } else {
         None
     };
-    if normalize_dn(&account.dn) != normalize_dn(&link.dn) {
-        // The name the DN comes from changed: rename the account (modrdn),
-        // keeping its identity, then record the new DN on link and shadow.
-        return rename(idm, targets, resource, focus, link, &account, shadow).await;
+    // The name the DN comes from changed: rename the account (modrdn),
+    // keeping its identity; its attributes are brought in line right after,
+    // and the new DN recorded on link and shadow with them.
+    let renamed = normalize_dn(&account.dn) != normalize_dn(&link.dn);
+    if renamed {
+        rename(targets, resource, focus, link, &account.dn, shadow.as_ref()).await?;
     }
+    let dn = if renamed { &account.dn } else { &link.dn };
     let previous = shadow
         .as_ref()
         .map(|s| s.attributes.clone())
         .unwrap_or_default();
     let changed = with_dir(targets, resource, async |dir| {
-        let Some(current) = dir.read(&link.dn).await? else {
+        let Some(current) = dir.read(dn).await? else {
             return Ok(None);
         };
         let mut mods = account_modifications(&account, &current.attributes, &previous);
@@ -571,7 +574,7 @@ async fn update(
             mods.push((d.attribute.clone(), Vec::new()));
         }
         if !mods.is_empty() {
-            dir.replace(&link.dn, &mods).await?;
+            dir.replace(dn, &mods).await?;
         }
         Ok(Some(mods.len()))
     })
@@ -590,56 +593,65 @@ async fn update(
                 expected_version: focus.version,
                 focus: unlinked,
             }],
-            &resource.name,
         )
         .await;
     };
     if n > 0 {
-        tracing::info!(resource = %resource.name, dn = %link.dn, attributes = n, "account modified");
+        tracing::info!(resource = %resource.name, dn = %dn, attributes = n, "account modified");
     }
     let before = shadow
         .as_ref()
         .map(|s| s.groups.clone())
         .unwrap_or_default();
-    let value = member_value(resource, &link.dn, &account.attributes)?;
+    let value = member_value(resource, dn, &account.attributes)?;
     let groups = sync_groups(targets, resource, &value, &construction.groups, &before).await?;
-    match shadow {
-        Some(s)
-            if s.attributes != account.produced || s.groups != groups || s.pending.is_some() =>
-        {
-            let expected_version = s.version;
-            let next = Shadow {
+    let mut ops = Vec::new();
+    if renamed && idm_owned(resource) {
+        let mut moved = focus.clone();
+        moved.set_link(Link {
+            resource: resource.name.clone(),
+            entry_uuid: link.entry_uuid.clone(),
+            dn: dn.clone(),
+        });
+        ops.push(Op::PutFocus {
+            expected_version: focus.version,
+            focus: moved,
+        });
+    }
+    if let Some(s) = shadow
+        && (renamed
+            || s.attributes != account.produced
+            || s.groups != groups
+            || s.pending.is_some())
+    {
+        let expected_version = s.version;
+        ops.push(Op::PutShadow {
+            shadow: Shadow {
+                dn: dn.clone(),
                 attributes: account.produced.clone(),
                 groups,
                 pending: None,
                 ..s
-            };
-            commit(
-                idm,
-                vec![Op::PutShadow {
-                    shadow: next,
-                    expected_version,
-                }],
-                &resource.name,
-            )
-            .await
-        }
-        _ => Ok(()),
+            },
+            expected_version,
+        });
     }
+    if ops.is_empty() {
+        return Ok(());
+    }
+    commit(idm, ops).await
 }
 
-/// Renames the account of `link` to the DN of `account` and records it; the
-/// next focus event (this commit's own) brings its attributes in line.
+/// Renames the account of `link` to `new_dn` on the directory, and moves
+/// the memberships idsync gave it (groups name members by DN).
 async fn rename(
-    idm: &IdmClient,
     targets: &Pool,
     resource: &ResourceConfig,
     focus: &Focus,
     link: &Link,
-    account: &Account,
-    shadow: Option<Shadow>,
+    new_dn: &str,
+    shadow: Option<&Shadow>,
 ) -> Result<(), Failure> {
-    let new_dn = account.dn.as_str();
     let result = targets
         .with(&resource.name, async |dir| {
             match dir.rename(&link.dn, new_dn).await {
@@ -667,9 +679,8 @@ async fn rename(
         Err(e) => return Err(ldap_failure(&resource.name, e)),
     }
     tracing::info!(resource = %resource.name, from = %link.dn, to = %new_dn, focus = %focus.id, "account renamed");
-    // Groups name members by DN: move the memberships to the new one.
     if resource.entitlements.value.eq_ignore_ascii_case("dn")
-        && let Some(s) = &shadow
+        && let Some(s) = shadow
     {
         for g in &s.groups {
             let attribute = &resource.entitlements.attribute;
@@ -683,31 +694,7 @@ async fn rename(
             .await?;
         }
     }
-    if !idm_owned(resource) {
-        // Its inbound synchronisation records the new DN.
-        return Ok(());
-    }
-    let mut renamed = focus.clone();
-    renamed.set_link(Link {
-        resource: resource.name.clone(),
-        entry_uuid: link.entry_uuid.clone(),
-        dn: new_dn.to_owned(),
-    });
-    let mut ops = vec![Op::PutFocus {
-        expected_version: focus.version,
-        focus: renamed,
-    }];
-    if let Some(shadow) = shadow {
-        ops.push(Op::PutShadow {
-            expected_version: shadow.version,
-            shadow: Shadow {
-                dn: new_dn.to_owned(),
-                pending: None,
-                ..shadow
-            },
-        });
-    }
-    commit(idm, ops, &resource.name).await
+    Ok(())
 }
 
 /// Disables the account of `link` and keeps it (the `disable` policy). When
@@ -769,7 +756,6 @@ async fn disable(
                 shadow: next,
                 expected_version,
             }],
-            &resource.name,
         )
         .await?;
     }
@@ -837,14 +823,18 @@ async fn remove(
     if ops.is_empty() {
         return Ok(());
     }
-    commit(idm, ops, &resource.name).await
+    commit(idm, ops).await
 }
 
 /// A lost race means the focus changed meanwhile: its own change event will
 /// run provisioning again on the new state, but this one must be retried too,
 /// so that what it did on the target gets recorded.
-async fn commit(idm: &IdmClient, ops: Vec<Op>, origin: &str) -> Result<(), Failure> {
-    match idm.commit(ops, origin).await {
+///
+/// The commit names no origin resource: it records what the provisioner did,
+/// and no resource's change caused it, so its own focus event is not taken
+/// for an echo of one.
+async fn commit(idm: &IdmClient, ops: Vec<Op>) -> Result<(), Failure> {
+    match idm.commit(ops, "").await {
         Ok(_) => Ok(()),
         Err(IdmError::Conflict(reason)) => {
             Err(Failure::Transient(format!("lost a race: {reason}")))
