@@ -153,6 +153,7 @@ async fn tokens_are_refused_for_every_reason_and_never_echoed() {
         listed.contains("crm  Unknown") && listed.contains("hr  "),
         "{listed}"
     );
+    env.assert_no_secret_logged();
     env.d.shutdown().await.unwrap();
 }
 
@@ -272,6 +273,7 @@ async fn authority_and_yield_hold_from_grpc_and_from_the_cli() {
     let root = env.user("root").await.unwrap();
     assert_eq!(root.sync_parent, "");
     assert_eq!(root.first("mail"), Some("root@example.com"));
+    env.assert_no_secret_logged();
     env.d.shutdown().await.unwrap();
 }
 
@@ -327,6 +329,7 @@ async fn halt_stops_at_the_conflict_and_resumes_after_an_exclusion() {
     assert!(will.link_to("hr").is_none());
     env.agreement_where("hr", "Ok", |a| a.state == 1 && !a.halted)
         .await;
+    env.assert_no_secret_logged();
     env.d.shutdown().await.unwrap();
 }
 
@@ -422,6 +425,7 @@ async fn quarantine_parks_the_entry_and_the_rest_go_on() {
         "already dropped: {}",
         text(&dropped)
     );
+    env.assert_no_secret_logged();
     env.d.shutdown().await.unwrap();
 }
 
@@ -459,6 +463,7 @@ async fn terminate_deletes_what_the_agreement_made_and_asks_first() {
     assert!(env.user("root").await.is_some(), "native users stay");
     let gone = env.cli(&["sync", "get", "hr"]).await;
     assert!(text(&gone).contains("does not exist"), "{}", text(&gone));
+    env.assert_no_secret_logged();
     env.d.shutdown().await.unwrap();
 }
 
@@ -501,6 +506,7 @@ async fn finalise_hands_the_entries_to_the_idm_and_ends_the_token() {
     let e = as_hr.get_focus(&jack.id).await.unwrap_err();
     assert!(e.to_string().contains("does not exist"), "{e}");
     assert!(!e.to_string().contains(token.trim()));
+    env.assert_no_secret_logged();
     env.d.shutdown().await.unwrap();
 }
 
@@ -571,6 +577,7 @@ async fn a_dry_run_shows_the_changes_and_leaves_no_trace() {
     );
     assert!(t.contains("2 would be refused"), "{t}");
     assert_eq!(snapshot().await, before, "the dry run left a trace");
+    env.assert_no_secret_logged();
     env.d.shutdown().await.unwrap();
 }
 
@@ -588,6 +595,7 @@ async fn a_scheduled_agreement_polls_a_source_without_live_sync() {
     .await
     .unwrap();
     assert_eq!(jack.sync_parent, "hr");
+    env.assert_no_secret_logged();
     env.d.shutdown().await.unwrap();
 }
 

@@ -451,6 +451,7 @@ async fn a_target_down_for_a_minute_gets_every_change_once_and_in_order() {
         "a shadow for every account"
     );
 
+    env.assert_no_secret_logged();
     env.d.shutdown().await.unwrap();
     eprintln!("done in {:?}", started.elapsed());
 }

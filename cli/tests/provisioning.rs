@@ -186,6 +186,7 @@ async fn roles_give_accounts_values_and_groups_and_take_them_back() {
     let list = env.ok(&["roles", "list"]).await;
     assert!(!list.contains("engineer"), "{list}");
     assert!(list.contains("employee"), "{list}");
+    env.assert_no_secret_logged();
     env.d.shutdown().await.unwrap();
 }
 
@@ -270,6 +271,7 @@ async fn a_role_that_does_not_exist_parks_the_provisioning_with_its_name() {
             .contains("resource acme: group cn=nogroup,o=Acme, which a role gives, does not exist"),
         "{parked}"
     );
+    env.assert_no_secret_logged();
     env.d.shutdown().await.unwrap();
 }
 
@@ -445,6 +447,7 @@ async fn two_resources_mapped_both_ways_settle_without_echoes() {
         version + 1,
         "one change of the user, not a ping-pong"
     );
+    env.assert_no_secret_logged();
     env.d.shutdown().await.unwrap();
 }
 
@@ -523,5 +526,6 @@ async fn normal_mappings_follow_their_sources_and_strong_ones_are_enforced() {
         values(e, "sn") == ["Sparrow II"]
     })
     .await;
+    env.assert_no_secret_logged();
     env.d.shutdown().await.unwrap();
 }

@@ -68,6 +68,7 @@ async fn the_source_side_finds_what_live_sync_missed_and_nothing_else() {
         published,
         "unchanged entries produce no events"
     );
+    env.assert_no_secret_logged();
     env.d.shutdown().await.unwrap();
 }
 
@@ -150,6 +151,7 @@ async fn the_target_side_puts_drift_back_and_removes_orphans() {
         "the orphan is deleted"
     );
     let _ = ldap.unbind().await;
+    env.assert_no_secret_logged();
     env.d.shutdown().await.unwrap();
 }
 
@@ -169,6 +171,7 @@ async fn the_detector_reconciles_on_its_schedule() {
     .await
     .unwrap();
     assert_eq!(jack.sync_parent, "hr");
+    env.assert_no_secret_logged();
     env.d.shutdown().await.unwrap();
 }
 
@@ -218,6 +221,7 @@ async fn discovery_links_an_account_that_is_already_there_by_the_reaction() {
         uuid,
         "the account that was there"
     );
+    env.assert_no_secret_logged();
     env.d.shutdown().await.unwrap();
 
     // With `unlinked = nothing` on the target, the account is left alone and
@@ -246,6 +250,7 @@ async fn discovery_links_an_account_that_is_already_there_by_the_reaction() {
     .await
     .unwrap();
     assert!(env.user("will").await.unwrap().link_to("acme").is_none());
+    env.assert_no_secret_logged();
     env.d.shutdown().await.unwrap();
 }
 
@@ -276,6 +281,7 @@ async fn unassigning_deprovisions_by_the_resources_policy() {
             .await
             .is_some()
     );
+    env.assert_no_secret_logged();
     env.d.shutdown().await.unwrap();
 
     // Policy disable: the account is kept, disabled, and enabled again.
@@ -309,6 +315,7 @@ async fn unassigning_deprovisions_by_the_resources_policy() {
     })
     .await
     .unwrap();
+    env.assert_no_secret_logged();
     env.d.shutdown().await.unwrap();
 }
 
@@ -374,6 +381,7 @@ async fn password_hashes_travel_undecoded_and_the_target_accepts_them() {
         .await
         .unwrap();
     assert_eq!(wrong.rc, 49, "a wrong password is refused");
+    env.assert_no_secret_logged();
     env.d.shutdown().await.unwrap();
 }
 
@@ -425,5 +433,6 @@ async fn a_provisioning_that_keeps_failing_is_parked_and_retried_from_the_cli() 
         "already gone: {}",
         text(&dropped)
     );
+    env.assert_no_secret_logged();
     env.d.shutdown().await.unwrap();
 }

@@ -174,5 +174,6 @@ async fn events_are_shown_simulated_compared_and_replayed_safely() {
         jack.version + 1,
         "only the new change: no replayed event was applied"
     );
+    env.assert_no_secret_logged();
     env.d.shutdown().await.unwrap();
 }

@@ -88,6 +88,7 @@ async fn ds_ldap(env: &Env) -> ldap3::Ldap {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_389_directory_server_source_end_to_end() {
     let dir = tempfile::tempdir().unwrap();
+    idsync_testkit::logs::init();
     let d = Deployment::start_with_options(
         dir.path(),
         &format!("{EXAMPLE_CONFIG}\n{DS_RESOURCE}"),
@@ -161,5 +162,6 @@ async fn a_389_directory_server_source_end_to_end() {
         (Some(0), Some(0)),
         "{r}"
     );
+    env.assert_no_secret_logged();
     env.d.shutdown().await.unwrap();
 }

@@ -18,40 +18,10 @@ pub struct Env {
     _dir: tempfile::TempDir,
 }
 
-/// Every log line the services wrote in this test process, to search for
+/// Logs of the services go to the test's output and to a copy searched for
 /// secrets (`Env::assert_no_secret_logged`).
-static LOG: std::sync::Mutex<Vec<u8>> = std::sync::Mutex::new(Vec::new());
-
-struct LogCopy;
-
-impl std::io::Write for LogCopy {
-    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
-        if let Ok(mut log) = LOG.lock() {
-            log.extend_from_slice(buf);
-        }
-        Ok(buf.len())
-    }
-
-    fn flush(&mut self) -> std::io::Result<()> {
-        Ok(())
-    }
-}
-
-/// Logs of the services go to the test's captured output (shown on failure),
-/// and to a copy searched for secrets. Debug level, where most is said.
 pub fn init_tracing() {
-    use tracing_subscriber::fmt::writer::MakeWriterExt as _;
-    let filter = tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| {
-        tracing_subscriber::EnvFilter::new(
-            "debug,async_nats=warn,h2=info,tower=info,hyper=info,hyper_util=info",
-        )
-    });
-    let writer = tracing_subscriber::fmt::TestWriter::default().and(|| LogCopy);
-    let _ = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(writer)
-        .with_ansi(false)
-        .try_init();
+    idsync_testkit::logs::init();
 }
 
 impl Env {
@@ -59,20 +29,8 @@ impl Env {
     /// services wrote: bind passwords, the administrator credential, sync
     /// tokens (and the secret part of each).
     pub fn assert_no_secret_logged(&self) {
-        let log = LOG.lock().map(|l| l.clone()).unwrap_or_default();
-        assert!(!log.is_empty(), "no log captured");
-        let log = String::from_utf8_lossy(&log);
-        let secrets = self.deployment.dir.join("secrets");
-        let mut checked = 0;
-        for entry in std::fs::read_dir(&secrets).unwrap() {
-            let secret = std::fs::read_to_string(entry.unwrap().path()).unwrap();
-            let secret = secret.trim();
-            let parts = std::iter::once(secret).chain(secret.rsplit('.').next());
-            for part in parts.filter(|p| p.len() >= 16) {
-                assert!(!log.contains(part), "a secret is in the log");
-                checked += 1;
-            }
-        }
+        let checked =
+            idsync_testkit::logs::assert_no_secret_in_log(&self.deployment.dir.join("secrets"));
         assert!(
             checked >= 4,
             "passwords, admin credential and token checked"

@@ -22,6 +22,7 @@ pub struct Env {
 }
 
 pub async fn start(config: &str) -> Env {
+    idsync_testkit::logs::init();
     let dir = tempfile::tempdir().unwrap();
     let d = Deployment::start_with(dir.path(), config).await.unwrap();
     let admin = d.admin().unwrap();
@@ -62,7 +63,18 @@ impl Env {
         let mut stdin = child.stdin.take().unwrap();
         stdin.write_all(input.as_bytes()).await.unwrap();
         drop(stdin);
-        child.wait_with_output().await.unwrap()
+        let out = child.wait_with_output().await.unwrap();
+        // What the CLI says on errors is searched for secrets with the logs.
+        idsync_testkit::logs::record(&out.stderr);
+        out
+    }
+
+    /// No bind password, administrator credential or sync token of this
+    /// deployment is in any log line the services wrote, nor in anything
+    /// the CLI printed on stderr.
+    pub fn assert_no_secret_logged(&self) {
+        let checked = idsync_testkit::logs::assert_no_secret_in_log(&self.d.dir.join("secrets"));
+        assert!(checked >= 4, "passwords, credential and token checked");
     }
 
     pub async fn ok(&self, args: &[&str]) -> String {

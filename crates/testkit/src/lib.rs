@@ -6,6 +6,7 @@
 pub mod dirsrv;
 mod error;
 mod ldif;
+pub mod logs;
 mod nats;
 mod process;
 mod slapd;
