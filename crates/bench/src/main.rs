@@ -10,6 +10,12 @@
 //! entries with the same attributes, paged the same way. It prints one line
 //! per measurement, the peak resident memory of every process, and writes the
 //! numbers as JSON to `target/bench/reconcile.json`.
+//!
+//! `idsync-bench latency [--people N] [--changes M] [--rate R]` runs the
+//! whole pipeline with live sync and a target, and times M single
+//! modifications at R a second from the source's modify to the IDM's commit
+//! and to the target's entry, against the source's own modify round trip
+//! (`target/bench/latency.json`).
 
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
@@ -21,16 +27,14 @@ use idsync_idm_client::IdmClient;
 use idsync_testkit::{NatsServer, Slapd, SlapdOptions, free_port};
 use tokio::process::{Child, Command};
 
+mod latency;
+
 const SUFFIX: &str = "dc=example,dc=com";
 const PEOPLE: &str = "ou=people,dc=example,dc=com";
 
 #[tokio::main]
 async fn main() -> Result<()> {
     let args: Vec<String> = std::env::args().skip(1).collect();
-    match args.first().map(String::as_str) {
-        Some("reconcile") => {}
-        _ => bail!("usage: idsync-bench reconcile [--entries N] [--import M]"),
-    }
     let number = |flag: &str, default: usize| -> Result<usize> {
         match args.iter().position(|a| a == flag) {
             Some(i) => args
@@ -40,7 +44,22 @@ async fn main() -> Result<()> {
             None => Ok(default),
         }
     };
-    reconcile(number("--entries", 100_000)?, number("--import", 5_000)?).await
+    match args.first().map(String::as_str) {
+        Some("reconcile") => {
+            reconcile(number("--entries", 100_000)?, number("--import", 5_000)?).await
+        }
+        Some("latency") => {
+            latency::latency(
+                number("--people", 1_000)?,
+                number("--changes", 1_000)?,
+                number("--rate", 20)? as f64,
+            )
+            .await
+        }
+        _ => bail!(
+            "usage: idsync-bench reconcile [--entries N] [--import M] | latency [--people N] [--changes M] [--rate R]"
+        ),
+    }
 }
 
 /// The binaries built beside this one.
@@ -51,10 +70,7 @@ fn bin(name: &str) -> Result<PathBuf> {
         .context("no directory for the binaries")?
         .join(name);
     if !path.exists() {
-        bail!(
-            "{} is missing: build with `cargo build --release -p idsync -p idsync-idm -p idsync-correlator -p idsync-applier -p idsync-bench`",
-            path.display()
-        );
+        bail!("{} is missing: build it with scripts/bench", path.display());
     }
     Ok(path)
 }

@@ -1,0 +1,295 @@
+//! `idsync-bench latency`: single modifications at a steady rate through live
+//! sync, each timed from the source's modify to the IDM's commit and to the
+//! target's entry, against the baseline of the source's own modify round
+//! trip measured in the same run.
+
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result, bail};
+use idsync_core::secret::Secret;
+use idsync_idm_client::IdmClient;
+use idsync_testkit::{NatsServer, Slapd, SlapdOptions, free_port};
+
+use super::{PEOPLE, SUFFIX, peak_kib, seed, spawn, tempfile_dir};
+
+const TARGET: &str = "o=Acme";
+
+fn config(
+    nats: &str,
+    idm_port: u16,
+    source: &str,
+    target: &str,
+    secrets: &Path,
+    data: &Path,
+) -> String {
+    format!(
+        r#"version = 1
+[nats]
+url = "{nats}"
+[idm]
+url = "http://127.0.0.1:{idm_port}"
+listen = "127.0.0.1:{idm_port}"
+data_dir = "{data}"
+admin_token_file = "{admin}"
+[agreements.hr]
+token_file = "{token}"
+on_error = "quarantine"
+[[templates]]
+name = "default-user"
+assignments = ["acme"]
+[[resources]]
+name = "hr"
+agreement = "hr"
+url = "{source}"
+bind_dn = "cn=admin,{SUFFIX}"
+bind_password_file = "{password}"
+base_dn = "{PEOPLE}"
+filter = "(objectClass=inetOrgPerson)"
+live_sync = true
+inbound = [
+  {{ source = "uid", target = "name", strength = "strong" }},
+  {{ source = "cn", target = "fullName" }},
+  {{ source = "sn", target = "familyName" }},
+]
+correlation = [{{ conditions = [{{ focus_attribute = "name", source = "uid" }}] }}]
+[resources.reactions]
+linked = {{ action = "synchronize" }}
+unlinked = {{ action = "link" }}
+unmatched = {{ action = "add_focus", template = "default-user" }}
+deleted = {{ action = "delete_focus" }}
+[[resources]]
+name = "acme"
+url = "{target}"
+bind_dn = "cn=admin,{TARGET}"
+bind_password_file = "{password}"
+base_dn = "{TARGET}"
+filter = "(objectClass=inetOrgPerson)"
+object_classes = ["inetOrgPerson"]
+dn_template = "cn={{name}},{TARGET}"
+outbound = [
+  {{ source = "fullName", target = "cn" }},
+  {{ source = "familyName", target = "sn" }},
+]
+"#,
+        data = data.display(),
+        admin = secrets.join("admin").display(),
+        token = secrets.join("hr.token").display(),
+        password = secrets.join("hr").display(),
+    )
+}
+
+/// p50, p99 and max of `samples` (sorted in place), in milliseconds.
+fn percentiles(samples: &mut [Duration]) -> (f64, f64, f64) {
+    samples.sort_unstable();
+    let at = |q: f64| {
+        let i = ((samples.len() as f64 * q).ceil() as usize).clamp(1, samples.len()) - 1;
+        samples[i].as_secs_f64() * 1000.0
+    };
+    (at(0.50), at(0.99), at(1.0))
+}
+
+async fn modify_cn(ldap: &mut ldap3::Ldap, uid: &str, cn: &str) -> Result<()> {
+    ldap.modify(
+        &format!("uid={uid},{PEOPLE}"),
+        vec![ldap3::Mod::Replace(
+            "cn",
+            std::collections::HashSet::from([cn]),
+        )],
+    )
+    .await?
+    .success()?;
+    Ok(())
+}
+
+async fn target_cn(ldap: &mut ldap3::Ldap, uid: &str) -> Result<Vec<String>> {
+    let (entries, _) = ldap
+        .search(
+            &format!("cn={uid},{TARGET}"),
+            ldap3::Scope::Base,
+            "(objectClass=*)",
+            vec!["cn"],
+        )
+        .await?
+        .success()?;
+    Ok(entries
+        .into_iter()
+        .next()
+        .map(|e| {
+            ldap3::SearchEntry::construct(e)
+                .attrs
+                .remove("cn")
+                .unwrap_or_default()
+        })
+        .unwrap_or_default())
+}
+
+pub async fn latency(people: usize, changes: usize, rate: f64) -> Result<()> {
+    let work = tempfile_dir()?;
+    let secrets = work.join("secrets");
+    std::fs::create_dir_all(&secrets)?;
+    let password = "bench-secret-password";
+    let admin = "bench-admin-credential-0123456789";
+    for (file, value) in [("hr", password), ("admin", admin)] {
+        std::fs::write(secrets.join(file), value)?;
+    }
+    let source = Slapd::start(SlapdOptions {
+        suffix: SUFFIX.into(),
+        admin_password: password.into(),
+        seed_ldif: seed(people),
+        session_log: true,
+    })
+    .await?;
+    let target = Slapd::start(SlapdOptions {
+        suffix: TARGET.into(),
+        admin_password: password.into(),
+        seed_ldif: format!("dn: {TARGET}\nobjectClass: organization\no: Acme\n"),
+        session_log: false,
+    })
+    .await?;
+    let nats = NatsServer::start_in(&work.join("nats")).await?;
+    let idm_port = free_port()?;
+    let config_path = work.join("idsync.toml");
+    std::fs::write(
+        &config_path,
+        config(
+            nats.url(),
+            idm_port,
+            source.url(),
+            target.url(),
+            &secrets,
+            &work.join("idm"),
+        ),
+    )?;
+    let mut procs = vec![spawn("idm", "idsync-idm", &config_path, &work).await?];
+    let idm = IdmClient::new(&format!("http://127.0.0.1:{idm_port}"), &Secret::new(admin))?;
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        match idm.create_agreement("hr").await {
+            Ok(_) => break,
+            Err(e) if e.is_transient() && Instant::now() < deadline => {
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+            Err(e) => return Err(e).context("the IDM did not come up"),
+        }
+    }
+    let token = idm.generate_token("hr", "bench").await?;
+    std::fs::write(secrets.join("hr.token"), token.expose())?;
+    for (name, binary) in [
+        ("correlator", "idsync-correlator"),
+        ("applier", "idsync-applier"),
+        ("provisioner", "idsync-provisioner"),
+        ("detector", "idsync-detector"),
+    ] {
+        procs.push(spawn(name, binary, &config_path, &work).await?);
+    }
+    let started = Instant::now();
+    while idm.live_shadows("acme").await? < people as u64 {
+        if started.elapsed() > Duration::from_secs(1800) {
+            bail!("the initial import and provisioning did not finish");
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    println!(
+        "initial import and provisioning of {people} people: {:.1}s",
+        started.elapsed().as_secs_f64()
+    );
+
+    let mut src = source.admin_conn().await?;
+    let mut tgt = target.admin_conn().await?;
+    // The baseline: the source's own modify round trip, on the same entries.
+    let mut baseline = Vec::with_capacity(changes);
+    for i in 0..changes {
+        let uid = format!("u{}", i % people);
+        let t0 = Instant::now();
+        modify_cn(&mut src, &uid, &format!("Baseline {i}")).await?;
+        baseline.push(t0.elapsed());
+    }
+    // Let the baseline's own changes pass through before measuring.
+    let last = format!("u{}", (changes - 1) % people);
+    let settle = Instant::now();
+    while !target_cn(&mut tgt, &last)
+        .await?
+        .iter()
+        .any(|c| c == &format!("Baseline {}", changes - 1))
+    {
+        if settle.elapsed() > Duration::from_secs(600) {
+            bail!("the baseline's changes did not settle");
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+
+    let period = Duration::from_secs_f64(1.0 / rate);
+    let (mut to_idm, mut to_target) = (Vec::new(), Vec::new());
+    let run = Instant::now();
+    for i in 0..changes {
+        let slot = run + period * u32::try_from(i).unwrap_or(u32::MAX);
+        tokio::time::sleep_until(slot.into()).await;
+        let uid = format!("u{}", i % people);
+        let cn = format!("User {i} changed");
+        let t0 = Instant::now();
+        modify_cn(&mut src, &uid, &cn).await?;
+        let mut idm_done = None;
+        loop {
+            if idm_done.is_none() {
+                let found = idm.find_focus("user", "name", &uid).await?;
+                if found
+                    .iter()
+                    .any(|f| f.first("fullName") == Some(cn.as_str()))
+                {
+                    idm_done = Some(t0.elapsed());
+                }
+            }
+            if idm_done.is_some() && target_cn(&mut tgt, &uid).await?.contains(&cn) {
+                to_target.push(t0.elapsed());
+                break;
+            }
+            if t0.elapsed() > Duration::from_secs(60) {
+                bail!("change {i} of {uid} did not arrive within 60 s");
+            }
+            tokio::time::sleep(Duration::from_millis(1)).await;
+        }
+        to_idm.extend(idm_done);
+    }
+    let (b50, b99, bmax) = percentiles(&mut baseline);
+    let (i50, i99, imax) = percentiles(&mut to_idm);
+    let (t50, t99, tmax) = percentiles(&mut to_target);
+    println!("C. live sync, {changes} single modifications at {rate}/s over {people} people");
+    println!(
+        "  baseline source modify round trip: p50 {b50:.1} ms, p99 {b99:.1} ms, max {bmax:.1} ms"
+    );
+    println!(
+        "  source modify → IDM commit:       p50 {i50:.1} ms, p99 {i99:.1} ms, max {imax:.1} ms"
+    );
+    println!(
+        "  source modify → target modified:  p50 {t50:.1} ms, p99 {t99:.1} ms, max {tmax:.1} ms"
+    );
+    let mut peaks = serde_json::Map::new();
+    for p in &procs {
+        let peak = peak_kib(p.child.id()).unwrap_or(0);
+        println!("  peak RSS {}: {} MiB", p.name, peak / 1024);
+        peaks.insert(p.name.into(), serde_json::json!(peak));
+    }
+    let report = serde_json::json!({
+        "people": people,
+        "changes": changes,
+        "rate_per_s": rate,
+        "baseline_modify_ms": {"p50": b50, "p99": b99, "max": bmax},
+        "to_idm_ms": {"p50": i50, "p99": i99, "max": imax},
+        "to_target_ms": {"p50": t50, "p99": t99, "max": tmax},
+        "peak_rss_kib": peaks,
+    });
+    std::fs::create_dir_all("target/bench")?;
+    std::fs::write(
+        "target/bench/latency.json",
+        serde_json::to_string_pretty(&report)?,
+    )?;
+    println!("written: target/bench/latency.json");
+    let _ = src.unbind().await;
+    let _ = tgt.unbind().await;
+    for p in &mut procs {
+        let _ = p.child.kill().await;
+    }
+    let _ = std::fs::remove_dir_all(&work);
+    Ok(())
+}
