@@ -99,11 +99,17 @@ async fn roles_give_accounts_values_and_groups_and_take_them_back() {
 
     // A change of the role reaches its holders; values set by hand stay.
     let mut ldap = env.d.target.admin_conn().await.unwrap();
-    ldap.modify(&will, vec![ldap3::Mod::Add("title", ["Captain"].into())])
-        .await
-        .unwrap()
-        .success()
-        .unwrap();
+    ldap.modify(
+        &will,
+        vec![
+            ldap3::Mod::Add("title", ["Captain"].into()),
+            ldap3::Mod::Replace("sn", ["Edited"].into()),
+        ],
+    )
+    .await
+    .unwrap()
+    .success()
+    .unwrap();
     let _ = ldap.unbind().await;
     env.ok(&["roles", "add", "engineer", "acme", "--set", "title=Builder"])
         .await;
@@ -113,6 +119,10 @@ async fn roles_give_accounts_values_and_groups_and_take_them_back() {
         t == ["Builder", "Captain", "Engineer"]
     })
     .await;
+    // A role change enforces what roles give and strong mappings; normal
+    // ones leave the hand edit alone, as reconciliation does.
+    let e = target_entry(&env, &will).await;
+    assert_eq!(values(e.as_ref(), "sn"), ["Edited"]);
     env.ok(&[
         "roles",
         "remove",

@@ -175,6 +175,12 @@ async fn fan_out(bus: &Bus, idm: &IdmClient, role: &Focus, seq: u64) -> Result<(
     }
     let mut acks = Vec::with_capacity(holders.len());
     for id in &holders {
+        // Nothing changed at the user: its attributes as they are are the
+        // before-image, so strong mappings and what roles give are enforced
+        // and normal mappings leave hand edits alone (as reconciliation does).
+        let Some(holder) = idm.get_focus(id).await? else {
+            continue;
+        };
         let change = v1::FocusChange {
             schema_version: idsync_proto::SCHEMA_VERSION,
             outbox_seq: 0,
@@ -182,7 +188,12 @@ async fn fan_out(bus: &Bus, idm: &IdmClient, role: &Focus, seq: u64) -> Result<(
             focus: None,
             deleted: false,
             origin_resource: String::new(),
-            ..Default::default()
+            before_attributes: holder
+                .attributes
+                .into_iter()
+                .map(|(k, values)| (k, v1::Values { values }))
+                .collect(),
+            has_before: true,
         };
         let msg_id = format!("role:{}:{seq}:{id}", role.id);
         let ack = bus
