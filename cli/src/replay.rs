@@ -257,7 +257,7 @@ async fn decide(
     let (outcome, focus) = crate::sync::plan_against_idm(config, idm, change, seq, true).await?;
     Ok(match outcome {
         Outcome::Stale { .. } => Decided::Stale,
-        Outcome::Ignored => Decided::Ignored,
+        Outcome::Ignored | Outcome::Tombstone { .. } => Decided::Ignored,
         Outcome::Commit {
             situation,
             reaction,

@@ -146,7 +146,8 @@ async fn plan_entry(
 ) -> Result<Option<(String, Vec<Op>, Option<Focus>)>> {
     let (outcome, focus) = plan_against_idm(config, idm, change, u64::MAX, false).await?;
     Ok(match outcome {
-        Outcome::Stale { .. } | Outcome::Ignored => None,
+        // A tombstone changes nothing an operator sees.
+        Outcome::Stale { .. } | Outcome::Ignored | Outcome::Tombstone { .. } => None,
         Outcome::Commit {
             situation,
             reaction,

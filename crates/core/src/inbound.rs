@@ -121,8 +121,14 @@ fn account_member_keys(
 pub enum Outcome {
     /// The shadow already holds this position or a later one: nothing to do.
     Stale { shadow_position: u64 },
-    /// No situation: the deletion of an entry that was never seen.
+    /// No situation, and nothing to remember: the deletion of an entry whose
+    /// shadow is already dead, or belongs to another object type.
     Ignored,
+    /// The deletion of an entry never seen: no situation, but a dead shadow
+    /// at the deletion's position, so that an older change of the entry that
+    /// arrives after it (another replica, a redelivery) is discarded as
+    /// stale instead of creating what the source no longer has.
+    Tombstone { ops: Vec<Op> },
     Commit {
         situation: Situation,
         reaction: Reaction,
@@ -159,6 +165,16 @@ pub fn plan(
         });
     }
     let Some(situation) = state.situation else {
+        if change.is_delete() && state.shadow.is_none() {
+            let mut shadow = next_shadow(change, change_seq, None, None);
+            shadow.object_type = change.object_type;
+            return Ok(Outcome::Tombstone {
+                ops: vec![Op::PutShadow {
+                    shadow,
+                    expected_version: 0,
+                }],
+            });
+        }
         return Ok(Outcome::Ignored);
     };
     let profile = Profile::of(resource, change.object_type)?;
@@ -178,7 +194,7 @@ pub fn plan(
         None => None,
     };
 
-    let mut shadow = next_shadow(change, change_seq, state.shadow, situation);
+    let mut shadow = next_shadow(change, change_seq, state.shadow, Some(situation));
     if !change.is_delete() {
         shadow.attributes = snapshot(resource, &profile, change)?;
         shadow.member_keys = match change.object_type {
@@ -319,7 +335,7 @@ fn next_shadow(
     change: &SourceChange,
     change_seq: u64,
     current: Option<&Shadow>,
-    situation: Situation,
+    situation: Option<Situation>,
 ) -> Shadow {
     let mut shadow = current.cloned().unwrap_or_else(|| Shadow {
         resource: change.resource.clone(),
@@ -336,7 +352,7 @@ fn next_shadow(
     if let Some(csn) = &change.csn {
         shadow.csn = csn.clone();
     }
-    shadow.situation = situation.to_string();
+    shadow.situation = situation.map(|s| s.to_string()).unwrap_or_default();
     shadow.dead = change.is_delete();
     if shadow.dead {
         shadow.attributes.clear();
@@ -857,6 +873,48 @@ mod tests {
             focus.assignments.is_empty(),
             "the user template is not for groups"
         );
+    }
+
+    #[test]
+    fn the_deletion_of_an_entry_never_seen_leaves_a_tombstone_that_makes_its_older_add_stale() {
+        let cfg = config();
+        let mut gone = entry("eve", "Eve", "Eve", "Once");
+        gone.kind = ChangeKind::Delete;
+        gone.csn = None;
+        let nothing_known = InboundState::default();
+        let Outcome::Tombstone { ops } = plan(&cfg, &gone, 12, nothing_known, "x").unwrap() else {
+            panic!("a deletion with no shadow must be remembered")
+        };
+        let [
+            Op::PutShadow {
+                shadow,
+                expected_version: 0,
+            },
+        ] = ops.as_slice()
+        else {
+            panic!("{ops:#?}")
+        };
+        assert!(shadow.dead && shadow.focus_id.is_none(), "{shadow:#?}");
+        assert_eq!((shadow.position, shadow.situation.as_str()), (12, ""));
+        // The add that came before it, applied after it, changes nothing.
+        let add = entry("eve", "Eve", "Eve", "Once");
+        let later = InboundState {
+            shadow: Some(shadow),
+            situation: Some(Situation::Unmatched),
+            ..Default::default()
+        };
+        assert_eq!(
+            plan(&cfg, &add, 11, later, "x").unwrap(),
+            Outcome::Stale {
+                shadow_position: 12
+            }
+        );
+        // A deletion of an entry whose shadow is already dead needs nothing.
+        let again = InboundState {
+            shadow: Some(shadow),
+            ..Default::default()
+        };
+        assert_eq!(plan(&cfg, &gone, 13, again, "x").unwrap(), Outcome::Ignored);
     }
 
     #[test]

@@ -51,6 +51,17 @@ impl IdmError {
     pub fn is_transient(&self) -> bool {
         matches!(self, IdmError::Unavailable(_) | IdmError::Conflict(_))
     }
+
+    /// Whether the IDM refused a focus because another holds its name.
+    pub fn is_name_taken(&self) -> bool {
+        matches!(
+            self,
+            IdmError::Rejected {
+                code: Code::AlreadyExists,
+                ..
+            }
+        )
+    }
 }
 
 impl From<tonic::Status> for IdmError {

@@ -10,7 +10,7 @@ use idsync_bus::worker::{Handling, Message, Source, backoff, run_gated_worker};
 use idsync_bus::{Bus, BusError, names};
 use idsync_core::config::{Config, OnError};
 use idsync_core::inbound::{InboundState, Outcome, plan};
-use idsync_core::model::SourceChange;
+use idsync_core::model::{ObjectType, SourceChange};
 use idsync_core::situation::{Reaction, Situation};
 use idsync_idm_client::{CorrelateError, Correlation, IdmClient, IdmError, correlate, memberships};
 use idsync_ldap::{Connection, LdapError, Pool};
@@ -43,13 +43,13 @@ pub async fn run(config: Arc<Config>, shutdown: CancellationToken) -> Result<(),
     // Tokens first: a missing one is a configuration error, named at once.
     let clients = idsync_runtime::agreement_clients(&config)?;
     let bus = Bus::connect_with(&config.nats.url, Some(config.nats.retention())).await?;
-    // Connections only to resources whose reactions act on their accounts.
+    // Connections (opened on first use) to the resources the agreements
+    // read: reactions that act on accounts write there, and a dispute over
+    // an account the source may have deleted is checked there.
     let mut accounts = Pool::new();
-    for r in &config.resources {
-        if r.reactions.values().any(|x| x.action.acts_on_account()) {
-            let conn = Connection::for_resource(r, idsync_runtime::bind_password(r)?);
-            accounts.add(&r.name, conn, &r.id_attribute);
-        }
+    for r in config.resources.iter().filter(|r| r.agreement.is_some()) {
+        let conn = Connection::for_resource(r, idsync_runtime::bind_password(r)?);
+        accounts.add(&r.name, conn, &r.id_attribute);
     }
     let accounts = Arc::new(accounts);
     // One task drives every agreement's worker: they wait on I/O, and a
@@ -247,12 +247,30 @@ async fn handle(config: &Config, ctx: Agreement<'_>, accounts: &Pool, msg: Messa
                 return Handling::Done;
             }
             Outcome::Ignored => return Handling::Done,
+            Outcome::Tombstone { ops } => match idm.commit(ops, &change.resource).await {
+                Ok(_) => {
+                    tracing::debug!(resource = %change.resource, entry_uuid = %change.entry_uuid, "deletion of an entry never seen; tombstone kept");
+                    return Handling::Done;
+                }
+                // The entry's add got there first: decide again, on its shadow.
+                Err(IdmError::Conflict(_)) => {
+                    fresh_read = true;
+                    continue;
+                }
+                Err(e) if e.is_transient() => return transient(&msg, &e),
+                Err(e) => return refused(config, ctx, &change, e, &msg).await,
+            },
             Outcome::Commit {
                 situation,
                 reaction,
                 ops,
             } => (situation, reaction, ops),
         };
+        if situation == Situation::Disputed
+            && let Err(h) = transient_dispute(config, accounts, &change, &state, &msg).await
+        {
+            return h;
+        }
         if reaction.acts_on_account()
             && let Err(h) = act_on_account(config, accounts, &change, reaction, &msg).await
         {
@@ -280,11 +298,65 @@ async fn handle(config: &Config, ctx: Agreement<'_>, accounts: &Pool, msg: Messa
                 fresh_read = true;
                 tokio::time::sleep(Duration::from_millis(5 * attempt as u64)).await;
             }
+            // Decided on an IDM that has moved on since: another entry's
+            // user took the name (a uid deleted and added again, applied out
+            // of order). Correlate again before calling it a failure.
+            Err(e) if e.is_name_taken() && !fresh_read => {
+                tracing::debug!(attempt, reason = %e, "the name was taken after the decision; correlating again");
+                fresh_read = true;
+            }
             Err(e) if e.is_transient() => return transient(&msg, &e),
             Err(e) => return refused(config, ctx, &change, e, &msg).await,
         }
     }
     transient(&msg, &"still losing races after several attempts")
+}
+
+/// A dispute because the one candidate owns another account on the resource
+/// can be an artefact of order: the source deleted that account before this
+/// entry took its name (a uid deleted and added again), but the deletion is
+/// still on its way through another replica. When the source no longer has
+/// the other account, the change waits (retried with backoff) until its
+/// deletion is applied, instead of opening a case that nobody would need.
+async fn transient_dispute(
+    config: &Config,
+    accounts: &Pool,
+    change: &SourceChange,
+    state: &Correlation,
+    msg: &Message,
+) -> Result<(), Handling> {
+    if change.object_type != ObjectType::Account || state.candidates.len() != 1 {
+        return Ok(());
+    }
+    let Some(other) = state
+        .focus
+        .as_ref()
+        .and_then(|f| f.link_to(&change.resource))
+        .filter(|l| l.entry_uuid != change.entry_uuid)
+    else {
+        return Ok(());
+    };
+    let resource = config
+        .resource(&change.resource)
+        .map_err(|e| Handling::Poison(e.to_string()))?;
+    let base = resource.base_dn.clone();
+    let uuid = other.entry_uuid.clone();
+    match accounts
+        .with(&resource.name, async |dir| {
+            dir.find_by_uuid(&base, &uuid).await
+        })
+        .await
+    {
+        Ok(Some(_)) => Ok(()),
+        Ok(None) => Err(Handling::Retry {
+            delay: backoff(msg.delivered),
+            reason: format!(
+                "entry {:?} would dispute {:?}, which its candidate owns but {} no longer has; waiting for that deletion",
+                change.dn, other.dn, change.resource
+            ),
+        }),
+        Err(e) => Err(transient(msg, &e)),
+    }
 }
 
 /// The id a new focus gets: the agreement's `map_uuid` for the entry, or a new one.

@@ -109,8 +109,13 @@ async fn handle(
         }
     };
     let Some(situation) = correlation.situation else {
-        tracing::debug!(entry_uuid = %change.entry_uuid, "deletion of an entry never seen; nothing to do");
-        return Handling::Done;
+        // The deletion of an entry never seen. Its add may still be on its
+        // way to the IDM (another replica, a redelivery): the applier keeps
+        // a tombstone at this position, so that the add is discarded when
+        // it comes, or finds the shadow and deletes what the add made.
+        tracing::debug!(entry_uuid = %change.entry_uuid, "deletion of an entry not known yet; passed on");
+        decision.shadow_version = correlation.shadow.as_ref().map_or(0, |s| s.version);
+        return publish(bus, agreement, &change.resource, &decision, &msg).await;
     };
     let (action, _) = reaction(resource, situation);
     tracing::info!(resource = %change.resource, dn = %change.dn, %situation, reaction = %action, "decided");

@@ -464,6 +464,15 @@ async fn create(
             .filter(|s| !s.dead)
             .and_then(|s| s.focus_id);
         if let Some(other) = owner.filter(|o| *o != focus.id) {
+            // A user deleted in the IDM whose account is not deprovisioned
+            // yet (its focus event is with another replica, or waiting to be
+            // retried): the name is about to be free, so wait for it.
+            if idm.get_focus(&other).await?.is_none() {
+                return Err(Failure::Transient(format!(
+                    "resource {}: account {} still belongs to user {other}, which is deleted; waiting for the account to be deprovisioned",
+                    resource.name, account.dn
+                )));
+            }
             return Err(Failure::Permanent(format!(
                 "resource {}: account {} already exists and belongs to user {other}",
                 resource.name, account.dn
