@@ -96,6 +96,9 @@ VALUE_SETS: dict[str, tuple[dict, bool]] = {
     ),
     "refused: unknown store": ({"idm": {"store": "sqlite"}}, False),
     "refused: postgres without secret": ({"idm": {"store": "postgres"}}, False),
+    "refused: a typo in values": ({"idm": {"replica": 3}}, False),
+    "refused: detector replicas": ({"detector": {"replicas": 2}}, False),
+    "refused: a secret value in values": ({"secrets": {"admin": {"value": "x"}}}, False),
 }
 
 CRDS = {
