@@ -79,6 +79,7 @@ VALUE_SETS: dict[str, tuple[dict, bool]] = {
                 "monitoring": [{"namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": "monitoring"}}}],
             },
             "image": {"digest": "sha256:" + "0" * 64},
+            "reconcile": {"jobs": [{"resource": "acme", "schedule": "0 3 * * *", "rate": 200}]},
         },
         True,
     ),
@@ -96,6 +97,7 @@ VALUE_SETS: dict[str, tuple[dict, bool]] = {
     ),
     "refused: unknown store": ({"idm": {"store": "sqlite"}}, False),
     "refused: postgres without secret": ({"idm": {"store": "postgres"}}, False),
+    "refused: reconcile of an unknown resource": ({"reconcile": {"jobs": [{"resource": "nope", "schedule": "@daily"}]}}, False),
     "refused: a typo in values": ({"idm": {"replica": 3}}, False),
     "refused: detector replicas": ({"detector": {"replicas": 2}}, False),
     "refused: a secret value in values": ({"secrets": {"admin": {"value": "x"}}}, False),
@@ -105,7 +107,9 @@ CRDS = {
     ("keda.sh/v1alpha1", "ScaledObject"): "scaledobject.keda.sh-v1alpha1.json",
     ("monitoring.coreos.com/v1", "ServiceMonitor"): "servicemonitor.monitoring.coreos.com-v1.json",
 }
-WORKLOADS = {"Deployment", "StatefulSet", "DaemonSet", "Job"}
+WORKLOADS = {"Deployment", "StatefulSet", "DaemonSet", "Job", "CronJob"}
+# Pods that run to completion: no probes, no health listener.
+BATCH = {"Job", "CronJob"}
 # Patterns of secret values that must never appear in rendered output.
 SECRET_PATTERNS = [
     re.compile(r"idsync1\.[A-Za-z0-9_-]{8,}"),  # sync token
@@ -205,10 +209,17 @@ def schema_problems(obj: dict) -> list[str]:
 # ------------------------------------------------------------- properties
 
 
-def pod_spec(obj: dict) -> dict | None:
+def pod_template(obj: dict) -> dict | None:
+    if obj["kind"] == "CronJob":
+        return obj["spec"]["jobTemplate"]["spec"]["template"]
     if obj["kind"] in WORKLOADS:
-        return obj["spec"]["template"]["spec"]
+        return obj["spec"]["template"]
     return None
+
+
+def pod_spec(obj: dict) -> dict | None:
+    t = pod_template(obj)
+    return None if t is None else t["spec"]
 
 
 def env_of(container: dict) -> dict[str, str]:
@@ -253,7 +264,9 @@ def container_problems(obj: dict) -> list[str]:
         for e in c.get("env", []):
             if SECRET_KEYS.search(e["name"]) and "value" in e:
                 problems.append(f"{cw}: env {e['name']} has a literal value; secrets come from Secrets")
-        if obj["kind"] == "Job":
+        if obj["kind"] in BATCH:
+            if "livenessProbe" in c or "readinessProbe" in c:
+                problems.append(f"{cw}: a run-to-completion pod has probes")
             continue
         bind = env.get("IDSYNC_HEALTH_BIND") or ""
         ports = {p.get("name"): p["containerPort"] for p in c.get("ports", [])}
@@ -344,7 +357,7 @@ def release_problems(objs: list[dict], text: str, values: dict) -> list[str]:
         if got != expected.get(component):
             problems.append(f"ScaledObject/{so['metadata']['name']}: consumers {sorted(got)}, crates/bus says {sorted(expected.get(component, []))}")
     # Selectors of Services and budgets find pods.
-    pods = [(o["spec"]["template"]["metadata"].get("labels", {})) for o in objs if o["kind"] in WORKLOADS]
+    pods = [pod_template(o)["metadata"].get("labels", {}) for o in objs if o["kind"] in WORKLOADS]
     for kind in ("Service", "PodDisruptionBudget"):
         for o in by_kind.get(kind, {}).values():
             sel = o["spec"].get("selector", {})
@@ -354,8 +367,8 @@ def release_problems(objs: list[dict], text: str, values: dict) -> list[str]:
     for o in by_kind.get("PodDisruptionBudget", {}).values():
         sel = o["spec"]["selector"]["matchLabels"]
         for w in objs:
-            if w["kind"] in WORKLOADS and all(w["spec"]["template"]["metadata"]["labels"].get(k) == v for k, v in sel.items()):
-                if w["spec"].get("replicas", 2) == 1 and w["kind"] != "Job":
+            if w["kind"] in WORKLOADS and all(pod_template(w)["metadata"]["labels"].get(k) == v for k, v in sel.items()):
+                if w["kind"] in BATCH or w["spec"].get("replicas", 2) == 1:
                     problems.append(f"PodDisruptionBudget/{o['metadata']['name']} covers singleton {w['metadata']['name']}")
     # Every ConfigMap and Secret a pod mounts: rendered, or named in values.
     for w in objs:
