@@ -22,5 +22,8 @@ fn the_helm_chart_renders_valid_manifests() {
         String::from_utf8_lossy(&out.stderr)
     );
     assert!(out.status.success(), "scripts/check-deploy failed:\n{text}");
-    assert!(text.contains("deploy: ") && text.contains(" passed, 0 failed"), "{text}");
+    assert!(
+        text.contains("deploy: ") && text.contains(" passed, 0 failed"),
+        "{text}"
+    );
 }
