@@ -177,7 +177,29 @@ impl Bus {
         msg_id: &str,
         payload: Bytes,
     ) -> Result<PendingAck, BusError> {
-        let message = PublishMessage::build().payload(payload).message_id(msg_id);
+        let traceparent = idsync_telemetry::trace::current_traceparent();
+        self.publish_traced(subject, msg_id, payload, traceparent.as_deref())
+            .await
+    }
+
+    /// [`Bus::publish`] with the trace context `traceparent` in the message's
+    /// headers instead of the current span's (the IDM's outbox carries the
+    /// context of the commit that wrote each record).
+    ///
+    /// # Errors
+    ///
+    /// As for [`Bus::publish`].
+    pub async fn publish_traced(
+        &self,
+        subject: &str,
+        msg_id: &str,
+        payload: Bytes,
+        traceparent: Option<&str>,
+    ) -> Result<PendingAck, BusError> {
+        let mut message = PublishMessage::build().payload(payload).message_id(msg_id);
+        if let Some(tp) = traceparent {
+            message = message.header(idsync_telemetry::trace::TRACEPARENT, tp);
+        }
         match self.js.send_publish(subject.to_owned(), message).await {
             Ok(ack) => Ok(PendingAck {
                 ack,

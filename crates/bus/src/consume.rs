@@ -129,6 +129,15 @@ impl Delivery {
         &self.message.payload
     }
 
+    /// The W3C trace context the publisher sent, if any.
+    pub fn traceparent(&self) -> Option<&str> {
+        self.message
+            .headers
+            .as_ref()?
+            .get(idsync_telemetry::trace::TRACEPARENT)
+            .map(|v| v.as_str())
+    }
+
     /// The stream the message belongs to.
     pub fn stream(&self) -> &str {
         &self.stream

@@ -115,7 +115,19 @@ where
         };
         let seq = message.stream_seq;
         let started = std::time::Instant::now();
-        let handling = handle(message).await;
+        // One span per message, continuing the trace its publisher began.
+        let span = tracing::info_span!(
+            parent: None,
+            "message",
+            service = source.service,
+            stream = source.stream,
+            seq,
+            delivered = message.delivered
+        );
+        if let Some(tp) = delivery.traceparent() {
+            idsync_telemetry::trace::set_parent(&span, tp);
+        }
+        let handling = tracing::Instrument::instrument(handle(message), span).await;
         count(source.service, &handling, started.elapsed());
         match handling {
             Handling::Done => delivery.ack().await?,

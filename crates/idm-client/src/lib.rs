@@ -104,6 +104,13 @@ impl std::fmt::Debug for Credential {
 impl tonic::service::Interceptor for Credential {
     fn call(&mut self, mut req: tonic::Request<()>) -> Result<tonic::Request<()>, tonic::Status> {
         req.metadata_mut().insert("authorization", self.0.clone());
+        // The caller's span, so the IDM's work joins its trace.
+        if let Some(tp) = idsync_telemetry::trace::current_traceparent()
+            && let Ok(value) = tp.parse()
+        {
+            req.metadata_mut()
+                .insert(idsync_telemetry::trace::TRACEPARENT, value);
+        }
         Ok(req)
     }
 }

@@ -252,19 +252,42 @@ fn read_secret(
 /// Starts tracing: JSON when `IDSYNC_LOG_FORMAT=json`, human-readable
 /// otherwise; the filter comes from `RUST_LOG` (default `info`).
 pub fn init_tracing() {
+    init_tracing_as("cli");
+}
+
+/// [`init_tracing`] for `service`, with its spans exported over OTLP when
+/// `OTEL_EXPORTER_OTLP_ENDPOINT` is set (`idsync_telemetry::trace`). Call it
+/// inside the Tokio runtime. An unusable endpoint is reported on stderr and
+/// the service runs without exporting traces.
+pub fn init_tracing_as(service: &str) {
     use tracing_subscriber::EnvFilter;
+    use tracing_subscriber::Layer as _;
+    use tracing_subscriber::layer::SubscriberExt;
+    use tracing_subscriber::util::SubscriberInitExt;
     let filter =
         EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(DEFAULT_LOG_FILTER));
-    let builder = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_target(false);
     let json = std::env::var(LOG_FORMAT_ENV).is_ok_and(|v| v == "json");
-    // A second initialisation (tests, the all-in-one runner) is harmless.
-    let _ = if json {
-        builder.json().try_init()
+    let fmt = tracing_subscriber::fmt::layer().with_target(false);
+    let fmt = if json {
+        fmt.json().boxed()
     } else {
-        builder.try_init()
+        fmt.boxed()
     };
+    let traces = match idsync_telemetry::trace::layer(service) {
+        Ok(layer) => layer,
+        Err(e) => {
+            eprintln!("idsync-{service}: {e}; traces are not exported");
+            None
+        }
+    };
+    // A second initialisation (tests, the all-in-one runner) is harmless.
+    // Spans of idsync's own handlers are info; libraries' debug spans
+    // (h2, tonic) are not worth exporting.
+    let traces = traces.with_filter(tracing_subscriber::filter::LevelFilter::INFO);
+    let _ = tracing_subscriber::registry()
+        .with(traces)
+        .with(fmt.with_filter(filter))
+        .try_init();
 }
 
 /// A token cancelled at the first SIGINT or SIGTERM.
@@ -336,7 +359,7 @@ where
     Fut: Future<Output = Result<(), E>>,
     E: std::fmt::Display,
 {
-    init_tracing();
+    init_tracing_as(name);
     let Some(path) = config_path_from_args() else {
         eprintln!("idsync-{name}: no configuration: pass --config <file> or set {CONFIG_ENV}");
         return ExitCode::from(2);
@@ -390,6 +413,9 @@ where
     if let Some(task) = health {
         let _ = task.await;
     }
+    // The last spans go to the collector before the process exits (the
+    // exporter's batch thread needs the runtime, so wait off it).
+    let _ = tokio::task::spawn_blocking(idsync_telemetry::trace::shutdown).await;
     let Some(outcome) = outcome else {
         tracing::error!(
             service = name,

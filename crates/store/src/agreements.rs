@@ -534,6 +534,7 @@ mod tests {
             owners: owners(),
             may_adopt: false,
             guards: Arc::default(),
+            trace_parent: None,
         };
         (
             dir,

@@ -63,6 +63,9 @@ pub struct Writer {
     pub may_adopt: bool,
     /// Resource → its deletion thresholds.
     pub guards: Arc<BTreeMap<String, GuardLimits>>,
+    /// The W3C trace context of the request, kept with each outbox record
+    /// so the provisioner's work joins the trace of the change behind it.
+    pub trace_parent: Option<String>,
 }
 
 impl Writer {
@@ -73,6 +76,7 @@ impl Writer {
             owners: Arc::default(),
             may_adopt: false,
             guards: Arc::default(),
+            trace_parent: None,
         }
     }
 
@@ -82,6 +86,7 @@ impl Writer {
             owners,
             may_adopt: false,
             guards: Arc::default(),
+            trace_parent: None,
         }
     }
 }
@@ -102,6 +107,8 @@ pub(crate) struct Tables<'t> {
     pub live: redb::Table<'t, &'static str, u64>,
     pub guard: redb::Table<'t, &'static str, &'static [u8]>,
     pub next_seq: u64,
+    /// Copied into every outbox record this commit appends.
+    pub trace_parent: String,
 }
 
 impl<'t> Tables<'t> {
@@ -123,6 +130,7 @@ impl<'t> Tables<'t> {
             guard: txn.open_table(GUARD).map_err(db)?,
             meta,
             next_seq,
+            trace_parent: String::new(),
         })
     }
 
@@ -149,6 +157,7 @@ impl<'t> Tables<'t> {
             origin_resource: origin.to_owned(),
             before_attributes: before.map(|b| b.attributes.clone()).unwrap_or_default(),
             has_before: before.is_some(),
+            traceparent: self.trace_parent.clone(),
         };
         self.outbox
             .insert(self.next_seq, change.encode_to_vec().as_slice())
@@ -656,6 +665,7 @@ pub(crate) fn apply(
     dry_run: bool,
 ) -> Result<Vec<u64>, StoreError> {
     use v1::operation::Op;
+    t.trace_parent = writer.trace_parent.clone().unwrap_or_default();
     let mut agreements = Agreements(HashMap::new());
     if let Principal::Agreement(a) = &writer.principal {
         let record = agreements.get(t, a)?;

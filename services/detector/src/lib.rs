@@ -370,10 +370,21 @@ impl Publisher<'_> {
         {
             oldest.wait().await?;
         }
-        let ack = self
-            .bus
-            .publish(&self.subject, &event.event_id, event.encode_to_vec().into())
-            .await?;
+        // Each change starts its own trace (traces on: the correlator, the
+        // applier, the IDM and the provisioner continue it).
+        let span = tracing::info_span!(
+            parent: None,
+            "change detected",
+            resource = %event.resource,
+            dn = %event.dn,
+            entry_uuid = %event.entry_uuid
+        );
+        let ack = tracing::Instrument::instrument(
+            self.bus
+                .publish(&self.subject, &event.event_id, event.encode_to_vec().into()),
+            span,
+        )
+        .await?;
         self.in_flight.push_back(ack);
         self.published += 1;
         Ok(())

@@ -545,6 +545,7 @@ async fn reprovision(
             .map(|(k, v)| (k.clone(), v1::Values { values: v.clone() }))
             .collect(),
         has_before: true,
+        traceparent: String::new(),
     };
     bus.publish_and_wait(
         names::FOCUS_SUBJECT,

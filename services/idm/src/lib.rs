@@ -161,6 +161,7 @@ pub async fn serve(
         .max_decoding_message_size(MAX_MESSAGE_SIZE)
         .max_encoding_message_size(MAX_MESSAGE_SIZE);
     let result = tonic::transport::Server::builder()
+        .trace_fn(call_span)
         .add_service(service)
         .serve_with_shutdown(addr, shutdown.clone().cancelled_owned())
         .await
@@ -283,6 +284,8 @@ impl IdmService {
             owners: self.authority.owners.clone(),
             may_adopt,
             guards: self.authority.guards.clone(),
+            // The call's span (see `call_span`) continues its caller's trace.
+            trace_parent: idsync_telemetry::trace::current_traceparent(),
         }
     }
 
@@ -742,6 +745,21 @@ async fn drain_outbox(
     }
 }
 
+/// One span per gRPC call, a child of the caller's span when its metadata
+/// carries a trace context.
+fn call_span(req: &tonic::codegen::http::Request<()>) -> tracing::Span {
+    let span =
+        tracing::info_span!(parent: None, "grpc", service = "idm", method = %req.uri().path());
+    if let Some(tp) = req
+        .headers()
+        .get(idsync_telemetry::trace::TRACEPARENT)
+        .and_then(|v| v.to_str().ok())
+    {
+        idsync_telemetry::trace::set_parent(&span, tp);
+    }
+    span
+}
+
 /// Publishes one batch; returns how many records it published.
 async fn publish_batch(store: &Store, bus: &Bus) -> Result<usize, String> {
     let s = store.clone();
@@ -754,11 +772,18 @@ async fn publish_batch(store: &Store, bus: &Bus) -> Result<usize, String> {
     };
     let mut pending = Vec::with_capacity(batch.len());
     for (seq, payload) in &batch {
+        // The record carries the trace context of the commit that wrote it.
+        let traceparent = idsync_telemetry::trace::enabled()
+            .then(|| <v1::FocusChange as prost::Message>::decode(payload.as_slice()).ok())
+            .flatten()
+            .map(|c| c.traceparent)
+            .filter(|t| !t.is_empty());
         let ack = bus
-            .publish(
+            .publish_traced(
                 names::FOCUS_SUBJECT,
                 &format!("focus:{}:{seq}", store.instance()),
                 bytes::Bytes::from(payload.clone()),
+                traceparent.as_deref(),
             )
             .await
             .map_err(|e| e.to_string())?;

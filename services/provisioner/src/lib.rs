@@ -194,6 +194,7 @@ async fn fan_out(bus: &Bus, idm: &IdmClient, role: &Focus, seq: u64) -> Result<(
                 .map(|(k, values)| (k, v1::Values { values }))
                 .collect(),
             has_before: true,
+            traceparent: String::new(),
         };
         let msg_id = format!("role:{}:{seq}:{id}", role.id);
         let ack = bus
