@@ -44,10 +44,12 @@ pub struct Source<'a> {
     /// Durable consumer shared by all replicas of the service.
     pub durable: &'a str,
     pub filter_subject: Option<&'a str>,
+    /// Messages handled at once by this replica (`workers.concurrency`).
+    pub concurrency: usize,
 }
 
-/// Consumes `source` until `shutdown`, handling one message at a time. The
-/// message being handled when shutdown comes is finished first.
+/// Consumes `source` until `shutdown`, handling up to `source.concurrency`
+/// messages at once. Messages in hand when shutdown comes are finished first.
 ///
 /// # Errors
 /// The consumer cannot be created, or acknowledging fails for good.
@@ -64,9 +66,15 @@ where
     run_gated_worker(bus, source, shutdown, || std::future::ready(()), handle).await
 }
 
-/// As [`run_worker`]; after a [`Handling::Halt`] the worker waits for `gate`
-/// to return before it takes another message. Messages it had already been
-/// sent are not acknowledged, so they come back after the ack wait.
+/// As [`run_worker`]; after a [`Handling::Halt`] the worker takes no new
+/// message, finishes those in hand, and waits for `gate` to return before it
+/// takes another. Messages it had already been sent are not acknowledged, so
+/// they come back after the ack wait.
+///
+/// Handling several messages at once is what several replicas do too:
+/// correctness rests on the conditional commits and the shadows' positions,
+/// never on order, so one replica with `concurrency` N behaves as N replicas
+/// of one — and keeps the round trips of N messages in flight.
 ///
 /// # Errors
 /// As [`run_worker`].
@@ -83,78 +91,110 @@ where
     H: FnMut(Message) -> Fut,
     Fut: Future<Output = Handling>,
 {
+    use futures::StreamExt as _;
+    let limit = source.concurrency.max(1);
     let mut deliveries = bus
         .consume(source.stream, source.durable, source.filter_subject)
         .await?;
     idsync_telemetry::health::set_ready(true);
+    let mut in_hand = futures::stream::FuturesUnordered::new();
+    let mut halted = false;
     loop {
-        let next = tokio::select! {
-            biased;
-            _ = shutdown.cancelled() => return Ok(()),
-            next = deliveries.next() => next,
-        };
-        let delivery = match next {
-            Some(Ok(d)) => d,
-            Some(Err(e)) => {
-                tracing::warn!(service = source.service, error = %e, "receiving failed; continuing");
-                tokio::time::sleep(Duration::from_millis(200)).await;
-                continue;
+        if halted && in_hand.is_empty() {
+            tokio::select! {
+                biased;
+                _ = shutdown.cancelled() => return Ok(()),
+                _ = gate() => {}
             }
-            None => {
-                return Err(BusError::ConsumerEnded {
-                    stream: source.stream.to_owned(),
-                    durable: source.durable.to_owned(),
-                });
-            }
-        };
-        let message = Message {
-            subject: delivery.subject().to_owned(),
-            payload: Bytes::copy_from_slice(delivery.payload()),
-            stream_seq: delivery.stream_seq(),
-            delivered: delivery.delivered(),
-        };
-        let seq = message.stream_seq;
-        let started = std::time::Instant::now();
-        // One span per message, continuing the trace its publisher began.
-        let span = tracing::info_span!(
-            parent: None,
-            "message",
-            service = source.service,
-            stream = source.stream,
-            seq,
-            delivered = message.delivered
-        );
-        if let Some(tp) = delivery.traceparent() {
-            idsync_telemetry::trace::set_parent(&span, tp);
+            tracing::info!(
+                service = source.service,
+                durable = source.durable,
+                "resumed"
+            );
+            halted = false;
         }
-        let handling = tracing::Instrument::instrument(handle(message), span).await;
-        count(source.service, &handling, started.elapsed());
-        match handling {
-            Handling::Done => delivery.ack().await?,
-            Handling::Retry { delay, reason } => {
-                tracing::warn!(service = source.service, seq, %reason, retry_in_ms = delay.as_millis() as u64, "will retry");
-                delivery.nak(delay).await?;
-            }
-            Handling::Poison(reason) => {
-                tracing::error!(service = source.service, seq, %reason, "parked in the dead-letter stream");
-                bus.dead_letter(source.service, delivery, &reason).await?;
-            }
-            Handling::Halt(reason) => {
-                tracing::error!(service = source.service, durable = source.durable, seq, %reason, "halted; waiting to be resumed");
-                delivery.nak(Duration::from_millis(500)).await?;
-                tokio::select! {
-                    biased;
-                    _ = shutdown.cancelled() => return Ok(()),
-                    _ = gate() => {}
+        let taking = !halted && in_hand.len() < limit && !shutdown.is_cancelled();
+        tokio::select! {
+            biased;
+            // Stopping: finish what is in hand, take nothing new.
+            _ = shutdown.cancelled(), if in_hand.is_empty() => return Ok(()),
+            Some(settled) = in_hand.next(), if !in_hand.is_empty() => {
+                if settled? {
+                    halted = true;
                 }
-                tracing::info!(
+            }
+            next = deliveries.next(), if taking => {
+                let delivery = match next {
+                    Some(Ok(d)) => d,
+                    Some(Err(e)) => {
+                        tracing::warn!(service = source.service, error = %e, "receiving failed; continuing");
+                        tokio::time::sleep(Duration::from_millis(200)).await;
+                        continue;
+                    }
+                    None => {
+                        return Err(BusError::ConsumerEnded {
+                            stream: source.stream.to_owned(),
+                            durable: source.durable.to_owned(),
+                        });
+                    }
+                };
+                let message = Message {
+                    subject: delivery.subject().to_owned(),
+                    payload: Bytes::copy_from_slice(delivery.payload()),
+                    stream_seq: delivery.stream_seq(),
+                    delivered: delivery.delivered(),
+                };
+                // One span per message, continuing the trace its publisher began.
+                let span = tracing::info_span!(
+                    parent: None,
+                    "message",
                     service = source.service,
-                    durable = source.durable,
-                    "resumed"
+                    stream = source.stream,
+                    seq = message.stream_seq,
+                    delivered = message.delivered
                 );
+                if let Some(tp) = delivery.traceparent() {
+                    idsync_telemetry::trace::set_parent(&span, tp);
+                }
+                let work = tracing::Instrument::instrument(handle(message), span);
+                let source = &source;
+                in_hand.push(async move {
+                    let started = std::time::Instant::now();
+                    let handling = work.await;
+                    count(source.service, &handling, started.elapsed());
+                    settle(bus, source, delivery, handling).await
+                });
             }
         }
     }
+}
+
+/// Acknowledges, retries or parks one handled message; true when it halted
+/// the worker.
+async fn settle(
+    bus: &Bus,
+    source: &Source<'_>,
+    delivery: crate::consume::Delivery,
+    handling: Handling,
+) -> Result<bool, BusError> {
+    let seq = delivery.stream_seq();
+    match handling {
+        Handling::Done => delivery.ack().await?,
+        Handling::Retry { delay, reason } => {
+            tracing::warn!(service = source.service, seq, %reason, retry_in_ms = delay.as_millis() as u64, "will retry");
+            delivery.nak(delay).await?;
+        }
+        Handling::Poison(reason) => {
+            tracing::error!(service = source.service, seq, %reason, "parked in the dead-letter stream");
+            bus.dead_letter(source.service, delivery, &reason).await?;
+        }
+        Handling::Halt(reason) => {
+            tracing::error!(service = source.service, durable = source.durable, seq, %reason, "halted; waiting to be resumed");
+            delivery.nak(Duration::from_millis(500)).await?;
+            return Ok(true);
+        }
+    }
+    Ok(false)
 }
 
 /// Counts a handled message by its outcome, and how long handling took.

@@ -29,6 +29,45 @@ pub struct Config {
     pub agreements: BTreeMap<String, AgreementConfig>,
     #[serde(default)]
     pub provisioning: ProvisioningConfig,
+    #[serde(default)]
+    pub workers: WorkersConfig,
+}
+
+/// How the correlator, the applier and the provisioner take their messages.
+#[derive(Debug, Clone, Deserialize, Serialize, PartialEq, Eq, schemars::JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct WorkersConfig {
+    /// Messages each replica of the correlator and the provisioner handles
+    /// at once (1–256, default 16). Order never matters for correctness
+    /// (conditional commits and shadow positions), so this is what N
+    /// replicas would do, in one process: it keeps the IDM, NATS and LDAP
+    /// round trips of several messages in flight.
+    #[serde(default = "default_concurrency")]
+    pub concurrency: u32,
+    /// The same for each applier replica (default 1). One keeps Kanidm's
+    /// halt exact: nothing after the failing entry is applied, and the
+    /// deletion guard lets exactly the first deletions through. Above one
+    /// (or with several replicas), the few messages already in hand when an
+    /// entry halts the agreement may still be applied.
+    #[serde(default = "default_applier_concurrency")]
+    pub applier_concurrency: u32,
+}
+
+impl Default for WorkersConfig {
+    fn default() -> Self {
+        Self {
+            concurrency: default_concurrency(),
+            applier_concurrency: default_applier_concurrency(),
+        }
+    }
+}
+
+fn default_concurrency() -> u32 {
+    16
+}
+
+fn default_applier_concurrency() -> u32 {
+    1
 }
 
 /// How the provisioner deals with targets that refuse or cannot be reached.
@@ -776,6 +815,17 @@ impl Config {
                 "provisioning.max_attempts".into(),
                 "must be at least 1".into(),
             );
+        }
+        for (field, value) in [
+            ("workers.concurrency", self.workers.concurrency),
+            (
+                "workers.applier_concurrency",
+                self.workers.applier_concurrency,
+            ),
+        ] {
+            if !(1..=256).contains(&value) {
+                err(field.into(), "must be between 1 and 256".into());
+            }
         }
         if self.idm.admin_token_file.is_some() && self.idm.admin_token_env.is_some() {
             err(
