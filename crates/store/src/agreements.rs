@@ -3,13 +3,12 @@
 
 use std::collections::HashMap;
 
-use redb::{ReadableDatabase, ReadableTable};
-
 use idsync_proto::v1;
 
 use crate::commit::{Principal, Tables};
+use crate::kv::{KvExt, KvWriteExt, Tbl};
 use crate::token::{self, Claims, TokenError};
-use crate::{AGREEMENT, SHADOW, SYNC_CHILD, Store, StoreError, db, decode, load, now_ms};
+use crate::{REVOCATIONS, Store, StoreError, now_ms};
 
 /// Tokens already checked against their agreement's record.
 #[derive(Debug, Default)]
@@ -17,6 +16,9 @@ pub(crate) struct Verified {
     /// Bumped by every change that can revoke a token, so that a check that
     /// read the record before such a change does not cache its answer after it.
     generation: u64,
+    /// The stored revocation count the cached answers were checked under;
+    /// a shared database's other replicas bump it when they revoke.
+    revocations: u64,
     /// Token hash → agreement.
     tokens: HashMap<Vec<u8>, String>,
 }
@@ -38,15 +40,12 @@ impl Store {
         &self,
         f: impl FnOnce(&mut Tables<'_>) -> Result<T, StoreError>,
     ) -> Result<T, StoreError> {
-        let txn = self.db.begin_write().map_err(db)?;
-        let out = {
-            let mut t = Tables::open(&txn)?;
+        self.transact(true, |kv| {
+            let mut t = Tables::open(kv)?;
             let out = f(&mut t)?;
             t.finish()?;
-            out
-        };
-        txn.commit().map_err(db)?;
-        Ok(out)
+            Ok(out)
+        })
     }
 
     /// Changes agreement `name` with `f` and returns it as stored.
@@ -97,15 +96,13 @@ impl Store {
 
     /// Every agreement, by name, with its entry count.
     pub fn list_agreements(&self) -> Result<Vec<v1::Agreement>, StoreError> {
-        let txn = self.db.begin_read().map_err(db)?;
-        let table = txn.open_table(AGREEMENT).map_err(db)?;
         let mut out: Vec<v1::Agreement> = Vec::new();
-        for row in table.iter().map_err(db)? {
-            let (_, v) = row.map_err(db)?;
-            out.push(decode(v.value())?);
-        }
-        drop(table);
-        drop(txn);
+        self.read(|kv| {
+            kv.each(Tbl::Agreement, "", &mut |_, a| {
+                out.push(a);
+                Ok(true)
+            })
+        })?;
         for a in &mut out {
             a.entries = self.count_entries(&a.name)?;
         }
@@ -126,18 +123,7 @@ impl Store {
 
     /// Ids of the focus objects whose sync parent is `name`.
     fn children(&self, name: &str) -> Result<Vec<String>, StoreError> {
-        let txn = self.db.begin_read().map_err(db)?;
-        let table = txn.open_table(SYNC_CHILD).map_err(db)?;
-        let prefix = format!("{name}\0");
-        let mut out = Vec::new();
-        for row in table.range(prefix.as_str()..).map_err(db)? {
-            let (k, _) = row.map_err(db)?;
-            let Some(id) = k.value().strip_prefix(prefix.as_str()) else {
-                break;
-            };
-            out.push(id.to_owned());
-        }
-        Ok(out)
+        self.read(|kv| kv.suffixes(Tbl::SyncChild, &format!("{name}\0")))
     }
 
     /// Issues a token labelled `label` for agreement `name`. The token is
@@ -188,7 +174,7 @@ impl Store {
         name: &str,
         label: Option<&str>,
     ) -> Result<v1::Agreement, StoreError> {
-        let a = self.update_agreement(name, |a| {
+        let a = self.revoking_update(name, |a| {
             match label {
                 None => a.tokens.clear(),
                 Some(label) => {
@@ -323,17 +309,16 @@ impl Store {
             })?;
             let mut released = 0;
             for id in &ids {
-                t.sync_child
-                    .remove(format!("{name}\0{id}").as_str())
-                    .map_err(db)?;
-                let Some(mut f) = load::<v1::Focus>(&t.focus, id)? else {
+                t.kv.del(Tbl::SyncChild, &format!("{name}\0{id}"))?;
+                let Some(mut f) = t.load::<v1::Focus>(Tbl::Focus, id)? else {
                     continue;
                 };
                 f.sync_parent.clear();
                 t.rewrite_focus(f, ORIGIN)?;
                 released += 1;
             }
-            t.agreements.remove(name).map_err(db)?;
+            t.kv.del(Tbl::Agreement, name)?;
+            bump_revocations(t)?;
             Ok(released)
         })?;
         self.forget_verified();
@@ -345,21 +330,18 @@ impl Store {
     /// are simply not there. Returns how many entries were deleted.
     pub fn terminate_agreement(&self, name: &str, resources: &[String]) -> Result<u64, StoreError> {
         let ids = self.children(name)?;
-        let mut shadow_keys = Vec::new();
-        {
-            let txn = self.db.begin_read().map_err(db)?;
-            let shadows = txn.open_table(SHADOW).map_err(db)?;
+        let shadow_keys = self.read(|kv| {
+            let mut keys = Vec::new();
             for r in resources {
                 let prefix = format!("{r}\0");
-                for row in shadows.range(prefix.as_str()..).map_err(db)? {
-                    let (k, _) = row.map_err(db)?;
-                    if !k.value().starts_with(&prefix) {
-                        break;
-                    }
-                    shadow_keys.push(k.value().to_owned());
-                }
+                keys.extend(
+                    kv.suffixes(Tbl::Shadow, &prefix)?
+                        .into_iter()
+                        .map(|uuid| format!("{prefix}{uuid}")),
+                );
             }
-        }
+            Ok(keys)
+        })?;
         let deleted = self.write(|t| {
             t.agreement(name)?.ok_or_else(|| StoreError::NoAgreement {
                 name: name.to_owned(),
@@ -371,18 +353,19 @@ impl Store {
                 }
             }
             for k in &shadow_keys {
-                if let Some(s) = load::<v1::Shadow>(&t.shadows, k)? {
+                if let Some(s) = t.load::<v1::Shadow>(Tbl::Shadow, k)? {
                     for mk in crate::shadow_member_keys(&s) {
-                        t.by_member_key.remove(mk.as_str()).map_err(db)?;
+                        t.kv.del(Tbl::ShadowByMemberKey, &mk)?;
                     }
                 }
-                t.shadows.remove(&**k).map_err(db)?;
+                t.kv.del(Tbl::Shadow, k)?;
             }
             for r in resources {
-                t.live.remove(r.as_str()).map_err(db)?;
-                t.guard.remove(r.as_str()).map_err(db)?;
+                t.kv.del(Tbl::ShadowLive, r)?;
+                t.kv.del(Tbl::Guard, r)?;
             }
-            t.agreements.remove(name).map_err(db)?;
+            t.kv.del(Tbl::Agreement, name)?;
+            bump_revocations(t)?;
             Ok(deleted)
         })?;
         self.forget_verified();
@@ -397,8 +380,24 @@ impl Store {
     pub fn authenticate(&self, credential: &str) -> Result<Principal, TokenError> {
         let claims = token::verify(&self.token_key, credential)?;
         let hash = token::hash(credential);
+        let unavailable = |e: StoreError| TokenError::Unavailable(e.to_string());
+        // Over a shared database another replica may have revoked the token:
+        // a cached answer holds only while the stored revocation count is
+        // the one it was checked under (one indexed read instead of the record).
+        let stored = if self.is_shared() {
+            Some(self.revocations().map_err(unavailable)?)
+        } else {
+            None
+        };
         let generation = {
-            let cache = self.verified_cache();
+            let mut cache = self.verified_cache();
+            if let Some(n) = stored
+                && n != cache.revocations
+            {
+                cache.generation += 1;
+                cache.tokens.clear();
+                cache.revocations = n;
+            }
             if let Some(agreement) = cache.tokens.get(&hash) {
                 return Ok(Principal::Agreement(agreement.clone()));
             }
@@ -406,7 +405,7 @@ impl Store {
         };
         let record = self
             .agreement_record(&claims.agreement)
-            .map_err(|e| TokenError::Unavailable(e.to_string()))?
+            .map_err(unavailable)?
             .ok_or_else(|| TokenError::NoAgreement {
                 agreement: claims.agreement.clone(),
             })?;
@@ -442,13 +441,42 @@ impl Store {
         cache.tokens.clear();
     }
 
+    /// How many changes that can revoke a token were ever committed.
+    fn revocations(&self) -> Result<u64, StoreError> {
+        self.read(|kv| Ok(kv.get_u64(Tbl::Meta, REVOCATIONS)?.unwrap_or(0)))
+    }
+
+    /// As [`Store::update_agreement`], for a change that can revoke tokens:
+    /// it bumps the stored revocation count in the same transaction.
+    fn revoking_update(
+        &self,
+        name: &str,
+        f: impl FnOnce(&mut v1::Agreement) -> Result<(), StoreError>,
+    ) -> Result<v1::Agreement, StoreError> {
+        let mut a = self.write(|t| {
+            let mut a = t.agreement(name)?.ok_or_else(|| StoreError::NoAgreement {
+                name: name.to_owned(),
+            })?;
+            f(&mut a)?;
+            t.put_agreement(&a)?;
+            bump_revocations(t)?;
+            Ok(a)
+        })?;
+        a.entries = self.count_entries(name)?;
+        Ok(a)
+    }
+
     /// Agreement `name` as stored, without counting its entries (cheap: for
     /// status checks and authentication).
     pub fn agreement_record(&self, name: &str) -> Result<Option<v1::Agreement>, StoreError> {
-        let txn = self.db.begin_read().map_err(db)?;
-        let table = txn.open_table(AGREEMENT).map_err(db)?;
-        load(&table, name)
+        self.read(|kv| kv.load(Tbl::Agreement, name))
     }
+}
+
+/// Counts a change that can revoke tokens, in its own transaction.
+fn bump_revocations(t: &mut Tables<'_>) -> Result<(), StoreError> {
+    let n = t.kv.get_u64(Tbl::Meta, REVOCATIONS)?.unwrap_or(0);
+    t.kv.put_u64(Tbl::Meta, REVOCATIONS, n + 1)
 }
 
 /// The one word a status listener answers for `a`.
