@@ -552,9 +552,8 @@ mod tests {
         )
     }
 
-    fn setup() -> (tempfile::TempDir, Store, Writer, Writer, Writer) {
-        let dir = tempfile::tempdir().unwrap();
-        let s = Store::open(dir.path()).unwrap();
+    fn setup(place: &crate::testing::Place) -> (Store, Writer, Writer, Writer) {
+        let s = place.open();
         s.create_agreement("hr").unwrap();
         s.create_agreement("crm").unwrap();
         let admin = Writer {
@@ -564,7 +563,6 @@ mod tests {
             guards: Arc::default(),
         };
         (
-            dir,
             s,
             Writer::agreement("hr", owners()),
             Writer::agreement("crm", owners()),
@@ -574,127 +572,135 @@ mod tests {
 
     #[test]
     fn an_agreement_owns_what_it_creates_and_nobody_else_writes_it() {
-        let (_d, s, hr, crm, admin) = setup();
-        s.commit(
-            &put(&user("u1", "jack", &[("fullName", "Jack")]), 0),
-            "hr",
-            &hr,
-        )
-        .unwrap();
-        let stored = s.get_focus("u1").unwrap().unwrap();
-        assert_eq!(stored.sync_parent, "hr");
-        assert_eq!(s.get_agreement("hr").unwrap().unwrap().entries, 1);
+        for place in crate::testing::places() {
+            let (s, hr, crm, admin) = setup(&place);
+            s.commit(
+                &put(&user("u1", "jack", &[("fullName", "Jack")]), 0),
+                "hr",
+                &hr,
+            )
+            .unwrap();
+            let stored = s.get_focus("u1").unwrap().unwrap();
+            assert_eq!(stored.sync_parent, "hr");
+            assert_eq!(s.get_agreement("hr").unwrap().unwrap().entries, 1);
 
-        let mut changed = stored.clone();
-        changed.attributes.insert(
-            "fullName".into(),
-            v1::Values {
-                values: vec!["Captain Jack".into()],
-            },
-        );
-        let e = s.commit(&put(&changed, 1), "crm", &crm).unwrap_err();
-        assert!(matches!(e, StoreError::NotOwned { .. }), "{e}");
-        assert!(e.to_string().contains("owned by agreement \"hr\""), "{e}");
-        let e = s.commit(&put(&changed, 1), "", &admin).unwrap_err();
-        assert!(
-            e.to_string().contains("\"fullName\" is the agreement's"),
-            "{e}"
-        );
-        let e = s.commit(&delete("u1", 1), "", &admin).unwrap_err();
-        assert!(e.to_string().contains("idsync sync terminate hr"), "{e}");
-        s.commit(&put(&changed, 1), "hr", &hr).unwrap();
+            let mut changed = stored.clone();
+            changed.attributes.insert(
+                "fullName".into(),
+                v1::Values {
+                    values: vec!["Captain Jack".into()],
+                },
+            );
+            let e = s.commit(&put(&changed, 1), "crm", &crm).unwrap_err();
+            assert!(matches!(e, StoreError::NotOwned { .. }), "{e}");
+            assert!(e.to_string().contains("owned by agreement \"hr\""), "{e}");
+            let e = s.commit(&put(&changed, 1), "", &admin).unwrap_err();
+            assert!(
+                e.to_string().contains("\"fullName\" is the agreement's"),
+                "{e}"
+            );
+            let e = s.commit(&delete("u1", 1), "", &admin).unwrap_err();
+            assert!(e.to_string().contains("idsync sync terminate hr"), "{e}");
+            s.commit(&put(&changed, 1), "hr", &hr).unwrap();
+        }
     }
 
     #[test]
     fn yielded_attributes_are_the_idms_and_the_agreement_is_told_so() {
-        let (_d, s, hr, _crm, admin) = setup();
-        s.commit(&put(&user("u1", "jack", &[]), 0), "hr", &hr)
-            .unwrap();
-        s.set_yield_attributes("hr", &["preferredLanguage".into()])
-            .unwrap();
-        let local = user("u1", "jack", &[("preferredLanguage", "de")]);
-        let mut local = local;
-        local.sync_parent = "hr".into();
-        s.commit(&put(&local, 1), "", &admin).unwrap();
-        let mut from_source = local.clone();
-        from_source.attributes.insert(
-            "preferredLanguage".into(),
-            v1::Values {
-                values: vec!["en".into()],
-            },
-        );
-        let e = s.commit(&put(&from_source, 2), "hr", &hr).unwrap_err();
-        let text = e.to_string();
-        assert!(matches!(e, StoreError::Yielded { .. }), "{text}");
-        assert!(
-            text.contains("preferredLanguage") && text.contains("\"hr\""),
-            "{text}"
-        );
-        assert!(text.contains("set-yield-attributes hr"), "{text}");
-        // A write that leaves the yielded value alone is the agreement's to make.
-        let mut other = local.clone();
-        other.attributes.insert(
-            "mail".into(),
-            v1::Values {
-                values: vec!["j@x".into()],
-            },
-        );
-        s.commit(&put(&other, 2), "hr", &hr).unwrap();
-        assert!(
-            s.set_yield_attributes("hr", &["name".into()]).is_err(),
-            "name cannot be yielded"
-        );
+        for place in crate::testing::places() {
+            let (s, hr, _crm, admin) = setup(&place);
+            s.commit(&put(&user("u1", "jack", &[]), 0), "hr", &hr)
+                .unwrap();
+            s.set_yield_attributes("hr", &["preferredLanguage".into()])
+                .unwrap();
+            let local = user("u1", "jack", &[("preferredLanguage", "de")]);
+            let mut local = local;
+            local.sync_parent = "hr".into();
+            s.commit(&put(&local, 1), "", &admin).unwrap();
+            let mut from_source = local.clone();
+            from_source.attributes.insert(
+                "preferredLanguage".into(),
+                v1::Values {
+                    values: vec!["en".into()],
+                },
+            );
+            let e = s.commit(&put(&from_source, 2), "hr", &hr).unwrap_err();
+            let text = e.to_string();
+            assert!(matches!(e, StoreError::Yielded { .. }), "{text}");
+            assert!(
+                text.contains("preferredLanguage") && text.contains("\"hr\""),
+                "{text}"
+            );
+            assert!(text.contains("set-yield-attributes hr"), "{text}");
+            // A write that leaves the yielded value alone is the agreement's to make.
+            let mut other = local.clone();
+            other.attributes.insert(
+                "mail".into(),
+                v1::Values {
+                    values: vec!["j@x".into()],
+                },
+            );
+            s.commit(&put(&other, 2), "hr", &hr).unwrap();
+            assert!(
+                s.set_yield_attributes("hr", &["name".into()]).is_err(),
+                "name cannot be yielded"
+            );
+        }
     }
 
     #[test]
     fn native_entries_are_not_an_agreements_and_names_say_who_holds_them() {
-        let (_d, s, hr, crm, admin) = setup();
-        s.commit(&put(&user("n1", "root", &[]), 0), "", &admin)
-            .unwrap();
-        let native = s.get_focus("n1").unwrap().unwrap();
-        assert_eq!(native.sync_parent, "");
-        let e = s.commit(&put(&native, 1), "hr", &hr).unwrap_err();
-        assert!(e.to_string().contains("a native IDM entry"), "{e}");
-        let e = s
-            .commit(&put(&user("u2", "root", &[]), 0), "hr", &hr)
-            .unwrap_err();
-        assert!(
-            e.to_string().contains("already taken") && e.to_string().contains("native"),
-            "{e}"
-        );
-        s.commit(&put(&user("u3", "jack", &[]), 0), "hr", &hr)
-            .unwrap();
-        let e = s
-            .commit(&put(&user("u4", "jack", &[]), 0), "crm", &crm)
-            .unwrap_err();
-        assert!(e.to_string().contains("owned by agreement \"hr\""), "{e}");
+        for place in crate::testing::places() {
+            let (s, hr, crm, admin) = setup(&place);
+            s.commit(&put(&user("n1", "root", &[]), 0), "", &admin)
+                .unwrap();
+            let native = s.get_focus("n1").unwrap().unwrap();
+            assert_eq!(native.sync_parent, "");
+            let e = s.commit(&put(&native, 1), "hr", &hr).unwrap_err();
+            assert!(e.to_string().contains("a native IDM entry"), "{e}");
+            let e = s
+                .commit(&put(&user("u2", "root", &[]), 0), "hr", &hr)
+                .unwrap_err();
+            assert!(
+                e.to_string().contains("already taken") && e.to_string().contains("native"),
+                "{e}"
+            );
+            s.commit(&put(&user("u3", "jack", &[]), 0), "hr", &hr)
+                .unwrap();
+            let e = s
+                .commit(&put(&user("u4", "jack", &[]), 0), "crm", &crm)
+                .unwrap_err();
+            assert!(e.to_string().contains("owned by agreement \"hr\""), "{e}");
+        }
     }
 
     #[test]
     fn an_adopting_agreement_takes_over_a_native_entry_it_writes() {
-        let (_d, s, hr, _crm, admin) = setup();
-        s.commit(&put(&user("n1", "will", &[]), 0), "", &admin)
-            .unwrap();
-        let native = s.get_focus("n1").unwrap().unwrap();
-        let adopting = Writer {
-            may_adopt: true,
-            ..hr.clone()
-        };
-        s.commit(&put(&native, 1), "hr", &adopting).unwrap();
-        let adopted = s.get_focus("n1").unwrap().unwrap();
-        assert_eq!(adopted.sync_parent, "hr");
-        assert_eq!(s.get_agreement("hr").unwrap().unwrap().entries, 1);
-        // Now the agreement's: an administrator may no longer change it.
-        let e = s.commit(&put(&adopted, 2), "", &admin);
-        assert!(e.is_ok(), "an unchanged write is allowed: {e:?}");
-        let mut changed = adopted.clone();
-        changed.attributes.insert(
-            "mail".into(),
-            v1::Values {
-                values: vec!["w@x".into()],
-            },
-        );
-        assert!(s.commit(&put(&changed, 3), "", &admin).is_err());
+        for place in crate::testing::places() {
+            let (s, hr, _crm, admin) = setup(&place);
+            s.commit(&put(&user("n1", "will", &[]), 0), "", &admin)
+                .unwrap();
+            let native = s.get_focus("n1").unwrap().unwrap();
+            let adopting = Writer {
+                may_adopt: true,
+                ..hr.clone()
+            };
+            s.commit(&put(&native, 1), "hr", &adopting).unwrap();
+            let adopted = s.get_focus("n1").unwrap().unwrap();
+            assert_eq!(adopted.sync_parent, "hr");
+            assert_eq!(s.get_agreement("hr").unwrap().unwrap().entries, 1);
+            // Now the agreement's: an administrator may no longer change it.
+            let e = s.commit(&put(&adopted, 2), "", &admin);
+            assert!(e.is_ok(), "an unchanged write is allowed: {e:?}");
+            let mut changed = adopted.clone();
+            changed.attributes.insert(
+                "mail".into(),
+                v1::Values {
+                    values: vec!["w@x".into()],
+                },
+            );
+            assert!(s.commit(&put(&changed, 3), "", &admin).is_err());
+        }
     }
 
     fn shadow(uuid: &str, position: u64, dead: bool) -> v1::Shadow {
@@ -718,240 +724,254 @@ mod tests {
 
     #[test]
     fn the_deletion_guard_stops_the_deletion_that_crosses_it_exactly() {
-        let (_d, s, hr, ..) = setup();
-        let guards = Arc::new(
-            [(
-                "hr".to_owned(),
-                crate::GuardLimits {
-                    max_count: Some(3),
-                    max_share: Some(0.5),
-                    window_ms: 60_000,
-                },
-            )]
-            .into(),
-        );
-        let hr = Writer { guards, ..hr };
-        for i in 0..10 {
-            s.commit(
-                &put_shadow(shadow(&format!("e{i}"), 1, false), 0),
-                "hr",
-                &hr,
-            )
-            .unwrap();
-        }
-        // Three deletions pass, the fourth crosses max_count.
-        for i in 0..3 {
-            s.commit(&put_shadow(shadow(&format!("e{i}"), 2, true), 1), "hr", &hr)
+        for place in crate::testing::places() {
+            let (s, hr, ..) = setup(&place);
+            let guards = Arc::new(
+                [(
+                    "hr".to_owned(),
+                    crate::GuardLimits {
+                        max_count: Some(3),
+                        max_share: Some(0.5),
+                        window_ms: 60_000,
+                    },
+                )]
+                .into(),
+            );
+            let hr = Writer { guards, ..hr };
+            for i in 0..10 {
+                s.commit(
+                    &put_shadow(shadow(&format!("e{i}"), 1, false), 0),
+                    "hr",
+                    &hr,
+                )
                 .unwrap();
-        }
-        let e = s
-            .commit(&put_shadow(shadow("e3", 2, true), 1), "hr", &hr)
-            .unwrap_err();
-        assert!(
-            matches!(
-                e,
-                StoreError::MassDeletion {
-                    count: 4,
-                    population: 10,
-                    ..
-                }
-            ),
-            "{e}"
-        );
-        assert!(e.to_string().contains("accept-deletions"), "{e}");
-        // Discarded: deletions from positions up to 2 are skipped.
-        s.discard_deletions("hr", "hr", 2).unwrap();
-        let e = s
-            .commit(&put_shadow(shadow("e3", 2, true), 1), "hr", &hr)
-            .unwrap_err();
-        assert!(matches!(e, StoreError::DeletionDiscarded { .. }), "{e}");
-        // A later one is checked again, and accepted ones pass.
-        let e = s
-            .commit(&put_shadow(shadow("e4", 3, true), 1), "hr", &hr)
-            .unwrap_err();
-        assert!(matches!(e, StoreError::MassDeletion { .. }), "{e}");
-        s.accept_deletions("hr", "hr", 60_000).unwrap();
-        for i in 4..8 {
-            s.commit(&put_shadow(shadow(&format!("e{i}"), 3, true), 1), "hr", &hr)
-                .unwrap();
+            }
+            // Three deletions pass, the fourth crosses max_count.
+            for i in 0..3 {
+                s.commit(&put_shadow(shadow(&format!("e{i}"), 2, true), 1), "hr", &hr)
+                    .unwrap();
+            }
+            let e = s
+                .commit(&put_shadow(shadow("e3", 2, true), 1), "hr", &hr)
+                .unwrap_err();
+            assert!(
+                matches!(
+                    e,
+                    StoreError::MassDeletion {
+                        count: 4,
+                        population: 10,
+                        ..
+                    }
+                ),
+                "{e}"
+            );
+            assert!(e.to_string().contains("accept-deletions"), "{e}");
+            // Discarded: deletions from positions up to 2 are skipped.
+            s.discard_deletions("hr", "hr", 2).unwrap();
+            let e = s
+                .commit(&put_shadow(shadow("e3", 2, true), 1), "hr", &hr)
+                .unwrap_err();
+            assert!(matches!(e, StoreError::DeletionDiscarded { .. }), "{e}");
+            // A later one is checked again, and accepted ones pass.
+            let e = s
+                .commit(&put_shadow(shadow("e4", 3, true), 1), "hr", &hr)
+                .unwrap_err();
+            assert!(matches!(e, StoreError::MassDeletion { .. }), "{e}");
+            s.accept_deletions("hr", "hr", 60_000).unwrap();
+            for i in 4..8 {
+                s.commit(&put_shadow(shadow(&format!("e{i}"), 3, true), 1), "hr", &hr)
+                    .unwrap();
+            }
         }
     }
 
     #[test]
     fn the_deletion_guard_counts_shares_of_the_live_entries() {
-        let (_d, s, hr, ..) = setup();
-        let guards = Arc::new(
-            [(
-                "hr".to_owned(),
-                crate::GuardLimits {
-                    max_count: None,
-                    max_share: Some(0.5),
-                    window_ms: 60_000,
-                },
-            )]
-            .into(),
-        );
-        let hr = Writer { guards, ..hr };
-        for i in 0..10 {
-            s.commit(
-                &put_shadow(shadow(&format!("e{i}"), 1, false), 0),
-                "hr",
-                &hr,
-            )
-            .unwrap();
-        }
-        for i in 0..5 {
-            s.commit(&put_shadow(shadow(&format!("e{i}"), 2, true), 1), "hr", &hr)
+        for place in crate::testing::places() {
+            let (s, hr, ..) = setup(&place);
+            let guards = Arc::new(
+                [(
+                    "hr".to_owned(),
+                    crate::GuardLimits {
+                        max_count: None,
+                        max_share: Some(0.5),
+                        window_ms: 60_000,
+                    },
+                )]
+                .into(),
+            );
+            let hr = Writer { guards, ..hr };
+            for i in 0..10 {
+                s.commit(
+                    &put_shadow(shadow(&format!("e{i}"), 1, false), 0),
+                    "hr",
+                    &hr,
+                )
                 .unwrap();
+            }
+            for i in 0..5 {
+                s.commit(&put_shadow(shadow(&format!("e{i}"), 2, true), 1), "hr", &hr)
+                    .unwrap();
+            }
+            let e = s
+                .commit(&put_shadow(shadow("e5", 2, true), 1), "hr", &hr)
+                .unwrap_err();
+            assert!(
+                matches!(
+                    e,
+                    StoreError::MassDeletion {
+                        count: 6,
+                        population: 10,
+                        ..
+                    }
+                ),
+                "60% of 10: {e}"
+            );
         }
-        let e = s
-            .commit(&put_shadow(shadow("e5", 2, true), 1), "hr", &hr)
-            .unwrap_err();
-        assert!(
-            matches!(
-                e,
-                StoreError::MassDeletion {
-                    count: 6,
-                    population: 10,
-                    ..
-                }
-            ),
-            "60% of 10: {e}"
-        );
     }
 
     #[test]
     fn schema_violations_are_refused_for_everyone() {
-        let (_d, s, hr, _crm, admin) = setup();
-        for w in [&hr, &admin] {
-            let e = s
-                .commit(&put(&user("u1", "john doe", &[]), 0), "hr", w)
-                .unwrap_err();
-            assert!(matches!(e, StoreError::Schema { .. }), "{e}");
-            let e = s
-                .commit(&put(&user("u1", " ", &[]), 0), "hr", w)
-                .unwrap_err();
-            assert!(matches!(e, StoreError::Schema { .. }), "{e}");
+        for place in crate::testing::places() {
+            let (s, hr, _crm, admin) = setup(&place);
+            for w in [&hr, &admin] {
+                let e = s
+                    .commit(&put(&user("u1", "john doe", &[]), 0), "hr", w)
+                    .unwrap_err();
+                assert!(matches!(e, StoreError::Schema { .. }), "{e}");
+                let e = s
+                    .commit(&put(&user("u1", " ", &[]), 0), "hr", w)
+                    .unwrap_err();
+                assert!(matches!(e, StoreError::Schema { .. }), "{e}");
+            }
         }
     }
 
     #[test]
     fn tokens_authenticate_until_revoked_one_by_one() {
-        let (_d, s, ..) = setup();
-        let (t1, _) = s.generate_token("hr", "first").unwrap();
-        let (t2, _) = s.generate_token("hr", "second").unwrap();
-        assert!(
-            s.generate_token("hr", "first").is_err(),
-            "labels are unique"
-        );
-        assert_eq!(
-            s.authenticate(&t1).unwrap(),
-            Principal::Agreement("hr".into())
-        );
-        s.destroy_token("hr", Some("first")).unwrap();
-        assert!(matches!(
-            s.authenticate(&t1),
-            Err(TokenError::Revoked { .. })
-        ));
-        assert_eq!(
-            s.authenticate(&t2).unwrap(),
-            Principal::Agreement("hr".into())
-        );
-        let a = s.get_agreement("hr").unwrap().unwrap();
-        assert_eq!(a.tokens.len(), 1);
-        assert_ne!(a.tokens[0].hash, t2.as_bytes(), "only the hash is kept");
-        s.destroy_token("hr", None).unwrap();
-        assert!(matches!(
-            s.authenticate(&t2),
-            Err(TokenError::Revoked { .. })
-        ));
-        // A token of another store does not verify here.
-        let other_dir = tempfile::tempdir().unwrap();
-        let other = Store::open(other_dir.path()).unwrap();
-        other.create_agreement("hr").unwrap();
-        let (foreign, _) = other.generate_token("hr", "x").unwrap();
-        assert_eq!(s.authenticate(&foreign), Err(TokenError::Forged));
+        for place in crate::testing::places() {
+            let (s, ..) = setup(&place);
+            let (t1, _) = s.generate_token("hr", "first").unwrap();
+            let (t2, _) = s.generate_token("hr", "second").unwrap();
+            assert!(
+                s.generate_token("hr", "first").is_err(),
+                "labels are unique"
+            );
+            assert_eq!(
+                s.authenticate(&t1).unwrap(),
+                Principal::Agreement("hr".into())
+            );
+            s.destroy_token("hr", Some("first")).unwrap();
+            assert!(matches!(
+                s.authenticate(&t1),
+                Err(TokenError::Revoked { .. })
+            ));
+            assert_eq!(
+                s.authenticate(&t2).unwrap(),
+                Principal::Agreement("hr".into())
+            );
+            let a = s.get_agreement("hr").unwrap().unwrap();
+            assert_eq!(a.tokens.len(), 1);
+            assert_ne!(a.tokens[0].hash, t2.as_bytes(), "only the hash is kept");
+            s.destroy_token("hr", None).unwrap();
+            assert!(matches!(
+                s.authenticate(&t2),
+                Err(TokenError::Revoked { .. })
+            ));
+            // A token of another store does not verify here.
+            let other_dir = tempfile::tempdir().unwrap();
+            let other = Store::open(other_dir.path()).unwrap();
+            other.create_agreement("hr").unwrap();
+            let (foreign, _) = other.generate_token("hr", "x").unwrap();
+            assert_eq!(s.authenticate(&foreign), Err(TokenError::Forged));
+        }
     }
 
     #[test]
     fn finalise_releases_and_terminate_deletes() {
-        let (_d, s, hr, crm, admin) = setup();
-        s.commit(&put(&user("u1", "jack", &[]), 0), "hr", &hr)
-            .unwrap();
-        s.commit(&put(&user("u2", "will", &[]), 0), "hr", &hr)
-            .unwrap();
-        s.commit(&put(&user("c1", "anna", &[]), 0), "crm", &crm)
-            .unwrap();
-        s.commit(&delete("u2", 1), "hr", &hr).unwrap();
-        let (token, _) = s.generate_token("hr", "t").unwrap();
-        assert!(s.authenticate(&token).is_ok(), "verified, and remembered");
-        assert_eq!(s.finalise_agreement("hr").unwrap(), 1);
-        assert!(s.get_agreement("hr").unwrap().is_none());
-        assert!(s.authenticate(&token).is_err(), "the token ends with it");
-        let jack = s.get_focus("u1").unwrap().unwrap();
-        assert_eq!(jack.sync_parent, "");
-        s.commit(&put(&jack, jack.version), "", &admin).unwrap();
+        for place in crate::testing::places() {
+            let (s, hr, crm, admin) = setup(&place);
+            s.commit(&put(&user("u1", "jack", &[]), 0), "hr", &hr)
+                .unwrap();
+            s.commit(&put(&user("u2", "will", &[]), 0), "hr", &hr)
+                .unwrap();
+            s.commit(&put(&user("c1", "anna", &[]), 0), "crm", &crm)
+                .unwrap();
+            s.commit(&delete("u2", 1), "hr", &hr).unwrap();
+            let (token, _) = s.generate_token("hr", "t").unwrap();
+            assert!(s.authenticate(&token).is_ok(), "verified, and remembered");
+            assert_eq!(s.finalise_agreement("hr").unwrap(), 1);
+            assert!(s.get_agreement("hr").unwrap().is_none());
+            assert!(s.authenticate(&token).is_err(), "the token ends with it");
+            let jack = s.get_focus("u1").unwrap().unwrap();
+            assert_eq!(jack.sync_parent, "");
+            s.commit(&put(&jack, jack.version), "", &admin).unwrap();
 
-        assert_eq!(s.terminate_agreement("crm", &["crm".into()]).unwrap(), 1);
-        assert!(s.get_focus("c1").unwrap().is_none());
-        assert!(s.get_agreement("crm").unwrap().is_none());
-        assert!(matches!(
-            s.terminate_agreement("crm", &[]),
-            Err(StoreError::NoAgreement { .. })
-        ));
+            assert_eq!(s.terminate_agreement("crm", &["crm".into()]).unwrap(), 1);
+            assert!(s.get_focus("c1").unwrap().is_none());
+            assert!(s.get_agreement("crm").unwrap().is_none());
+            assert!(matches!(
+                s.terminate_agreement("crm", &[]),
+                Err(StoreError::NoAgreement { .. })
+            ));
+        }
     }
 
     #[test]
     fn a_halted_agreement_cannot_commit_until_resumed() {
-        let (_d, s, hr, ..) = setup();
-        let failure = v1::AgreementFailure {
-            dn: "uid=x".into(),
-            reason: "name taken".into(),
-            ..Default::default()
-        };
-        let a = s.record_failure("hr", failure, true).unwrap();
-        assert!(a.halted);
-        assert_eq!(crate::status_word(&a), "Err");
-        let e = s
-            .commit(&put(&user("u1", "jack", &[]), 0), "hr", &hr)
-            .unwrap_err();
-        assert!(matches!(e, StoreError::Halted { .. }), "{e}");
-        s.resume_agreement("hr").unwrap();
-        s.commit(&put(&user("u1", "jack", &[]), 0), "hr", &hr)
-            .unwrap();
-        let a = s.get_agreement("hr").unwrap().unwrap();
-        assert_eq!(crate::status_word(&a), "Ok");
-        assert!(a.last_success_ms > 0);
+        for place in crate::testing::places() {
+            let (s, hr, ..) = setup(&place);
+            let failure = v1::AgreementFailure {
+                dn: "uid=x".into(),
+                reason: "name taken".into(),
+                ..Default::default()
+            };
+            let a = s.record_failure("hr", failure, true).unwrap();
+            assert!(a.halted);
+            assert_eq!(crate::status_word(&a), "Err");
+            let e = s
+                .commit(&put(&user("u1", "jack", &[]), 0), "hr", &hr)
+                .unwrap_err();
+            assert!(matches!(e, StoreError::Halted { .. }), "{e}");
+            s.resume_agreement("hr").unwrap();
+            s.commit(&put(&user("u1", "jack", &[]), 0), "hr", &hr)
+                .unwrap();
+            let a = s.get_agreement("hr").unwrap().unwrap();
+            assert_eq!(crate::status_word(&a), "Ok");
+            assert!(a.last_success_ms > 0);
+        }
     }
 
     #[test]
     fn a_dry_run_checks_everything_and_keeps_nothing() {
-        let (_d, s, hr, ..) = setup();
-        assert_eq!(
-            crate::status_word(&s.get_agreement("hr").unwrap().unwrap()),
-            "Unknown"
-        );
-        let commits = vec![
-            (put(&user("u1", "jack", &[]), 0), "hr".to_owned()),
-            (put(&user("u2", "jack", &[]), 0), "hr".to_owned()),
-            (put(&user("u3", "bad name", &[]), 0), "hr".to_owned()),
-            (put(&user("u4", "will", &[]), 0), "hr".to_owned()),
-        ];
-        let results = s.dry_run(&commits, &hr).unwrap();
-        assert!(results[0].is_ok());
-        assert!(
-            matches!(results[1], Err(StoreError::NameTaken { .. })),
-            "sees the first"
-        );
-        assert!(matches!(results[2], Err(StoreError::Schema { .. })));
-        assert!(results[3].is_ok());
-        assert!(s.get_focus("u1").unwrap().is_none());
-        assert!(s.get_focus("u4").unwrap().is_none());
-        assert!(s.outbox_batch(10).unwrap().is_empty());
-        assert_eq!(
-            crate::status_word(&s.get_agreement("hr").unwrap().unwrap()),
-            "Unknown"
-        );
+        for place in crate::testing::places() {
+            let (s, hr, ..) = setup(&place);
+            assert_eq!(
+                crate::status_word(&s.get_agreement("hr").unwrap().unwrap()),
+                "Unknown"
+            );
+            let commits = vec![
+                (put(&user("u1", "jack", &[]), 0), "hr".to_owned()),
+                (put(&user("u2", "jack", &[]), 0), "hr".to_owned()),
+                (put(&user("u3", "bad name", &[]), 0), "hr".to_owned()),
+                (put(&user("u4", "will", &[]), 0), "hr".to_owned()),
+            ];
+            let results = s.dry_run(&commits, &hr).unwrap();
+            assert!(results[0].is_ok());
+            assert!(
+                matches!(results[1], Err(StoreError::NameTaken { .. })),
+                "sees the first"
+            );
+            assert!(matches!(results[2], Err(StoreError::Schema { .. })));
+            assert!(results[3].is_ok());
+            assert!(s.get_focus("u1").unwrap().is_none());
+            assert!(s.get_focus("u4").unwrap().is_none());
+            assert!(s.outbox_batch(10).unwrap().is_empty());
+            assert_eq!(
+                crate::status_word(&s.get_agreement("hr").unwrap().unwrap()),
+                "Unknown"
+            );
+        }
     }
 
     fn role(id: &str, name: &str, includes: &[&str]) -> v1::Focus {
@@ -969,66 +989,70 @@ mod tests {
 
     #[test]
     fn roles_are_the_idms_and_their_referrers_are_indexed() {
-        let (_d, s, hr, _crm, admin) = setup();
-        let err = s.commit(&put(&role("r1", "staff", &[]), 0), "", &hr);
-        assert!(
-            matches!(err, Err(StoreError::NotOwned { .. })),
-            "an agreement made a role: {err:?}"
-        );
-        s.commit(&put(&role("r1", "staff", &[]), 0), "", &admin)
-            .unwrap();
-        s.commit(&put(&role("r2", "engineer", &["staff"]), 0), "", &admin)
-            .unwrap();
-        let mut jack = user("f1", "jack", &[]);
-        jack.assignments.push(v1::Assignment {
-            role: "staff".into(),
-            source: "admin".into(),
-            ..Default::default()
-        });
-        s.commit(&put(&jack, 0), "", &admin).unwrap();
-        assert_eq!(
-            s.role_referrers("staff").unwrap(),
-            (vec!["f1".to_owned()], vec!["engineer".to_owned()])
-        );
-        // Assignments and inducements change: the index follows.
-        jack.assignments.clear();
-        s.commit(&put(&jack, 1), "", &admin).unwrap();
-        s.commit(&put(&role("r2", "engineer", &[]), 1), "", &admin)
-            .unwrap();
-        assert_eq!(s.role_referrers("staff").unwrap(), (vec![], vec![]));
-        // A deleted holder is no referrer.
-        let mut will = user("f2", "will", &[]);
-        will.assignments.push(v1::Assignment {
-            role: "engineer".into(),
-            source: "admin".into(),
-            ..Default::default()
-        });
-        s.commit(&put(&will, 0), "", &admin).unwrap();
-        assert_eq!(s.role_referrers("engineer").unwrap().0, ["f2"]);
-        s.commit(&delete("f2", 1), "", &admin).unwrap();
-        assert!(s.role_referrers("engineer").unwrap().0.is_empty());
+        for place in crate::testing::places() {
+            let (s, hr, _crm, admin) = setup(&place);
+            let err = s.commit(&put(&role("r1", "staff", &[]), 0), "", &hr);
+            assert!(
+                matches!(err, Err(StoreError::NotOwned { .. })),
+                "an agreement made a role: {err:?}"
+            );
+            s.commit(&put(&role("r1", "staff", &[]), 0), "", &admin)
+                .unwrap();
+            s.commit(&put(&role("r2", "engineer", &["staff"]), 0), "", &admin)
+                .unwrap();
+            let mut jack = user("f1", "jack", &[]);
+            jack.assignments.push(v1::Assignment {
+                role: "staff".into(),
+                source: "admin".into(),
+                ..Default::default()
+            });
+            s.commit(&put(&jack, 0), "", &admin).unwrap();
+            assert_eq!(
+                s.role_referrers("staff").unwrap(),
+                (vec!["f1".to_owned()], vec!["engineer".to_owned()])
+            );
+            // Assignments and inducements change: the index follows.
+            jack.assignments.clear();
+            s.commit(&put(&jack, 1), "", &admin).unwrap();
+            s.commit(&put(&role("r2", "engineer", &[]), 1), "", &admin)
+                .unwrap();
+            assert_eq!(s.role_referrers("staff").unwrap(), (vec![], vec![]));
+            // A deleted holder is no referrer.
+            let mut will = user("f2", "will", &[]);
+            will.assignments.push(v1::Assignment {
+                role: "engineer".into(),
+                source: "admin".into(),
+                ..Default::default()
+            });
+            s.commit(&put(&will, 0), "", &admin).unwrap();
+            assert_eq!(s.role_referrers("engineer").unwrap().0, ["f2"]);
+            s.commit(&delete("f2", 1), "", &admin).unwrap();
+            assert!(s.role_referrers("engineer").unwrap().0.is_empty());
+        }
     }
 
     #[test]
     fn inducements_and_assignments_must_say_what_they_are() {
-        let (_d, s, _hr, _crm, admin) = setup();
-        let mut jack = user("f1", "jack", &[]);
-        jack.inducements.push(v1::Inducement {
-            resource: "acme".into(),
-            ..Default::default()
-        });
-        let err = s.commit(&put(&jack, 0), "", &admin).unwrap_err();
-        assert!(err.to_string().contains("only roles give"), "{err}");
-        jack.inducements.clear();
-        jack.assignments.push(v1::Assignment {
-            resource: "acme".into(),
-            role: "staff".into(),
-            source: "admin".into(),
-        });
-        let err = s.commit(&put(&jack, 0), "", &admin).unwrap_err();
-        assert!(
-            err.to_string().contains("either a resource or a role"),
-            "{err}"
-        );
+        for place in crate::testing::places() {
+            let (s, _hr, _crm, admin) = setup(&place);
+            let mut jack = user("f1", "jack", &[]);
+            jack.inducements.push(v1::Inducement {
+                resource: "acme".into(),
+                ..Default::default()
+            });
+            let err = s.commit(&put(&jack, 0), "", &admin).unwrap_err();
+            assert!(err.to_string().contains("only roles give"), "{err}");
+            jack.inducements.clear();
+            jack.assignments.push(v1::Assignment {
+                resource: "acme".into(),
+                role: "staff".into(),
+                source: "admin".into(),
+            });
+            let err = s.commit(&put(&jack, 0), "", &admin).unwrap_err();
+            assert!(
+                err.to_string().contains("either a resource or a role"),
+                "{err}"
+            );
+        }
     }
 }

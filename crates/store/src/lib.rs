@@ -607,6 +607,54 @@ impl Store {
     }
 }
 
+/// Fixtures for running the store's tests on each backend.
+#[cfg(test)]
+#[allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+pub(crate) mod testing {
+    use super::Store;
+
+    /// Where one test's store lives.
+    #[derive(Debug)]
+    pub(crate) enum Place {
+        Embedded(tempfile::TempDir),
+        /// A fresh database of the test binary's shared cluster.
+        Postgres(String),
+    }
+
+    impl Place {
+        /// Opens the store here (again, after an earlier store was dropped).
+        pub(crate) fn open(&self) -> Store {
+            eprintln!("store backend: {}", self.name());
+            match self {
+                Place::Embedded(dir) => Store::open(dir.path()).unwrap(),
+                Place::Postgres(url) => Store::open_postgres(url).unwrap(),
+            }
+        }
+
+        pub(crate) fn name(&self) -> &'static str {
+            match self {
+                Place::Embedded(_) => "embedded",
+                Place::Postgres(_) => "postgres",
+            }
+        }
+    }
+
+    /// A fresh PostgreSQL database of the shared throwaway cluster.
+    pub(crate) fn pg_database() -> String {
+        idsync_testkit::Postgres::shared()
+            .and_then(|pg| pg.create_database())
+            .expect("a throwaway PostgreSQL (run scripts/install-deps)")
+    }
+
+    /// A fresh place of each backend: run a test's body on each.
+    pub(crate) fn places() -> Vec<Place> {
+        vec![
+            Place::Embedded(tempfile::tempdir().unwrap()),
+            Place::Postgres(pg_database()),
+        ]
+    }
+}
+
 #[cfg(test)]
 #[allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 mod tests {
@@ -652,286 +700,295 @@ mod tests {
 
     #[test]
     fn shadows_are_read_many_at_a_time_leaving_out_the_missing() {
-        let dir = tempfile::tempdir().unwrap();
-        let s = Store::open(dir.path()).unwrap();
-        s.commit(&[put_shadow("u1", 0)], "", &Writer::admin())
-            .unwrap();
-        s.commit(&[put_shadow("u2", 0)], "", &Writer::admin())
-            .unwrap();
-        let got = s
-            .get_shadows("hr", &["u2".into(), "nope".into(), "u1".into()])
-            .unwrap();
-        let uuids: Vec<_> = got.iter().map(|s| s.entry_uuid.as_str()).collect();
-        assert_eq!(uuids, ["u2", "u1"]);
+        for place in crate::testing::places() {
+            let s = place.open();
+            s.commit(&[put_shadow("u1", 0)], "", &Writer::admin())
+                .unwrap();
+            s.commit(&[put_shadow("u2", 0)], "", &Writer::admin())
+                .unwrap();
+            let got = s
+                .get_shadows("hr", &["u2".into(), "nope".into(), "u1".into()])
+                .unwrap();
+            let uuids: Vec<_> = got.iter().map(|s| s.entry_uuid.as_str()).collect();
+            assert_eq!(uuids, ["u2", "u1"]);
+        }
     }
 
     #[test]
     fn state_survives_reopen() {
-        let dir = tempfile::tempdir().unwrap();
-        {
-            let s = Store::open(dir.path()).unwrap();
-            s.commit(
-                &[put_focus(user("f1", "jack"), 0), put_shadow("u1", 0)],
-                "hr",
-                &Writer::admin(),
-            )
-            .unwrap();
+        for place in crate::testing::places() {
+            {
+                let s = place.open();
+                s.commit(
+                    &[put_focus(user("f1", "jack"), 0), put_shadow("u1", 0)],
+                    "hr",
+                    &Writer::admin(),
+                )
+                .unwrap();
+            }
+            let s = place.open();
+            assert_eq!(s.get_focus("f1").unwrap().unwrap().version, 1);
+            assert_eq!(s.get_shadow("hr", "u1").unwrap().unwrap().version, 1);
+            assert_eq!(s.find_focus("user", "name", "jack").unwrap().len(), 1);
+            assert_eq!(s.outbox_batch(10).unwrap().len(), 1);
         }
-        let s = Store::open(dir.path()).unwrap();
-        assert_eq!(s.get_focus("f1").unwrap().unwrap().version, 1);
-        assert_eq!(s.get_shadow("hr", "u1").unwrap().unwrap().version, 1);
-        assert_eq!(s.find_focus("user", "name", "jack").unwrap().len(), 1);
-        assert_eq!(s.outbox_batch(10).unwrap().len(), 1);
     }
 
     #[test]
     fn a_stale_version_fails_the_whole_commit() {
-        let dir = tempfile::tempdir().unwrap();
-        let s = Store::open(dir.path()).unwrap();
-        s.commit(&[put_focus(user("f1", "jack"), 0)], "", &Writer::admin())
-            .unwrap();
-        // Second writer read version 0 too: its commit must change nothing.
-        let err = s
-            .commit(
-                &[put_shadow("u1", 0), put_focus(user("f1", "jack"), 0)],
-                "",
-                &Writer::admin(),
-            )
-            .unwrap_err();
-        assert!(
-            matches!(
-                err,
-                StoreError::Conflict {
-                    expected: 0,
-                    found: 1,
-                    ..
-                }
-            ),
-            "{err}"
-        );
-        assert!(s.get_shadow("hr", "u1").unwrap().is_none());
-        assert_eq!(s.outbox_batch(10).unwrap().len(), 1);
+        for place in crate::testing::places() {
+            let s = place.open();
+            s.commit(&[put_focus(user("f1", "jack"), 0)], "", &Writer::admin())
+                .unwrap();
+            // Second writer read version 0 too: its commit must change nothing.
+            let err = s
+                .commit(
+                    &[put_shadow("u1", 0), put_focus(user("f1", "jack"), 0)],
+                    "",
+                    &Writer::admin(),
+                )
+                .unwrap_err();
+            assert!(
+                matches!(
+                    err,
+                    StoreError::Conflict {
+                        expected: 0,
+                        found: 1,
+                        ..
+                    }
+                ),
+                "{err}"
+            );
+            assert!(s.get_shadow("hr", "u1").unwrap().is_none());
+            assert_eq!(s.outbox_batch(10).unwrap().len(), 1);
+        }
     }
 
     #[test]
     fn two_creations_of_one_shadow_cannot_both_win() {
-        let dir = tempfile::tempdir().unwrap();
-        let s = Store::open(dir.path()).unwrap();
-        s.commit(
-            &[put_shadow("u1", 0), put_focus(user("f1", "jack"), 0)],
-            "",
-            &Writer::admin(),
-        )
-        .unwrap();
-        let err = s
-            .commit(
-                &[put_shadow("u1", 0), put_focus(user("f2", "jack2"), 0)],
+        for place in crate::testing::places() {
+            let s = place.open();
+            s.commit(
+                &[put_shadow("u1", 0), put_focus(user("f1", "jack"), 0)],
                 "",
                 &Writer::admin(),
             )
-            .unwrap_err();
-        assert!(matches!(err, StoreError::Conflict { .. }));
-        assert!(s.get_focus("f2").unwrap().is_none());
+            .unwrap();
+            let err = s
+                .commit(
+                    &[put_shadow("u1", 0), put_focus(user("f2", "jack2"), 0)],
+                    "",
+                    &Writer::admin(),
+                )
+                .unwrap_err();
+            assert!(matches!(err, StoreError::Conflict { .. }));
+            assert!(s.get_focus("f2").unwrap().is_none());
+        }
     }
 
     #[test]
     fn a_lost_race_is_a_conflict_even_when_the_name_is_taken_too() {
-        let dir = tempfile::tempdir().unwrap();
-        let s = Store::open(dir.path()).unwrap();
-        s.commit(
-            &[put_focus(user("f1", "jack"), 0), put_shadow("u1", 0)],
-            "",
-            &Writer::admin(),
-        )
-        .unwrap();
-        let err = s
-            .commit(
-                &[put_focus(user("f2", "jack"), 0), put_shadow("u1", 0)],
+        for place in crate::testing::places() {
+            let s = place.open();
+            s.commit(
+                &[put_focus(user("f1", "jack"), 0), put_shadow("u1", 0)],
                 "",
                 &Writer::admin(),
             )
-            .unwrap_err();
-        assert!(matches!(err, StoreError::Conflict { .. }), "{err}");
+            .unwrap();
+            let err = s
+                .commit(
+                    &[put_focus(user("f2", "jack"), 0), put_shadow("u1", 0)],
+                    "",
+                    &Writer::admin(),
+                )
+                .unwrap_err();
+            assert!(matches!(err, StoreError::Conflict { .. }), "{err}");
+        }
     }
 
     #[test]
     fn names_are_unique_per_kind() {
-        let dir = tempfile::tempdir().unwrap();
-        let s = Store::open(dir.path()).unwrap();
-        s.commit(&[put_focus(user("f1", "jack"), 0)], "", &Writer::admin())
-            .unwrap();
-        let err = s
-            .commit(&[put_focus(user("f2", "jack"), 0)], "", &Writer::admin())
-            .unwrap_err();
-        assert!(
-            matches!(err, StoreError::NameTaken { ref holder, .. } if holder == "f1"),
-            "{err}"
-        );
-        // Renaming frees the old name.
-        s.commit(&[put_focus(user("f1", "jacky"), 1)], "", &Writer::admin())
-            .unwrap();
-        s.commit(&[put_focus(user("f2", "jack"), 0)], "", &Writer::admin())
-            .unwrap();
-        assert_eq!(s.find_focus("user", "name", "jacky").unwrap()[0].id, "f1");
+        for place in crate::testing::places() {
+            let s = place.open();
+            s.commit(&[put_focus(user("f1", "jack"), 0)], "", &Writer::admin())
+                .unwrap();
+            let err = s
+                .commit(&[put_focus(user("f2", "jack"), 0)], "", &Writer::admin())
+                .unwrap_err();
+            assert!(
+                matches!(err, StoreError::NameTaken { ref holder, .. } if holder == "f1"),
+                "{err}"
+            );
+            // Renaming frees the old name.
+            s.commit(&[put_focus(user("f1", "jacky"), 1)], "", &Writer::admin())
+                .unwrap();
+            s.commit(&[put_focus(user("f2", "jack"), 0)], "", &Writer::admin())
+                .unwrap();
+            assert_eq!(s.find_focus("user", "name", "jacky").unwrap()[0].id, "f1");
+        }
     }
 
     #[test]
     fn delete_writes_a_tombstone_to_the_outbox() {
-        let dir = tempfile::tempdir().unwrap();
-        let s = Store::open(dir.path()).unwrap();
-        s.commit(&[put_focus(user("f1", "jack"), 0)], "", &Writer::admin())
-            .unwrap();
-        let del = v1::Operation {
-            op: Some(Op::DeleteFocus(v1::DeleteFocus {
-                id: "f1".into(),
-                expected_version: 1,
-            })),
-        };
-        s.commit(&[del], "hr", &Writer::admin()).unwrap();
-        assert!(s.get_focus("f1").unwrap().is_none());
-        assert!(s.find_focus("user", "name", "jack").unwrap().is_empty());
-        let batch = s.outbox_batch(10).unwrap();
-        let last = v1::FocusChange::decode(batch[1].1.as_slice()).unwrap();
-        assert!(last.deleted);
-        assert_eq!(last.origin_resource, "hr");
-        s.outbox_remove_through(batch[1].0).unwrap();
-        assert!(s.outbox_batch(10).unwrap().is_empty());
+        for place in crate::testing::places() {
+            let s = place.open();
+            s.commit(&[put_focus(user("f1", "jack"), 0)], "", &Writer::admin())
+                .unwrap();
+            let del = v1::Operation {
+                op: Some(Op::DeleteFocus(v1::DeleteFocus {
+                    id: "f1".into(),
+                    expected_version: 1,
+                })),
+            };
+            s.commit(&[del], "hr", &Writer::admin()).unwrap();
+            assert!(s.get_focus("f1").unwrap().is_none());
+            assert!(s.find_focus("user", "name", "jack").unwrap().is_empty());
+            let batch = s.outbox_batch(10).unwrap();
+            let last = v1::FocusChange::decode(batch[1].1.as_slice()).unwrap();
+            assert!(last.deleted);
+            assert_eq!(last.origin_resource, "hr");
+            s.outbox_remove_through(batch[1].0).unwrap();
+            assert!(s.outbox_batch(10).unwrap().is_empty());
+        }
     }
 
     #[test]
     fn members_resolve_by_dn_and_pending_groups_are_found() {
-        let dir = tempfile::tempdir().unwrap();
-        let s = Store::open(dir.path()).unwrap();
-        let mut sh = v1::Shadow {
-            resource: "hr".into(),
-            entry_uuid: "u1".into(),
-            dn: "uid=Jack,ou=people".into(),
-            focus_id: "f1".into(),
-            ..Default::default()
-        };
-        let put = |sh: &v1::Shadow, expected| v1::Operation {
-            op: Some(Op::PutShadow(v1::PutShadow {
-                shadow: Some(sh.clone()),
-                expected_version: expected,
-            })),
-        };
-        s.commit(&[put(&sh, 0)], "", &Writer::admin()).unwrap();
-        let by_dn = |dn: &str| v1::MemberRef {
-            resource: "hr".into(),
-            dn: dn.into(),
-            uid: String::new(),
-        };
-        let dns = [by_dn("UID=jack, ou=People"), by_dn("uid=will,ou=people")];
-        assert_eq!(s.resolve_members(&dns).unwrap(), ["f1", ""]);
-        // A dead shadow resolves to nobody; a rename moves the index.
-        sh.dn = "uid=jacky,ou=people".into();
-        s.commit(&[put(&sh, 1)], "", &Writer::admin()).unwrap();
-        assert_eq!(s.resolve_members(&dns).unwrap(), ["", ""]);
-        sh.dead = true;
-        s.commit(&[put(&sh, 2)], "", &Writer::admin()).unwrap();
-        assert_eq!(
-            s.resolve_members(&[by_dn("uid=jacky,ou=people")]).unwrap(),
-            [""]
-        );
+        for place in crate::testing::places() {
+            let s = place.open();
+            let mut sh = v1::Shadow {
+                resource: "hr".into(),
+                entry_uuid: "u1".into(),
+                dn: "uid=Jack,ou=people".into(),
+                focus_id: "f1".into(),
+                ..Default::default()
+            };
+            let put = |sh: &v1::Shadow, expected| v1::Operation {
+                op: Some(Op::PutShadow(v1::PutShadow {
+                    shadow: Some(sh.clone()),
+                    expected_version: expected,
+                })),
+            };
+            s.commit(&[put(&sh, 0)], "", &Writer::admin()).unwrap();
+            let by_dn = |dn: &str| v1::MemberRef {
+                resource: "hr".into(),
+                dn: dn.into(),
+                uid: String::new(),
+            };
+            let dns = [by_dn("UID=jack, ou=People"), by_dn("uid=will,ou=people")];
+            assert_eq!(s.resolve_members(&dns).unwrap(), ["f1", ""]);
+            // A dead shadow resolves to nobody; a rename moves the index.
+            sh.dn = "uid=jacky,ou=people".into();
+            s.commit(&[put(&sh, 1)], "", &Writer::admin()).unwrap();
+            assert_eq!(s.resolve_members(&dns).unwrap(), ["", ""]);
+            sh.dead = true;
+            s.commit(&[put(&sh, 2)], "", &Writer::admin()).unwrap();
+            assert_eq!(
+                s.resolve_members(&[by_dn("uid=jacky,ou=people")]).unwrap(),
+                [""]
+            );
 
-        let mut group = user("g1", "crew");
-        group.kind = "group".into();
-        group.pending_members = vec![by_dn("uid=will,ou=people")];
-        s.commit(&[put_focus(group.clone(), 0)], "", &Writer::admin())
-            .unwrap();
-        let found = s.find_pending_groups(&by_dn("UID=Will,ou=people")).unwrap();
-        assert_eq!(found.len(), 1);
-        assert!(
-            s.find_pending_groups(&by_dn("uid=wil,ou=people"))
-                .unwrap()
-                .is_empty()
-        );
-        // The account arrives: the group gets its owner in the same commit.
-        let will = v1::Shadow {
-            resource: "hr".into(),
-            entry_uuid: "u2".into(),
-            dn: "uid=Will,ou=people".into(),
-            focus_id: "f2".into(),
-            ..Default::default()
-        };
-        s.commit(&[put(&will, 0)], "hr", &Writer::admin()).unwrap();
-        let g = s.get_focus("g1").unwrap().unwrap();
-        assert_eq!(g.members, ["f2"]);
-        assert!(g.pending_members.is_empty());
-        assert_eq!(g.version, 2);
-        assert!(
-            s.find_pending_groups(&by_dn("uid=will,ou=people"))
-                .unwrap()
-                .is_empty()
-        );
-        // A group written with a member whose account is known resolves it at once.
-        let mut crew = user("g2", "crew2");
-        crew.kind = "group".into();
-        crew.pending_members = vec![by_dn("uid=will,ou=people")];
-        s.commit(&[put_focus(crew, 0)], "", &Writer::admin())
-            .unwrap();
-        let g2 = s.get_focus("g2").unwrap().unwrap();
-        assert_eq!(g2.members, ["f2"]);
-        assert!(g2.pending_members.is_empty());
+            let mut group = user("g1", "crew");
+            group.kind = "group".into();
+            group.pending_members = vec![by_dn("uid=will,ou=people")];
+            s.commit(&[put_focus(group.clone(), 0)], "", &Writer::admin())
+                .unwrap();
+            let found = s.find_pending_groups(&by_dn("UID=Will,ou=people")).unwrap();
+            assert_eq!(found.len(), 1);
+            assert!(
+                s.find_pending_groups(&by_dn("uid=wil,ou=people"))
+                    .unwrap()
+                    .is_empty()
+            );
+            // The account arrives: the group gets its owner in the same commit.
+            let will = v1::Shadow {
+                resource: "hr".into(),
+                entry_uuid: "u2".into(),
+                dn: "uid=Will,ou=people".into(),
+                focus_id: "f2".into(),
+                ..Default::default()
+            };
+            s.commit(&[put(&will, 0)], "hr", &Writer::admin()).unwrap();
+            let g = s.get_focus("g1").unwrap().unwrap();
+            assert_eq!(g.members, ["f2"]);
+            assert!(g.pending_members.is_empty());
+            assert_eq!(g.version, 2);
+            assert!(
+                s.find_pending_groups(&by_dn("uid=will,ou=people"))
+                    .unwrap()
+                    .is_empty()
+            );
+            // A group written with a member whose account is known resolves it at once.
+            let mut crew = user("g2", "crew2");
+            crew.kind = "group".into();
+            crew.pending_members = vec![by_dn("uid=will,ou=people")];
+            s.commit(&[put_focus(crew, 0)], "", &Writer::admin())
+                .unwrap();
+            let g2 = s.get_focus("g2").unwrap().unwrap();
+            assert_eq!(g2.members, ["f2"]);
+            assert!(g2.pending_members.is_empty());
 
-        // posixGroup: a member named by uid resolves through the account's member key.
-        let by_uid = v1::MemberRef {
-            resource: "hr".into(),
-            dn: String::new(),
-            uid: "Bob".into(),
-        };
-        let mut posix = user("g3", "sailors");
-        posix.kind = "group".into();
-        posix.pending_members = vec![by_uid.clone()];
-        s.commit(&[put_focus(posix, 0)], "", &Writer::admin())
-            .unwrap();
-        assert_eq!(s.find_pending_groups(&by_uid).unwrap().len(), 1);
-        let bob = v1::Shadow {
-            resource: "hr".into(),
-            entry_uuid: "u3".into(),
-            dn: "uid=bob,ou=people".into(),
-            focus_id: "f3".into(),
-            member_keys: vec!["uid:bob".into()],
-            ..Default::default()
-        };
-        s.commit(&[put(&bob, 0)], "hr", &Writer::admin()).unwrap();
-        assert_eq!(s.get_focus("g3").unwrap().unwrap().members, ["f3"]);
-        assert_eq!(s.resolve_members(&[by_uid]).unwrap(), ["f3"]);
+            // posixGroup: a member named by uid resolves through the account's member key.
+            let by_uid = v1::MemberRef {
+                resource: "hr".into(),
+                dn: String::new(),
+                uid: "Bob".into(),
+            };
+            let mut posix = user("g3", "sailors");
+            posix.kind = "group".into();
+            posix.pending_members = vec![by_uid.clone()];
+            s.commit(&[put_focus(posix, 0)], "", &Writer::admin())
+                .unwrap();
+            assert_eq!(s.find_pending_groups(&by_uid).unwrap().len(), 1);
+            let bob = v1::Shadow {
+                resource: "hr".into(),
+                entry_uuid: "u3".into(),
+                dn: "uid=bob,ou=people".into(),
+                focus_id: "f3".into(),
+                member_keys: vec!["uid:bob".into()],
+                ..Default::default()
+            };
+            s.commit(&[put(&bob, 0)], "hr", &Writer::admin()).unwrap();
+            assert_eq!(s.get_focus("g3").unwrap().unwrap().members, ["f3"]);
+            assert_eq!(s.resolve_members(&[by_uid]).unwrap(), ["f3"]);
 
-        // A deleted member leaves every group it was in, in the same commit.
-        s.commit(&[put_focus(user("f2", "will"), 0)], "", &Writer::admin())
-            .unwrap();
-        let del = v1::Operation {
-            op: Some(Op::DeleteFocus(v1::DeleteFocus {
-                id: "f2".into(),
-                expected_version: 1,
-            })),
-        };
-        s.commit(&[del], "hr", &Writer::admin()).unwrap();
-        assert!(s.get_focus("g1").unwrap().unwrap().members.is_empty());
-        assert!(s.get_focus("g2").unwrap().unwrap().members.is_empty());
-        assert_eq!(s.get_focus("g3").unwrap().unwrap().members, ["f3"]);
+            // A deleted member leaves every group it was in, in the same commit.
+            s.commit(&[put_focus(user("f2", "will"), 0)], "", &Writer::admin())
+                .unwrap();
+            let del = v1::Operation {
+                op: Some(Op::DeleteFocus(v1::DeleteFocus {
+                    id: "f2".into(),
+                    expected_version: 1,
+                })),
+            };
+            s.commit(&[del], "hr", &Writer::admin()).unwrap();
+            assert!(s.get_focus("g1").unwrap().unwrap().members.is_empty());
+            assert!(s.get_focus("g2").unwrap().unwrap().members.is_empty());
+            assert_eq!(s.get_focus("g3").unwrap().unwrap().members, ["f3"]);
+        }
     }
 
     #[test]
     fn list_pages_in_id_order() {
-        let dir = tempfile::tempdir().unwrap();
-        let s = Store::open(dir.path()).unwrap();
-        for i in 0..5 {
-            s.commit(
-                &[put_focus(user(&format!("f{i}"), &format!("n{i}")), 0)],
-                "",
-                &Writer::admin(),
-            )
-            .unwrap();
+        for place in crate::testing::places() {
+            let s = place.open();
+            for i in 0..5 {
+                s.commit(
+                    &[put_focus(user(&format!("f{i}"), &format!("n{i}")), 0)],
+                    "",
+                    &Writer::admin(),
+                )
+                .unwrap();
+            }
+            let first = s.list_focus("user", "", 2).unwrap();
+            assert_eq!(
+                first.iter().map(|f| f.id.as_str()).collect::<Vec<_>>(),
+                ["f0", "f1"]
+            );
+            let next = s.list_focus("user", "f1", 10).unwrap();
+            assert_eq!(next.len(), 3);
         }
-        let first = s.list_focus("user", "", 2).unwrap();
-        assert_eq!(
-            first.iter().map(|f| f.id.as_str()).collect::<Vec<_>>(),
-            ["f0", "f1"]
-        );
-        let next = s.list_focus("user", "f1", 10).unwrap();
-        assert_eq!(next.len(), 3);
     }
 
     #[test]
