@@ -384,7 +384,7 @@ impl Store {
         // Over a shared database another replica may have revoked the token:
         // a cached answer holds only while the stored revocation count is
         // the one it was checked under (one indexed read instead of the record).
-        let stored = if self.is_shared() {
+        let stored = if self.shares_database() {
             Some(self.revocations().map_err(unavailable)?)
         } else {
             None

@@ -383,8 +383,9 @@ impl Store {
         }
     }
 
-    /// Whether several processes may share this store's database.
-    fn is_shared(&self) -> bool {
+    /// Whether several processes may share this store's database (then
+    /// every call may block on the network: call it off the async runtime).
+    pub fn shares_database(&self) -> bool {
         matches!(&*self.backend, Backend::Postgres(_))
     }
 

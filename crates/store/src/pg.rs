@@ -17,7 +17,7 @@
 
 use std::cell::RefCell;
 use std::sync::Mutex;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use postgres::{Client, IsolationLevel, NoTls, Statement, Transaction};
 
@@ -47,6 +47,9 @@ const MIGRATION_LOCK: i32 = 2;
 const POOL_IDLE: usize = 4;
 /// Rows fetched per round trip of a range scan.
 const SCAN_BATCH: i64 = 256;
+/// A connection idle longer than this is checked with an empty query
+/// before use: the server may have restarted meanwhile.
+const CHECK_AFTER_IDLE: Duration = Duration::from_secs(10);
 /// How long a connection attempt may take, unless the URL says otherwise.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 
@@ -119,6 +122,8 @@ struct Statements {
 struct Conn {
     client: Client,
     st: Statements,
+    /// When it was last given back: one idle long enough is checked before use.
+    idle_since: Instant,
 }
 
 /// A pool of connections to one database.
@@ -189,7 +194,7 @@ impl PgStore {
             .map_err(|e| open_err(store.error(&e)))?;
         store.migrate(&mut client).map_err(open_err)?;
         let conn = store.prepare(client).map_err(open_err)?;
-        store.give_back(conn);
+        store.give_back(conn, &Ok(()));
         Ok(store)
     }
 
@@ -292,7 +297,11 @@ impl PgStore {
             delete_to: p("DELETE FROM kv WHERE tbl = $1 AND k >= $2 AND k < $3")?,
             delete_all: p("DELETE FROM kv WHERE tbl = $1 AND k >= $2")?,
         };
-        Ok(Conn { client, st })
+        Ok(Conn {
+            client,
+            st,
+            idle_since: Instant::now(),
+        })
     }
 
     /// An idle connection, or a new one.
@@ -302,27 +311,39 @@ impl PgStore {
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner)
             .pop();
-        match idle {
-            Some(c) if !c.client.is_closed() => Ok(c),
-            _ => {
-                let client = self.config.connect(NoTls).map_err(|e| self.error(&e))?;
-                self.prepare(client)
+        if let Some(mut c) = idle {
+            let usable = !c.client.is_closed()
+                && (c.idle_since.elapsed() < CHECK_AFTER_IDLE
+                    || c.client.is_valid(CONNECT_TIMEOUT).is_ok());
+            if usable {
+                return Ok(c);
             }
         }
+        let client = self.config.connect(NoTls).map_err(|e| self.error(&e))?;
+        self.prepare(client)
     }
 
-    /// Keeps `conn` for reuse unless it broke or enough are idle.
-    fn give_back(&self, conn: Conn) {
-        if conn.client.is_closed() {
-            return;
-        }
+    /// Keeps `conn` for reuse unless it broke or enough are idle. After a
+    /// call that found the server unreachable, the idle connections are
+    /// closed too (they are most likely broken the same way), so the first
+    /// call after the server is back connects afresh.
+    fn give_back<T>(&self, mut conn: Conn, outcome: &Result<T, StoreError>) {
         let mut idle = self
             .idle
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner);
-        if idle.len() < POOL_IDLE {
-            idle.push(conn);
+        let mut dropped = Vec::new();
+        if matches!(outcome, Err(StoreError::Unavailable(_))) {
+            dropped = std::mem::take(&mut *idle);
         }
+        if !conn.client.is_closed() && idle.len() < POOL_IDLE {
+            conn.idle_since = Instant::now();
+            idle.push(conn);
+        } else {
+            dropped.push(conn);
+        }
+        drop(idle);
+        drop(dropped);
     }
 
     /// Runs `f` on one REPEATABLE READ, READ ONLY snapshot.
@@ -348,7 +369,7 @@ impl PgStore {
             kv.txn.into_inner().commit().map_err(|e| self.error(&e))?;
             Ok(out)
         })();
-        self.give_back(conn);
+        self.give_back(conn, &out);
         out
     }
 
@@ -386,7 +407,7 @@ impl PgStore {
             }
             Ok(out)
         })();
-        self.give_back(conn);
+        self.give_back(conn, &out);
         out
     }
 }

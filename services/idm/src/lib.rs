@@ -9,7 +9,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use idsync_bus::{Bus, names};
-use idsync_core::config::Config;
+use idsync_core::config::{Config, StoreKind};
 use idsync_proto::v1;
 use idsync_proto::v1::idm_server::{Idm, IdmServer};
 use idsync_store::token::{self, AdminCredential, TokenError};
@@ -91,7 +91,8 @@ impl Authority {
     }
 }
 
-/// Runs the IDM until `shutdown`: opens the store in `idm.data_dir`, serves
+/// Runs the IDM until `shutdown`: opens the store (embedded in
+/// `idm.data_dir`, or the PostgreSQL database of `idm.postgres_url_*`), serves
 /// gRPC on `idm.listen`, and publishes committed changes from the outbox.
 ///
 /// # Errors
@@ -102,7 +103,20 @@ pub async fn run(config: Arc<Config>, shutdown: CancellationToken) -> Result<(),
         reason: format!("{e}"),
     })?;
     let authority = Authority::from_config(&config)?;
-    let store = open_store(Path::new(&config.idm.data_dir)).await?;
+    let store = match config.idm.store {
+        StoreKind::Embedded => open_store(Path::new(&config.idm.data_dir)).await?,
+        StoreKind::Postgres => {
+            let url = idsync_runtime::postgres_url(&config)?;
+            let store = tokio::task::spawn_blocking(move || Store::open_postgres(url.expose()))
+                .await
+                .map_err(|e| Error::Serve(e.to_string()))??;
+            tracing::info!(
+                instance = store.instance(),
+                "store: PostgreSQL database opened"
+            );
+            store
+        }
+    };
     let listeners = status::start(&config, &store, &shutdown).await?;
     let result = serve(
         store,
@@ -213,6 +227,7 @@ fn status(e: StoreError) -> Status {
             Status::invalid_argument(e.to_string())
         }
         StoreError::Corrupt(_) => Status::data_loss(e.to_string()),
+        StoreError::Unavailable(_) => Status::unavailable(e.to_string()),
         StoreError::Open { .. } | StoreError::Db(_) => Status::internal(e.to_string()),
     }
 }
@@ -223,7 +238,7 @@ const NEEDS_ADMIN: &str =
 impl IdmService {
     /// Who presents the request's credential. Errors name the problem, never
     /// the credential.
-    fn principal<T>(&self, req: &Request<T>) -> Result<Principal, Status> {
+    async fn principal<T>(&self, req: &Request<T>) -> Result<Principal, Status> {
         let refuse = |e: TokenError| {
             if let TokenError::Unavailable(_) = e {
                 return Status::unavailable(e.to_string());
@@ -244,6 +259,16 @@ impl IdmService {
             return Err(refuse(TokenError::Missing));
         }
         if credential.starts_with(&format!("{}.", token::SYNC_PREFIX)) {
+            if self.store.shares_database() {
+                // Every check reads the database (the revocation count, at
+                // least): off the async runtime.
+                let store = self.store.clone();
+                let credential = credential.to_owned();
+                return tokio::task::spawn_blocking(move || store.authenticate(&credential))
+                    .await
+                    .map_err(|e| Status::internal(e.to_string()))?
+                    .map_err(refuse);
+            }
             // A token seen before is answered from memory; only its first use
             // reads the store (briefly, on this thread).
             return self.store.authenticate(credential).map_err(refuse);
@@ -255,16 +280,16 @@ impl IdmService {
         }
     }
 
-    fn admin<T>(&self, req: &Request<T>) -> Result<(), Status> {
-        match self.principal(req)? {
+    async fn admin<T>(&self, req: &Request<T>) -> Result<(), Status> {
+        match self.principal(req).await? {
             Principal::Admin => Ok(()),
             Principal::Agreement(_) => Err(Status::permission_denied(NEEDS_ADMIN)),
         }
     }
 
     /// An administrator, or agreement `name`'s own token.
-    fn admin_or_own<T>(&self, req: &Request<T>, name: &str) -> Result<(), Status> {
-        match self.principal(req)? {
+    async fn admin_or_own<T>(&self, req: &Request<T>, name: &str) -> Result<(), Status> {
+        match self.principal(req).await? {
             Principal::Admin => Ok(()),
             Principal::Agreement(a) if a == name => Ok(()),
             Principal::Agreement(a) => Err(Status::permission_denied(format!(
@@ -308,7 +333,7 @@ impl Idm for IdmService {
         &self,
         req: Request<v1::GetFocusRequest>,
     ) -> Result<Response<v1::Focus>, Status> {
-        self.principal(&req)?;
+        self.principal(&req).await?;
         let id = req.into_inner().id;
         let shown = id.clone();
         self.blocking(move |s| s.get_focus(&id))
@@ -321,7 +346,7 @@ impl Idm for IdmService {
         &self,
         req: Request<v1::FindFocusRequest>,
     ) -> Result<Response<v1::FocusList>, Status> {
-        self.principal(&req)?;
+        self.principal(&req).await?;
         let r = req.into_inner();
         let items = self
             .blocking(move |s| s.find_focus(&r.kind, &r.attribute, &r.value))
@@ -333,7 +358,7 @@ impl Idm for IdmService {
         &self,
         req: Request<v1::ListFocusRequest>,
     ) -> Result<Response<v1::FocusList>, Status> {
-        self.principal(&req)?;
+        self.principal(&req).await?;
         let r = req.into_inner();
         let limit = (r.limit as usize).clamp(1, MAX_PAGE);
         let items = self
@@ -346,7 +371,7 @@ impl Idm for IdmService {
         &self,
         req: Request<v1::ShadowKey>,
     ) -> Result<Response<v1::Shadow>, Status> {
-        self.principal(&req)?;
+        self.principal(&req).await?;
         let k = req.into_inner();
         let shown = format!("{}/{}", k.resource, k.entry_uuid);
         self.blocking(move |s| s.get_shadow(&k.resource, &k.entry_uuid))
@@ -359,7 +384,7 @@ impl Idm for IdmService {
         &self,
         req: Request<v1::ListShadowsRequest>,
     ) -> Result<Response<v1::ShadowList>, Status> {
-        self.principal(&req)?;
+        self.principal(&req).await?;
         let r = req.into_inner();
         let limit = (r.limit as usize).clamp(1, MAX_PAGE);
         let items = self
@@ -372,7 +397,7 @@ impl Idm for IdmService {
         &self,
         req: Request<v1::GetShadowsRequest>,
     ) -> Result<Response<v1::ShadowList>, Status> {
-        self.principal(&req)?;
+        self.principal(&req).await?;
         let r = req.into_inner();
         if r.entry_uuids.len() > MAX_PAGE {
             return Err(Status::invalid_argument(format!(
@@ -390,7 +415,7 @@ impl Idm for IdmService {
         &self,
         req: Request<v1::CountShadowsRequest>,
     ) -> Result<Response<v1::ShadowCount>, Status> {
-        self.principal(&req)?;
+        self.principal(&req).await?;
         let r = req.into_inner();
         let live = self.blocking(move |s| s.live_shadows(&r.resource)).await?;
         Ok(Response::new(v1::ShadowCount { live }))
@@ -400,7 +425,7 @@ impl Idm for IdmService {
         &self,
         req: Request<v1::RoleReferrersRequest>,
     ) -> Result<Response<v1::RoleReferrersResponse>, Status> {
-        self.principal(&req)?;
+        self.principal(&req).await?;
         let r = req.into_inner();
         let (holder_ids, including_roles) =
             self.blocking(move |s| s.role_referrers(&r.role)).await?;
@@ -414,7 +439,7 @@ impl Idm for IdmService {
         &self,
         req: Request<v1::ResolveMembersRequest>,
     ) -> Result<Response<v1::ResolveMembersResponse>, Status> {
-        self.principal(&req)?;
+        self.principal(&req).await?;
         let r = req.into_inner();
         let focus_ids = self
             .blocking(move |s| s.resolve_members(&r.members))
@@ -426,7 +451,7 @@ impl Idm for IdmService {
         &self,
         req: Request<v1::ListCasesRequest>,
     ) -> Result<Response<v1::ShadowList>, Status> {
-        self.principal(&req)?;
+        self.principal(&req).await?;
         let limit = (req.into_inner().limit as usize).clamp(1, 10_000);
         let items = self.blocking(move |s| s.list_cases(limit)).await?;
         Ok(Response::new(v1::ShadowList { items }))
@@ -436,7 +461,7 @@ impl Idm for IdmService {
         &self,
         req: Request<v1::CommitRequest>,
     ) -> Result<Response<v1::CommitResponse>, Status> {
-        let principal = self.principal(&req)?;
+        let principal = self.principal(&req).await?;
         let r = req.into_inner();
         if let Principal::Agreement(a) = &principal {
             let owner = self.authority.owners.get(&r.origin_resource);
@@ -460,7 +485,7 @@ impl Idm for IdmService {
         &self,
         req: Request<v1::DryRunRequest>,
     ) -> Result<Response<v1::DryRunResponse>, Status> {
-        self.admin(&req)?;
+        self.admin(&req).await?;
         let r = req.into_inner();
         let writer = self.writer(Principal::Agreement(r.agreement.clone()));
         let commits: Vec<(Vec<v1::Operation>, String)> = r
@@ -490,7 +515,7 @@ impl Idm for IdmService {
         &self,
         req: Request<v1::AgreementName>,
     ) -> Result<Response<v1::Agreement>, Status> {
-        self.admin(&req)?;
+        self.admin(&req).await?;
         let name = req.into_inner().name;
         let a = self.blocking(move |s| s.create_agreement(&name)).await?;
         tracing::info!(agreement = %a.name, "agreement created");
@@ -501,7 +526,7 @@ impl Idm for IdmService {
         &self,
         req: Request<v1::ListAgreementsRequest>,
     ) -> Result<Response<v1::AgreementList>, Status> {
-        self.admin(&req)?;
+        self.admin(&req).await?;
         let items = self.blocking(Store::list_agreements).await?;
         Ok(Response::new(v1::AgreementList { items }))
     }
@@ -511,7 +536,7 @@ impl Idm for IdmService {
         req: Request<v1::AgreementName>,
     ) -> Result<Response<v1::Agreement>, Status> {
         let name = req.get_ref().name.clone();
-        self.admin_or_own(&req, &name)?;
+        self.admin_or_own(&req, &name).await?;
         let shown = name.clone();
         self.blocking(move |s| s.get_agreement(&name))
             .await?
@@ -523,7 +548,7 @@ impl Idm for IdmService {
         &self,
         req: Request<v1::GenerateTokenRequest>,
     ) -> Result<Response<v1::GenerateTokenResponse>, Status> {
-        self.admin(&req)?;
+        self.admin(&req).await?;
         let r = req.into_inner();
         let (token, agreement) = self
             .blocking(move |s| s.generate_token(&r.agreement, &r.label))
@@ -539,7 +564,7 @@ impl Idm for IdmService {
         &self,
         req: Request<v1::DestroyTokenRequest>,
     ) -> Result<Response<v1::Agreement>, Status> {
-        self.admin(&req)?;
+        self.admin(&req).await?;
         let r = req.into_inner();
         let a = self
             .blocking(move |s| {
@@ -555,7 +580,7 @@ impl Idm for IdmService {
         &self,
         req: Request<v1::SetYieldAttributesRequest>,
     ) -> Result<Response<v1::Agreement>, Status> {
-        self.admin(&req)?;
+        self.admin(&req).await?;
         let r = req.into_inner();
         let a = self
             .blocking(move |s| s.set_yield_attributes(&r.agreement, &r.attributes))
@@ -567,7 +592,7 @@ impl Idm for IdmService {
         &self,
         req: Request<v1::AgreementName>,
     ) -> Result<Response<v1::EndAgreementResponse>, Status> {
-        self.admin(&req)?;
+        self.admin(&req).await?;
         let name = req.into_inner().name;
         let shown = name.clone();
         let entries = self.blocking(move |s| s.finalise_agreement(&name)).await?;
@@ -580,7 +605,7 @@ impl Idm for IdmService {
         &self,
         req: Request<v1::AgreementName>,
     ) -> Result<Response<v1::EndAgreementResponse>, Status> {
-        self.admin(&req)?;
+        self.admin(&req).await?;
         let name = req.into_inner().name;
         let shown = name.clone();
         let resources = self
@@ -629,7 +654,7 @@ impl Idm for IdmService {
         &self,
         req: Request<v1::AgreementName>,
     ) -> Result<Response<v1::Agreement>, Status> {
-        self.admin(&req)?;
+        self.admin(&req).await?;
         let name = req.into_inner().name;
         let a = self.blocking(move |s| s.resume_agreement(&name)).await?;
         tracing::info!(agreement = %a.name, "agreement resumed");
@@ -643,7 +668,7 @@ impl IdmService {
         req: Request<v1::GuardRequest>,
         accept: bool,
     ) -> Result<Response<v1::Agreement>, Status> {
-        self.admin(&req)?;
+        self.admin(&req).await?;
         let r = req.into_inner();
         let Some(limits) = self.authority.guards.get(&r.resource).copied() else {
             return Err(Status::invalid_argument(format!(
@@ -677,7 +702,7 @@ impl IdmService {
         halt: bool,
     ) -> Result<Response<v1::Agreement>, Status> {
         let name = req.get_ref().agreement.clone();
-        self.admin_or_own(&req, &name)?;
+        self.admin_or_own(&req, &name).await?;
         let failure = req.into_inner().failure.unwrap_or_default();
         let shown = failure.clone();
         let a = self
