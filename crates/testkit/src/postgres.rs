@@ -1,7 +1,7 @@
 //! A throwaway PostgreSQL cluster on loopback: `initdb` in a temporary
 //! directory, the server on a free port, a database per test.
 //!
-//! The server runs under a small shell that stops it (immediate shutdown)
+//! The server runs under a small shell that stops it (fast shutdown)
 //! when its standard input closes — when the cluster is dropped, and also
 //! when the test process dies without dropping it (a static shared by a test
 //! binary, a killed test run), so no server outlives its tests. As root,
@@ -209,9 +209,9 @@ impl Postgres {
         // The server in the background; a reader of our stdin stops it when
         // the pipe closes; the shell ends when the server does.
         let script = r#"exec 3<&0
-"$0" -D "$1" -p "$2" -k "$3" -c listen_addresses=127.0.0.1 -c fsync=off -c full_page_writes=off -c synchronous_commit=off -c max_connections=200 </dev/null &
+"$0" -D "$1" -p "$2" -k "$3" -c listen_addresses=127.0.0.1 -c fsync=off -c full_page_writes=off -c max_connections=200 </dev/null &
 pid=$!
-(read _ <&3; kill -QUIT $pid 2>/dev/null) &
+(read _ <&3; kill -INT $pid 2>/dev/null) &
 wait $pid"#;
         let mut cmd = if self.as_postgres {
             let mut c = Command::new("runuser");
@@ -327,7 +327,7 @@ wait $pid"#;
         Ok(self.url(&name))
     }
 
-    /// Stops the server (immediate shutdown), keeping its data. Stopping a
+    /// Stops the server (fast shutdown: clients are disconnected), keeping its data. Stopping a
     /// stopped server does nothing.
     ///
     /// # Errors
