@@ -993,6 +993,54 @@ mod tests {
     }
 
     #[test]
+    fn a_store_written_before_the_key_value_layer_opens_unchanged() {
+        use redb::TableDefinition;
+        let dir = tempfile::tempdir().unwrap();
+        {
+            // The tables and types earlier builds wrote.
+            let db = Database::create(dir.path().join("idm.redb")).unwrap();
+            let txn = db.begin_write().unwrap();
+            {
+                let mut focus = txn
+                    .open_table(TableDefinition::<&str, &[u8]>::new("focus"))
+                    .unwrap();
+                let mut f = user("f1", "jack");
+                f.version = 3;
+                focus.insert("f1", f.encode_to_vec().as_slice()).unwrap();
+                let mut names = txn
+                    .open_table(TableDefinition::<&str, &str>::new("focus_name"))
+                    .unwrap();
+                names.insert("user\0jack", "f1").unwrap();
+                let mut outbox = txn
+                    .open_table(TableDefinition::<u64, &[u8]>::new("outbox"))
+                    .unwrap();
+                outbox.insert(7, b"old".as_slice()).unwrap();
+                let mut meta = txn
+                    .open_table(TableDefinition::<&str, u64>::new("meta"))
+                    .unwrap();
+                meta.insert("next_outbox_seq", 8).unwrap();
+                meta.insert("instance", 42).unwrap();
+                let mut refs = txn
+                    .open_table(TableDefinition::<&str, ()>::new("role_ref"))
+                    .unwrap();
+                refs.insert("admins\0f\0f1", ()).unwrap();
+            }
+            txn.commit().unwrap();
+        }
+        let s = Store::open(dir.path()).unwrap();
+        assert_eq!(s.instance(), 42);
+        assert_eq!(s.get_focus("f1").unwrap().unwrap().version, 3);
+        assert_eq!(s.find_focus("user", "name", "jack").unwrap()[0].id, "f1");
+        assert_eq!(s.role_referrers("admins").unwrap().0, ["f1"]);
+        assert_eq!(s.outbox_batch(10).unwrap(), [(7, b"old".to_vec())]);
+        s.commit(&[put_focus(user("f1", "jacky"), 3)], "", &Writer::admin())
+            .unwrap();
+        let seqs: Vec<u64> = s.outbox_batch(10).unwrap().iter().map(|r| r.0).collect();
+        assert_eq!(seqs, [7, 8], "the outbox goes on where it was");
+        assert!(s.find_focus("user", "name", "jack").unwrap().is_empty());
+    }
+
+    #[test]
     fn a_second_open_of_the_same_store_is_refused_clearly() {
         let dir = tempfile::tempdir().unwrap();
         let _s = Store::open(dir.path()).unwrap();

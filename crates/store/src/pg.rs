@@ -207,7 +207,19 @@ impl PgStore {
     fn error(&self, e: &postgres::Error) -> StoreError {
         let mut text = match e.as_db_error() {
             Some(d) => format!("{}: {}", d.severity(), d.message()),
-            None => e.to_string(),
+            None => {
+                // "error connecting to server" alone does not say why.
+                let mut text = e.to_string();
+                let mut cause = std::error::Error::source(e);
+                while let Some(c) = cause {
+                    let c_text = c.to_string();
+                    if !text.contains(&c_text) {
+                        text = format!("{text}: {c_text}");
+                    }
+                    cause = c.source();
+                }
+                text
+            }
         };
         if let Some(p) = &self.password {
             text = text.replace(p.as_str(), "***");
