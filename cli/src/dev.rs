@@ -204,12 +204,15 @@ impl Deployment {
         config.idm.data_dir = dir.join("idm").display().to_string();
         if let Some(pg) = &postgres {
             let db = pg.create_database()?;
-            // Both files are secrets the log checks search for.
+            // The password is among the secrets the log checks search for;
+            // the URL's other parts (user, host, port, database) are not
+            // secret and are named in logs and errors.
             write_secret(&secrets.join("postgres"), pg.password())?;
-            write_secret(&secrets.join("postgres_url"), &db)?;
+            let url_file = dir.join("postgres_url");
+            write_secret(&url_file, &db)?;
             config.idm.store = StoreKind::Postgres;
             config.idm.postgres_url_env = None;
-            config.idm.postgres_url_file = Some(secrets.join("postgres_url").display().to_string());
+            config.idm.postgres_url_file = Some(url_file.display().to_string());
         }
         secret(&secrets.join("admin"))?;
         config.idm.admin_token_env = None;

@@ -10,6 +10,8 @@ use crate::support::*;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_pipeline_runs_on_the_postgres_store_through_an_idm_restart_and_a_database_outage() {
+    // Capture from the start: the IDM names its database when it migrates.
+    init_tracing();
     let dir = tempfile::tempdir().unwrap();
     let deployment = idsync::dev::Deployment::start_with_options(
         dir.path(),

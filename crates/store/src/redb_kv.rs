@@ -193,29 +193,37 @@ macro_rules! read_ops {
     };
 }
 
-/// A read transaction with every table open.
-pub(crate) struct RedbRead {
-    tables: Vec<ReadTable>,
+/// A read transaction; each table is opened when first read (a read
+/// usually touches one or two of them).
+pub(crate) struct RedbRead<'t> {
+    txn: &'t redb::ReadTransaction,
+    tables: [std::cell::OnceCell<ReadTable>; Tbl::ALL.len()],
 }
 
-impl RedbRead {
-    pub(crate) fn open(txn: &redb::ReadTransaction) -> Result<Self, StoreError> {
-        let mut tables = Vec::with_capacity(Tbl::ALL.len());
-        for t in Tbl::ALL {
-            tables.push(open!(txn, t));
-        }
-        Ok(Self { tables })
+impl<'t> RedbRead<'t> {
+    pub(crate) fn open(txn: &'t redb::ReadTransaction) -> Result<Self, StoreError> {
+        Ok(Self {
+            txn,
+            tables: Default::default(),
+        })
     }
 
     fn table(&self, t: Tbl) -> Result<&ReadTable, StoreError> {
         let i = Tbl::ALL.iter().position(|x| *x == t).unwrap_or(usize::MAX);
-        self.tables
+        let cell = self
+            .tables
             .get(i)
+            .ok_or_else(|| StoreError::Db(format!("table {t:?} is not known")))?;
+        if cell.get().is_none() {
+            let opened: ReadTable = open!(self.txn, t);
+            let _ = cell.set(opened);
+        }
+        cell.get()
             .ok_or_else(|| StoreError::Db(format!("table {t:?} is not open")))
     }
 }
 
-impl Kv for RedbRead {
+impl Kv for RedbRead<'_> {
     fn get(&self, t: Tbl, key: &[u8]) -> Result<Option<Vec<u8>>, StoreError> {
         read_ops!(self.table(t)?, t, get key)
     }
