@@ -74,6 +74,11 @@ pub(crate) type Visit<'a> = &'a mut dyn FnMut(&[u8], &[u8]) -> Result<bool, Stor
 pub(crate) trait Kv {
     /// The value under `key`, if any.
     fn get(&self, t: Tbl, key: &[u8]) -> Result<Option<Vec<u8>>, StoreError>;
+    /// The values under each of `keys`, in order. A backend across a
+    /// network answers them in a few round trips, not one each.
+    fn get_many(&self, t: Tbl, keys: &[Vec<u8>]) -> Result<Vec<Option<Vec<u8>>>, StoreError> {
+        keys.iter().map(|k| self.get(t, k)).collect()
+    }
     /// Visits the rows with `lo <= key < hi` (to the end when `hi` is `None`)
     /// in key order, until `visit` returns `false`.
     fn scan(

@@ -159,15 +159,13 @@ fn shadow_key(resource: &str, entry_uuid: &str) -> String {
 /// Moves the group's pending members whose accounts have a live, linked
 /// shadow to its members.
 fn resolve_pending(group: &mut v1::Focus, kv: &dyn Kv) -> Result<(), StoreError> {
+    let pending = std::mem::take(&mut group.pending_members);
+    let owners = member_owners(kv, &pending)?;
     let mut still = Vec::new();
-    for m in std::mem::take(&mut group.pending_members) {
-        let owner = match kv.get_str(Tbl::ShadowByMemberKey, &ref_key(&m))? {
-            Some(uuid) => kv
-                .load::<v1::Shadow>(Tbl::Shadow, &shadow_key(&m.resource, &uuid))?
-                .filter(|s| !s.dead && !s.focus_id.is_empty())
-                .map(|s| s.focus_id),
-            None => None,
-        };
+    for (m, owner) in pending.into_iter().zip(owners) {
+        let owner = owner
+            .filter(|(s, _)| !s.focus_id.is_empty())
+            .map(|(s, _)| s.focus_id);
         match owner {
             Some(id) if !group.members.contains(&id) => group.members.push(id),
             Some(_) => {}
@@ -176,6 +174,49 @@ fn resolve_pending(group: &mut v1::Focus, kv: &dyn Kv) -> Result<(), StoreError>
     }
     group.pending_members = still;
     Ok(())
+}
+
+/// For each member reference, the live shadow its member key names (with
+/// the shadow's key), if any: two batched reads, whatever the group's size.
+fn member_owners(
+    kv: &dyn Kv,
+    members: &[v1::MemberRef],
+) -> Result<Vec<Option<(v1::Shadow, String)>>, StoreError> {
+    let keys: Vec<Vec<u8>> = members.iter().map(|m| ref_key(m).into_bytes()).collect();
+    let uuids = kv.get_many(Tbl::ShadowByMemberKey, &keys)?;
+    let shadow_keys: Vec<Option<String>> = members
+        .iter()
+        .zip(uuids)
+        .map(|(m, uuid)| {
+            uuid.map(|u| {
+                String::from_utf8(u)
+                    .map(|u| shadow_key(&m.resource, &u))
+                    .map_err(|e| StoreError::Corrupt(e.to_string()))
+            })
+            .transpose()
+        })
+        .collect::<Result<_, _>>()?;
+    let wanted: Vec<Vec<u8>> = shadow_keys
+        .iter()
+        .flatten()
+        .map(|k| k.clone().into_bytes())
+        .collect();
+    let mut found = kv.get_many(Tbl::Shadow, &wanted)?.into_iter();
+    let mut out = Vec::with_capacity(members.len());
+    for key in shadow_keys {
+        let Some(key) = key else {
+            out.push(None);
+            continue;
+        };
+        let shadow = found
+            .next()
+            .flatten()
+            .map(|v| decode::<v1::Shadow>(&v))
+            .transpose()?
+            .filter(|s| !s.dead);
+        out.push(shadow.map(|s| (s, key)));
+    }
+    Ok(out)
 }
 
 /// Index key of a member reference: `<resource>\0dn:<dn>` or `<resource>\0uid:<uid>`.
@@ -470,11 +511,15 @@ impl Store {
         entry_uuids: &[String],
     ) -> Result<Vec<v1::Shadow>, StoreError> {
         self.read(|kv| {
-            let mut out = Vec::with_capacity(entry_uuids.len());
-            for uuid in entry_uuids {
-                out.extend(kv.load::<v1::Shadow>(Tbl::Shadow, &shadow_key(resource, uuid))?);
-            }
-            Ok(out)
+            let keys: Vec<Vec<u8>> = entry_uuids
+                .iter()
+                .map(|u| shadow_key(resource, u).into_bytes())
+                .collect();
+            kv.get_many(Tbl::Shadow, &keys)?
+                .into_iter()
+                .flatten()
+                .map(|v| decode(&v))
+                .collect()
         })
     }
 
@@ -531,19 +576,10 @@ impl Store {
     /// For each member reference, the focus its live shadow is linked to, or "".
     pub fn resolve_members(&self, members: &[v1::MemberRef]) -> Result<Vec<String>, StoreError> {
         self.read(|kv| {
-            let mut out = Vec::with_capacity(members.len());
-            for m in members {
-                let mut focus_id = String::new();
-                if let Some(uuid) = kv.get_str(Tbl::ShadowByMemberKey, &ref_key(m))?
-                    && let Some(s) =
-                        kv.load::<v1::Shadow>(Tbl::Shadow, &shadow_key(&m.resource, &uuid))?
-                    && !s.dead
-                {
-                    focus_id = s.focus_id;
-                }
-                out.push(focus_id);
-            }
-            Ok(out)
+            Ok(member_owners(kv, members)?
+                .into_iter()
+                .map(|o| o.map(|(s, _)| s.focus_id).unwrap_or_default())
+                .collect())
         })
     }
 
@@ -967,6 +1003,61 @@ mod tests {
             assert!(s.get_focus("g1").unwrap().unwrap().members.is_empty());
             assert!(s.get_focus("g2").unwrap().unwrap().members.is_empty());
             assert_eq!(s.get_focus("g3").unwrap().unwrap().members, ["f3"]);
+        }
+    }
+
+    #[test]
+    fn a_large_group_and_what_one_commit_wrote_before_are_seen_within_it() {
+        for place in crate::testing::places() {
+            let s = place.open();
+            let member = |i: usize| v1::MemberRef {
+                resource: "hr".into(),
+                dn: format!("uid=m{i},ou=people"),
+                uid: String::new(),
+            };
+            // An account and, in the same commit, a group naming it: the
+            // group resolves it from what this commit wrote.
+            let m0 = v1::Shadow {
+                resource: "hr".into(),
+                entry_uuid: "u0".into(),
+                dn: "uid=m0,ou=people".into(),
+                focus_id: "f0".into(),
+                ..Default::default()
+            };
+            let mut group = user("g1", "many");
+            group.kind = "group".into();
+            group.pending_members = (0..2_500).map(member).collect();
+            s.commit(
+                &[
+                    v1::Operation {
+                        op: Some(Op::PutShadow(v1::PutShadow {
+                            shadow: Some(m0),
+                            expected_version: 0,
+                        })),
+                    },
+                    put_focus(group, 0),
+                ],
+                "hr",
+                &Writer::admin(),
+            )
+            .unwrap();
+            let g = s.get_focus("g1").unwrap().unwrap();
+            assert_eq!(g.members, ["f0"]);
+            assert_eq!(g.pending_members.len(), 2_499);
+            assert_eq!(s.find_pending_groups(&member(2_499)).unwrap().len(), 1);
+            assert!(s.find_pending_groups(&member(0)).unwrap().is_empty());
+            let mut members: Vec<_> = (0..3).map(member).collect();
+            members.push(member(0));
+            assert_eq!(s.resolve_members(&members).unwrap(), ["f0", "", "", "f0"]);
+            // Deleting the group removes every index key it wrote.
+            let del = v1::Operation {
+                op: Some(Op::DeleteFocus(v1::DeleteFocus {
+                    id: "g1".into(),
+                    expected_version: 1,
+                })),
+            };
+            s.commit(&[del], "", &Writer::admin()).unwrap();
+            assert!(s.find_pending_groups(&member(1_234)).unwrap().is_empty());
         }
     }
 

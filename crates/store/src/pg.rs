@@ -16,6 +16,7 @@
 //! [`PgTarget`] (user, host, port, database) and never the URL itself.
 
 use std::cell::RefCell;
+use std::collections::BTreeMap;
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
@@ -108,13 +109,19 @@ fn target_of(config: &postgres::Config) -> PgTarget {
     }
 }
 
+/// Buffered writes flushed in one statement of at most this many rows.
+const FLUSH_ROWS: usize = 1000;
+/// Keys looked up in one statement by `get_many`.
+const GET_MANY_ROWS: usize = 1000;
+
 /// The statements every connection prepares once.
 struct Statements {
     get: Statement,
+    get_many: Statement,
+    upsert_many: Statement,
+    delete_many: Statement,
     scan_to: Statement,
     scan_all: Statement,
-    upsert: Statement,
-    delete: Statement,
     delete_to: Statement,
     delete_all: Statement,
 }
@@ -299,13 +306,14 @@ impl PgStore {
         let mut p = |sql: &str| client.prepare(sql).map_err(pg);
         let st = Statements {
             get: p("SELECT v FROM kv WHERE tbl = $1 AND k = $2")?,
+            get_many: p("SELECT k, v FROM kv WHERE tbl = $1 AND k = ANY($2)")?,
+            upsert_many: p("INSERT INTO kv (tbl, k, v) SELECT * FROM unnest($1::int2[], $2::bytea[], $3::bytea[])
+                 ON CONFLICT (tbl, k) DO UPDATE SET v = EXCLUDED.v")?,
+            delete_many: p("DELETE FROM kv WHERE (tbl, k) IN (SELECT * FROM unnest($1::int2[], $2::bytea[]))")?,
             scan_to: p(
                 "SELECT k, v FROM kv WHERE tbl = $1 AND k >= $2 AND k < $3 ORDER BY k LIMIT $4",
             )?,
             scan_all: p("SELECT k, v FROM kv WHERE tbl = $1 AND k >= $2 ORDER BY k LIMIT $3")?,
-            upsert: p("INSERT INTO kv (tbl, k, v) VALUES ($1, $2, $3)
-                 ON CONFLICT (tbl, k) DO UPDATE SET v = EXCLUDED.v")?,
-            delete: p("DELETE FROM kv WHERE tbl = $1 AND k = $2")?,
             delete_to: p("DELETE FROM kv WHERE tbl = $1 AND k >= $2 AND k < $3")?,
             delete_all: p("DELETE FROM kv WHERE tbl = $1 AND k >= $2")?,
         };
@@ -376,6 +384,7 @@ impl PgStore {
                 store: self,
                 st: &conn.st,
                 txn: RefCell::new(txn),
+                writes: RefCell::default(),
             };
             let out = f(&kv)?;
             kv.txn.into_inner().commit().map_err(|e| self.error(&e))?;
@@ -409,8 +418,12 @@ impl PgStore {
                 store: self,
                 st: &conn.st,
                 txn: RefCell::new(txn),
+                writes: RefCell::default(),
             };
             let out = f(&mut kv)?;
+            if keep {
+                kv.flush()?;
+            }
             let txn = kv.txn.into_inner();
             if keep {
                 txn.commit().map_err(|e| self.error(&e))?;
@@ -425,12 +438,19 @@ impl PgStore {
 }
 
 /// One open transaction. Reads take `&self` in the layer; the driver
-/// needs `&mut` for every statement, hence the cell (never borrowed across
+/// needs `&mut` for every statement, hence the cells (never borrowed across
 /// a visitor call).
+///
+/// Writes are buffered and sent in batches (a group of 50,000 members
+/// writes 50,000 index keys: one round trip each would take seconds). A
+/// read of a buffered key is answered from the buffer; a scan or a range
+/// removal flushes the buffer first, and so does the commit.
 struct PgTxn<'a, 'c> {
     store: &'a PgStore,
     st: &'a Statements,
     txn: RefCell<Transaction<'c>>,
+    /// Table and key → the value to write, or `None` to remove.
+    writes: RefCell<BTreeMap<(i16, Vec<u8>), Option<Vec<u8>>>>,
 }
 
 impl<'c> PgTxn<'_, 'c> {
@@ -438,6 +458,66 @@ impl<'c> PgTxn<'_, 'c> {
         self.txn
             .try_borrow_mut()
             .map_err(|_| StoreError::Db("a PostgreSQL transaction was used re-entrantly".into()))
+    }
+
+    fn writes(
+        &self,
+    ) -> Result<std::cell::RefMut<'_, BTreeMap<(i16, Vec<u8>), Option<Vec<u8>>>>, StoreError> {
+        self.writes
+            .try_borrow_mut()
+            .map_err(|_| StoreError::Db("a PostgreSQL write buffer was used re-entrantly".into()))
+    }
+
+    /// The buffered value of `key`: `Some(None)` when it is to be removed.
+    fn buffered(&self, t: Tbl, key: &[u8]) -> Result<Option<Option<Vec<u8>>>, StoreError> {
+        Ok(self.writes()?.get(&(tbl(t), key.to_vec())).cloned())
+    }
+
+    /// Sends every buffered write, in batches.
+    fn flush(&self) -> Result<(), StoreError> {
+        let writes = std::mem::take(&mut *self.writes()?);
+        if writes.is_empty() {
+            return Ok(());
+        }
+        let mut txn = self.txn()?;
+        let (mut ut, mut uk, mut uv) = (Vec::new(), Vec::new(), Vec::new());
+        let (mut dt, mut dk) = (Vec::new(), Vec::new());
+        for ((t, k), v) in writes {
+            match v {
+                Some(v) => {
+                    ut.push(t);
+                    uk.push(k);
+                    uv.push(v);
+                }
+                None => {
+                    dt.push(t);
+                    dk.push(k);
+                }
+            }
+        }
+        let pg = |e: postgres::Error| self.store.error(&e);
+        for ((t, k), v) in ut
+            .chunks(FLUSH_ROWS)
+            .zip(uk.chunks(FLUSH_ROWS))
+            .zip(uv.chunks(FLUSH_ROWS))
+        {
+            txn.execute(&self.st.upsert_many, &[&t, &k, &v])
+                .map_err(pg)?;
+        }
+        for (t, k) in dt.chunks(FLUSH_ROWS).zip(dk.chunks(FLUSH_ROWS)) {
+            txn.execute(&self.st.delete_many, &[&t, &k]).map_err(pg)?;
+        }
+        Ok(())
+    }
+
+    /// Buffers a write, sending the buffer when it is large.
+    fn buffer(&self, t: Tbl, key: &[u8], value: Option<&[u8]>) -> Result<(), StoreError> {
+        let full = {
+            let mut writes = self.writes()?;
+            writes.insert((tbl(t), key.to_vec()), value.map(<[u8]>::to_vec));
+            writes.len() >= FLUSH_ROWS
+        };
+        if full { self.flush() } else { Ok(()) }
     }
 }
 
@@ -448,6 +528,9 @@ fn tbl(t: Tbl) -> i16 {
 
 impl Kv for PgTxn<'_, '_> {
     fn get(&self, t: Tbl, key: &[u8]) -> Result<Option<Vec<u8>>, StoreError> {
+        if let Some(v) = self.buffered(t, key)? {
+            return Ok(v);
+        }
         let row = self
             .txn()?
             .query_opt(&self.st.get, &[&tbl(t), &key])
@@ -457,6 +540,40 @@ impl Kv for PgTxn<'_, '_> {
             .map_err(|e| self.store.error(&e))
     }
 
+    fn get_many(&self, t: Tbl, keys: &[Vec<u8>]) -> Result<Vec<Option<Vec<u8>>>, StoreError> {
+        let mut out: Vec<Option<Option<Vec<u8>>>> = Vec::with_capacity(keys.len());
+        let mut ask = Vec::new();
+        for k in keys {
+            let b = self.buffered(t, k)?;
+            if b.is_none() {
+                ask.push(k.clone());
+            }
+            out.push(b);
+        }
+        ask.sort();
+        ask.dedup();
+        let mut found: BTreeMap<Vec<u8>, Vec<u8>> = BTreeMap::new();
+        for chunk in ask.chunks(GET_MANY_ROWS) {
+            let rows = self
+                .txn()?
+                .query(&self.st.get_many, &[&tbl(t), &chunk])
+                .map_err(|e| self.store.error(&e))?;
+            for row in rows {
+                let k: Vec<u8> = row.try_get(0).map_err(|e| self.store.error(&e))?;
+                let v: Vec<u8> = row.try_get(1).map_err(|e| self.store.error(&e))?;
+                found.insert(k, v);
+            }
+        }
+        Ok(keys
+            .iter()
+            .zip(out)
+            .map(|(k, b)| match b {
+                Some(v) => v,
+                None => found.get(k).cloned(),
+            })
+            .collect())
+    }
+
     fn scan(
         &self,
         t: Tbl,
@@ -464,6 +581,7 @@ impl Kv for PgTxn<'_, '_> {
         hi: Option<&[u8]>,
         visit: Visit<'_>,
     ) -> Result<(), StoreError> {
+        self.flush()?;
         let mut from = lo.to_vec();
         loop {
             let rows = {
@@ -498,20 +616,15 @@ impl Kv for PgTxn<'_, '_> {
 
 impl KvWrite for PgTxn<'_, '_> {
     fn insert(&mut self, t: Tbl, key: &[u8], value: &[u8]) -> Result<(), StoreError> {
-        self.txn()?
-            .execute(&self.st.upsert, &[&tbl(t), &key, &value])
-            .map_err(|e| self.store.error(&e))
-            .map(drop)
+        self.buffer(t, key, Some(value))
     }
 
     fn remove(&mut self, t: Tbl, key: &[u8]) -> Result<(), StoreError> {
-        self.txn()?
-            .execute(&self.st.delete, &[&tbl(t), &key])
-            .map_err(|e| self.store.error(&e))
-            .map(drop)
+        self.buffer(t, key, None)
     }
 
     fn remove_range(&mut self, t: Tbl, lo: &[u8], hi: Option<&[u8]>) -> Result<(), StoreError> {
+        self.flush()?;
         let mut txn = self.txn()?;
         match hi {
             Some(hi) => txn.execute(&self.st.delete_to, &[&tbl(t), &lo, &hi]),
