@@ -437,6 +437,9 @@ impl PgStore {
     }
 }
 
+/// Table and key → the value a transaction will write, or `None` to remove.
+type Writes = BTreeMap<(i16, Vec<u8>), Option<Vec<u8>>>;
+
 /// One open transaction. Reads take `&self` in the layer; the driver
 /// needs `&mut` for every statement, hence the cells (never borrowed across
 /// a visitor call).
@@ -450,7 +453,7 @@ struct PgTxn<'a, 'c> {
     st: &'a Statements,
     txn: RefCell<Transaction<'c>>,
     /// Table and key → the value to write, or `None` to remove.
-    writes: RefCell<BTreeMap<(i16, Vec<u8>), Option<Vec<u8>>>>,
+    writes: RefCell<Writes>,
 }
 
 impl<'c> PgTxn<'_, 'c> {
@@ -460,9 +463,7 @@ impl<'c> PgTxn<'_, 'c> {
             .map_err(|_| StoreError::Db("a PostgreSQL transaction was used re-entrantly".into()))
     }
 
-    fn writes(
-        &self,
-    ) -> Result<std::cell::RefMut<'_, BTreeMap<(i16, Vec<u8>), Option<Vec<u8>>>>, StoreError> {
+    fn writes(&self) -> Result<std::cell::RefMut<'_, Writes>, StoreError> {
         self.writes
             .try_borrow_mut()
             .map_err(|_| StoreError::Db("a PostgreSQL write buffer was used re-entrantly".into()))
