@@ -1,17 +1,23 @@
 //! A whole idsync deployment on one machine: NATS JetStream, a source and a
 //! target OpenLDAP, the IDM and the four services, wired by the example
-//! configuration. State lives in one directory and survives a restart.
+//! configuration. State lives in one directory and survives a restart
+//! (except the IDM's PostgreSQL store: its throwaway cluster lives as long as
+//! the deployment).
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::{Context, Result};
-use idsync_core::config::Config;
+use idsync_core::config::{Config, StoreKind};
 use idsync_testkit::dirsrv::{DirSrv, DirSrvOptions};
-use idsync_testkit::{NatsServer, Slapd, SlapdOptions, free_port};
+use idsync_testkit::{NatsServer, Postgres, Slapd, SlapdOptions, free_port};
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
+
+/// Chooses the IDM's store when [`Options::store`] does not: `embedded`
+/// (the default) or `postgres`. Lets a whole test suite run on either.
+pub const STORE_ENV: &str = "IDSYNC_DEV_STORE";
 
 /// The example configuration the deployment runs.
 pub const EXAMPLE_CONFIG: &str = include_str!("../../deploy/local/idsync.toml");
@@ -49,6 +55,24 @@ pub struct Options {
     pub dirsrv_seed: Option<String>,
     /// nats-server's `max_payload` (default the testkit's, 8 MB).
     pub nats_max_payload: Option<String>,
+    /// The IDM's store; unset, [`STORE_ENV`] decides (default embedded).
+    /// `postgres` starts a throwaway PostgreSQL cluster for the deployment.
+    pub store: Option<StoreKind>,
+}
+
+/// The store [`Options::store`] or [`STORE_ENV`] asks for.
+///
+/// # Errors
+/// [`STORE_ENV`] holds something else than `embedded` or `postgres`.
+pub fn store_choice(options: &Options) -> Result<StoreKind> {
+    if let Some(s) = options.store {
+        return Ok(s);
+    }
+    match std::env::var(STORE_ENV).as_deref() {
+        Err(_) | Ok("") | Ok("embedded") => Ok(StoreKind::Embedded),
+        Ok("postgres") => Ok(StoreKind::Postgres),
+        Ok(other) => anyhow::bail!("{STORE_ENV}={other:?}: use embedded or postgres"),
+    }
 }
 
 /// Whether the source's syncprov keeps a session log.
@@ -80,6 +104,8 @@ pub struct Deployment {
     pub target: Slapd,
     /// The 389 Directory Server, when [`Options::dirsrv_seed`] asked for one.
     pub dirsrv: Option<DirSrv>,
+    /// The IDM's PostgreSQL cluster, with `store = "postgres"`.
+    pub postgres: Option<Postgres>,
     pub config: Arc<Config>,
     running: Vec<Running>,
 }
@@ -160,6 +186,15 @@ impl Deployment {
             None => None,
         };
 
+        let postgres = match store_choice(&options)? {
+            StoreKind::Embedded => None,
+            StoreKind::Postgres => Some(
+                tokio::task::spawn_blocking(Postgres::start)
+                    .await
+                    .context("starting PostgreSQL")??,
+            ),
+        };
+
         // Declare the streams once, before five services look for them at once.
         idsync_bus::Bus::connect(nats.url()).await?;
 
@@ -167,6 +202,18 @@ impl Deployment {
         config.nats.url = nats.url().to_owned();
         assign_idm_ports(&mut config)?;
         config.idm.data_dir = dir.join("idm").display().to_string();
+        if let Some(pg) = &postgres {
+            let db = pg.create_database()?;
+            // The password is among the secrets the log checks search for;
+            // the URL's other parts (user, host, port, database) are not
+            // secret and are named in logs and errors.
+            write_secret(&secrets.join("postgres"), pg.password())?;
+            let url_file = dir.join("postgres_url");
+            write_secret(&url_file, &db)?;
+            config.idm.store = StoreKind::Postgres;
+            config.idm.postgres_url_env = None;
+            config.idm.postgres_url_file = Some(url_file.display().to_string());
+        }
         secret(&secrets.join("admin"))?;
         config.idm.admin_token_env = None;
         config.idm.admin_token_file = Some(secrets.join("admin").display().to_string());
@@ -197,6 +244,7 @@ impl Deployment {
             source,
             target,
             dirsrv,
+            postgres,
             config: Arc::new(config),
             running: Vec::new(),
         };
@@ -396,6 +444,9 @@ impl Deployment {
             ds.stop().await?;
         }
         self.nats.stop().await?;
+        if let Some(mut pg) = self.postgres.take() {
+            tokio::task::spawn_blocking(move || pg.stop()).await??;
+        }
         first_error
     }
 }

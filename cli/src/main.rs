@@ -290,6 +290,11 @@ enum DevCommand {
         /// Where state lives; reused if it exists.
         #[arg(long, default_value = ".idsync-local")]
         dir: PathBuf,
+        /// The IDM's store: `embedded` (redb in the directory) or `postgres`
+        /// (a throwaway PostgreSQL cluster for this run; its data does not
+        /// survive the run).
+        #[arg(long, env = "IDSYNC_DEV_STORE", default_value = "embedded")]
+        store: String,
     },
 }
 
@@ -678,15 +683,28 @@ async fn run(cli: Cli) -> Result<ExitCode> {
             Ok(ExitCode::SUCCESS)
         }
         Command::Dev {
-            command: DevCommand::Up { dir },
-        } => dev_up(dir).await,
+            command: DevCommand::Up { dir, store },
+        } => dev_up(dir, &store).await,
     }
 }
 
-async fn dev_up(dir: PathBuf) -> Result<ExitCode> {
+async fn dev_up(dir: PathBuf, store: &str) -> Result<ExitCode> {
+    let store = match store {
+        "embedded" => idsync_core::config::StoreKind::Embedded,
+        "postgres" => idsync_core::config::StoreKind::Postgres,
+        other => anyhow::bail!("--store {other:?}: use embedded or postgres"),
+    };
     idsync_runtime::init_tracing();
     let shutdown = idsync_runtime::shutdown_on_signal();
-    let deployment = Deployment::start(&dir).await?;
+    let deployment = Deployment::start_with_options(
+        &dir,
+        idsync::dev::EXAMPLE_CONFIG,
+        idsync::dev::Options {
+            store: Some(store),
+            ..Default::default()
+        },
+    )
+    .await?;
     let d = &deployment.dir;
     println!(
         "\nidsync is running (state in {dir}).\n\n\

@@ -138,7 +138,20 @@ async fn tokens_are_refused_for_every_reason_and_never_echoed() {
     env.ok(&["sync", "generate-token", "crm", "third"]).await;
     let shown = env.ok(&["sync", "get", "crm"]).await;
     assert!(shown.contains("token \"third\""), "{shown}");
-    let store = std::fs::read(env.d.dir.join("idm/idm.redb")).unwrap();
+    // Every byte the store holds, whichever backend (IDSYNC_DEV_STORE).
+    let store = match &env.d.postgres {
+        None => std::fs::read(env.d.dir.join("idm/idm.redb")).unwrap(),
+        Some(pg) => {
+            let url = std::fs::read_to_string(env.d.dir.join("postgres_url")).unwrap();
+            let db = url.trim().rsplit('/').next().unwrap().to_owned();
+            pg.psql(
+                &db,
+                "SELECT string_agg(encode(k || v, 'escape'), '') FROM kv",
+            )
+            .unwrap()
+            .into_bytes()
+        }
+    };
     for t in [&first, &second] {
         let secret_part = t.rsplit('.').next().unwrap();
         assert!(

@@ -160,7 +160,13 @@ async fn one_change_is_one_trace_across_every_service() {
             .cloned()
             .collect();
         let services: BTreeSet<String> = trace.iter().map(|s| s.service.clone()).collect();
-        Ok((services == wanted).then(|| (root.clone(), trace)))
+        // Services export in their own batches: wait until every parent
+        // named has arrived too (a hop that lost the context never will).
+        let ids: BTreeSet<&[u8]> = trace.iter().map(|s| s.span_id.as_slice()).collect();
+        let whole = trace
+            .iter()
+            .all(|s| s.span_id == root.span_id || ids.contains(s.parent_span_id.as_slice()));
+        Ok((services == wanted && whole).then(|| (root.clone(), trace.clone())))
     })
     .await;
     let (root, trace) = match found {

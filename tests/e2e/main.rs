@@ -7,6 +7,7 @@ mod bad_input;
 mod failures;
 mod groups;
 mod poison;
+mod postgres_store;
 mod restart;
 mod seed_scenarios;
 mod situations;

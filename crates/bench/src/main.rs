@@ -16,6 +16,9 @@
 //! modifications at R a second from the source's modify to the IDM's commit
 //! and to the target's entry, against the source's own modify round trip
 //! (`target/bench/latency.json`).
+//!
+//! `idsync-bench store [--commits N]` times the IDM store's commits and
+//! reads on the embedded store and on PostgreSQL (`target/bench/store.json`).
 
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
@@ -28,6 +31,7 @@ use idsync_testkit::{NatsServer, Slapd, SlapdOptions, free_port};
 use tokio::process::{Child, Command};
 
 mod latency;
+mod store;
 
 const SUFFIX: &str = "dc=example,dc=com";
 const PEOPLE: &str = "ou=people,dc=example,dc=com";
@@ -56,8 +60,13 @@ async fn main() -> Result<()> {
             )
             .await
         }
+        Some("store") => {
+            let n = number("--commits", 5_000)?;
+            // The store client blocks: off the async runtime.
+            tokio::task::spawn_blocking(move || store::store(n)).await?
+        }
         _ => bail!(
-            "usage: idsync-bench reconcile [--entries N] [--import M] | latency [--people N] [--changes M] [--rate R]"
+            "usage: idsync-bench reconcile [--entries N] [--import M] | latency [--people N] [--changes M] [--rate R] | store [--commits N]"
         ),
     }
 }

@@ -173,9 +173,21 @@ pub struct IdmConfig {
     /// Where the IDM service listens.
     #[serde(default = "default_idm_listen")]
     pub listen: String,
+    /// Where the IDM keeps its state: `embedded` (a redb file in
+    /// `data_dir`, for one IDM process) or `postgres` (a PostgreSQL database
+    /// that several IDM replicas share; give its URL with
+    /// `postgres_url_file` or `postgres_url_env`).
+    #[serde(default)]
+    pub store: StoreKind,
     /// Directory of the embedded store.
     #[serde(default = "default_idm_data_dir")]
     pub data_dir: String,
+    /// File holding the PostgreSQL URL, for example
+    /// `postgresql://idsync:secret@db:5432/idsync` (trailing newline
+    /// ignored). The URL holds a password: it is never logged.
+    pub postgres_url_file: Option<String>,
+    /// Environment variable holding the PostgreSQL URL.
+    pub postgres_url_env: Option<String>,
     /// File holding the administrator credential: the IDM accepts it for
     /// administrative calls, the CLI and the provisioner present it.
     pub admin_token_file: Option<String>,
@@ -184,6 +196,19 @@ pub struct IdmConfig {
     /// Where the IDM serves agreement status as JSON over HTTP
     /// (`GET /status`, `GET /status/<agreement>`); off when unset.
     pub http_bind: Option<String>,
+}
+
+/// The IDM's store backend.
+#[derive(
+    Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize, Serialize, schemars::JsonSchema,
+)]
+#[serde(rename_all = "lowercase")]
+pub enum StoreKind {
+    /// redb in `idm.data_dir`: one IDM process holds it.
+    #[default]
+    Embedded,
+    /// A PostgreSQL database, shared by every IDM replica.
+    Postgres,
 }
 
 fn default_idm_listen() -> String {
@@ -827,6 +852,31 @@ impl Config {
                 err(field.into(), "must be between 1 and 256".into());
             }
         }
+        match (
+            self.idm.store,
+            &self.idm.postgres_url_file,
+            &self.idm.postgres_url_env,
+        ) {
+            (StoreKind::Postgres, Some(_), Some(_)) => err(
+                "idm.postgres_url_file".into(),
+                "set postgres_url_file or postgres_url_env, not both".into(),
+            ),
+            (StoreKind::Postgres, None, None) => err(
+                "idm.store".into(),
+                "store = \"postgres\" needs the database's URL: set postgres_url_file or postgres_url_env".into(),
+            ),
+            (StoreKind::Embedded, Some(_), _) => err(
+                "idm.postgres_url_file".into(),
+                "only used with store = \"postgres\" (the embedded store lives in data_dir)"
+                    .into(),
+            ),
+            (StoreKind::Embedded, _, Some(_)) => err(
+                "idm.postgres_url_env".into(),
+                "only used with store = \"postgres\" (the embedded store lives in data_dir)"
+                    .into(),
+            ),
+            _ => {}
+        }
         if self.idm.admin_token_file.is_some() && self.idm.admin_token_env.is_some() {
             err(
                 "idm.admin_token_file".into(),
@@ -1051,6 +1101,26 @@ mod tests {
             &|c| c.idm.admin_token_file = Some("/x".into()),
             "idm.admin_token_file: set admin_token_file or admin_token_env, not both",
         );
+        one(
+            &|c| c.idm.store = StoreKind::Postgres,
+            "idm.store: store = \"postgres\" needs the database's URL",
+        );
+        one(
+            &|c| {
+                c.idm.store = StoreKind::Postgres;
+                c.idm.postgres_url_env = Some("X".into());
+                c.idm.postgres_url_file = Some("/x".into());
+            },
+            "idm.postgres_url_file: set postgres_url_file or postgres_url_env, not both",
+        );
+        one(
+            &|c| c.idm.postgres_url_env = Some("X".into()),
+            "idm.postgres_url_env: only used with store = \"postgres\"",
+        );
+        let mut pg: Config = toml::from_str(EXAMPLE).unwrap();
+        pg.idm.store = StoreKind::Postgres;
+        pg.idm.postgres_url_env = Some("IDSYNC_PG_URL".into());
+        assert!(pg.validate().is_empty(), "{:?}", pg.validate());
     }
 
     #[test]

@@ -175,6 +175,19 @@ pub fn admin_token(config: &Config) -> Result<Secret, ConfigError> {
     )
 }
 
+/// The PostgreSQL URL of the IDM's store (`idm.postgres_url_file` or
+/// `idm.postgres_url_env`); it holds the database password.
+///
+/// # Errors
+/// As [`bind_password`]; the message never contains the URL.
+pub fn postgres_url(config: &Config) -> Result<Secret, ConfigError> {
+    read_secret(
+        "idm: PostgreSQL URL",
+        ("postgres_url_file", config.idm.postgres_url_file.as_deref()),
+        ("postgres_url_env", config.idm.postgres_url_env.as_deref()),
+    )
+}
+
 /// The sync token of agreement `name` (`token_file` or `token_env`).
 ///
 /// # Errors

@@ -3,13 +3,12 @@
 
 use std::collections::HashMap;
 
-use redb::{ReadableDatabase, ReadableTable};
-
 use idsync_proto::v1;
 
 use crate::commit::{Principal, Tables};
+use crate::kv::{KvExt, KvWriteExt, Tbl};
 use crate::token::{self, Claims, TokenError};
-use crate::{AGREEMENT, SHADOW, SYNC_CHILD, Store, StoreError, db, decode, load, now_ms};
+use crate::{REVOCATIONS, Store, StoreError, now_ms};
 
 /// Tokens already checked against their agreement's record.
 #[derive(Debug, Default)]
@@ -17,6 +16,9 @@ pub(crate) struct Verified {
     /// Bumped by every change that can revoke a token, so that a check that
     /// read the record before such a change does not cache its answer after it.
     generation: u64,
+    /// The stored revocation count the cached answers were checked under;
+    /// a shared database's other replicas bump it when they revoke.
+    revocations: u64,
     /// Token hash → agreement.
     tokens: HashMap<Vec<u8>, String>,
 }
@@ -38,15 +40,12 @@ impl Store {
         &self,
         f: impl FnOnce(&mut Tables<'_>) -> Result<T, StoreError>,
     ) -> Result<T, StoreError> {
-        let txn = self.db.begin_write().map_err(db)?;
-        let out = {
-            let mut t = Tables::open(&txn)?;
+        self.transact(true, |kv| {
+            let mut t = Tables::open(kv)?;
             let out = f(&mut t)?;
             t.finish()?;
-            out
-        };
-        txn.commit().map_err(db)?;
-        Ok(out)
+            Ok(out)
+        })
     }
 
     /// Changes agreement `name` with `f` and returns it as stored.
@@ -97,15 +96,13 @@ impl Store {
 
     /// Every agreement, by name, with its entry count.
     pub fn list_agreements(&self) -> Result<Vec<v1::Agreement>, StoreError> {
-        let txn = self.db.begin_read().map_err(db)?;
-        let table = txn.open_table(AGREEMENT).map_err(db)?;
         let mut out: Vec<v1::Agreement> = Vec::new();
-        for row in table.iter().map_err(db)? {
-            let (_, v) = row.map_err(db)?;
-            out.push(decode(v.value())?);
-        }
-        drop(table);
-        drop(txn);
+        self.read(|kv| {
+            kv.each(Tbl::Agreement, "", &mut |_, a| {
+                out.push(a);
+                Ok(true)
+            })
+        })?;
         for a in &mut out {
             a.entries = self.count_entries(&a.name)?;
         }
@@ -126,18 +123,7 @@ impl Store {
 
     /// Ids of the focus objects whose sync parent is `name`.
     fn children(&self, name: &str) -> Result<Vec<String>, StoreError> {
-        let txn = self.db.begin_read().map_err(db)?;
-        let table = txn.open_table(SYNC_CHILD).map_err(db)?;
-        let prefix = format!("{name}\0");
-        let mut out = Vec::new();
-        for row in table.range(prefix.as_str()..).map_err(db)? {
-            let (k, _) = row.map_err(db)?;
-            let Some(id) = k.value().strip_prefix(prefix.as_str()) else {
-                break;
-            };
-            out.push(id.to_owned());
-        }
-        Ok(out)
+        self.read(|kv| kv.suffixes(Tbl::SyncChild, &format!("{name}\0")))
     }
 
     /// Issues a token labelled `label` for agreement `name`. The token is
@@ -188,7 +174,7 @@ impl Store {
         name: &str,
         label: Option<&str>,
     ) -> Result<v1::Agreement, StoreError> {
-        let a = self.update_agreement(name, |a| {
+        let a = self.revoking_update(name, |a| {
             match label {
                 None => a.tokens.clear(),
                 Some(label) => {
@@ -323,17 +309,16 @@ impl Store {
             })?;
             let mut released = 0;
             for id in &ids {
-                t.sync_child
-                    .remove(format!("{name}\0{id}").as_str())
-                    .map_err(db)?;
-                let Some(mut f) = load::<v1::Focus>(&t.focus, id)? else {
+                t.kv.del(Tbl::SyncChild, &format!("{name}\0{id}"))?;
+                let Some(mut f) = t.load::<v1::Focus>(Tbl::Focus, id)? else {
                     continue;
                 };
                 f.sync_parent.clear();
                 t.rewrite_focus(f, ORIGIN)?;
                 released += 1;
             }
-            t.agreements.remove(name).map_err(db)?;
+            t.kv.del(Tbl::Agreement, name)?;
+            bump_revocations(t)?;
             Ok(released)
         })?;
         self.forget_verified();
@@ -345,21 +330,18 @@ impl Store {
     /// are simply not there. Returns how many entries were deleted.
     pub fn terminate_agreement(&self, name: &str, resources: &[String]) -> Result<u64, StoreError> {
         let ids = self.children(name)?;
-        let mut shadow_keys = Vec::new();
-        {
-            let txn = self.db.begin_read().map_err(db)?;
-            let shadows = txn.open_table(SHADOW).map_err(db)?;
+        let shadow_keys = self.read(|kv| {
+            let mut keys = Vec::new();
             for r in resources {
                 let prefix = format!("{r}\0");
-                for row in shadows.range(prefix.as_str()..).map_err(db)? {
-                    let (k, _) = row.map_err(db)?;
-                    if !k.value().starts_with(&prefix) {
-                        break;
-                    }
-                    shadow_keys.push(k.value().to_owned());
-                }
+                keys.extend(
+                    kv.suffixes(Tbl::Shadow, &prefix)?
+                        .into_iter()
+                        .map(|uuid| format!("{prefix}{uuid}")),
+                );
             }
-        }
+            Ok(keys)
+        })?;
         let deleted = self.write(|t| {
             t.agreement(name)?.ok_or_else(|| StoreError::NoAgreement {
                 name: name.to_owned(),
@@ -371,18 +353,19 @@ impl Store {
                 }
             }
             for k in &shadow_keys {
-                if let Some(s) = load::<v1::Shadow>(&t.shadows, k)? {
+                if let Some(s) = t.load::<v1::Shadow>(Tbl::Shadow, k)? {
                     for mk in crate::shadow_member_keys(&s) {
-                        t.by_member_key.remove(mk.as_str()).map_err(db)?;
+                        t.kv.del(Tbl::ShadowByMemberKey, &mk)?;
                     }
                 }
-                t.shadows.remove(&**k).map_err(db)?;
+                t.kv.del(Tbl::Shadow, k)?;
             }
             for r in resources {
-                t.live.remove(r.as_str()).map_err(db)?;
-                t.guard.remove(r.as_str()).map_err(db)?;
+                t.kv.del(Tbl::ShadowLive, r)?;
+                t.kv.del(Tbl::Guard, r)?;
             }
-            t.agreements.remove(name).map_err(db)?;
+            t.kv.del(Tbl::Agreement, name)?;
+            bump_revocations(t)?;
             Ok(deleted)
         })?;
         self.forget_verified();
@@ -397,8 +380,24 @@ impl Store {
     pub fn authenticate(&self, credential: &str) -> Result<Principal, TokenError> {
         let claims = token::verify(&self.token_key, credential)?;
         let hash = token::hash(credential);
+        let unavailable = |e: StoreError| TokenError::Unavailable(e.to_string());
+        // Over a shared database another replica may have revoked the token:
+        // a cached answer holds only while the stored revocation count is
+        // the one it was checked under (one indexed read instead of the record).
+        let stored = if self.shares_database() {
+            Some(self.revocations().map_err(unavailable)?)
+        } else {
+            None
+        };
         let generation = {
-            let cache = self.verified_cache();
+            let mut cache = self.verified_cache();
+            if let Some(n) = stored
+                && n != cache.revocations
+            {
+                cache.generation += 1;
+                cache.tokens.clear();
+                cache.revocations = n;
+            }
             if let Some(agreement) = cache.tokens.get(&hash) {
                 return Ok(Principal::Agreement(agreement.clone()));
             }
@@ -406,7 +405,7 @@ impl Store {
         };
         let record = self
             .agreement_record(&claims.agreement)
-            .map_err(|e| TokenError::Unavailable(e.to_string()))?
+            .map_err(unavailable)?
             .ok_or_else(|| TokenError::NoAgreement {
                 agreement: claims.agreement.clone(),
             })?;
@@ -442,13 +441,42 @@ impl Store {
         cache.tokens.clear();
     }
 
+    /// How many changes that can revoke a token were ever committed.
+    fn revocations(&self) -> Result<u64, StoreError> {
+        self.read(|kv| Ok(kv.get_u64(Tbl::Meta, REVOCATIONS)?.unwrap_or(0)))
+    }
+
+    /// As [`Store::update_agreement`], for a change that can revoke tokens:
+    /// it bumps the stored revocation count in the same transaction.
+    fn revoking_update(
+        &self,
+        name: &str,
+        f: impl FnOnce(&mut v1::Agreement) -> Result<(), StoreError>,
+    ) -> Result<v1::Agreement, StoreError> {
+        let mut a = self.write(|t| {
+            let mut a = t.agreement(name)?.ok_or_else(|| StoreError::NoAgreement {
+                name: name.to_owned(),
+            })?;
+            f(&mut a)?;
+            t.put_agreement(&a)?;
+            bump_revocations(t)?;
+            Ok(a)
+        })?;
+        a.entries = self.count_entries(name)?;
+        Ok(a)
+    }
+
     /// Agreement `name` as stored, without counting its entries (cheap: for
     /// status checks and authentication).
     pub fn agreement_record(&self, name: &str) -> Result<Option<v1::Agreement>, StoreError> {
-        let txn = self.db.begin_read().map_err(db)?;
-        let table = txn.open_table(AGREEMENT).map_err(db)?;
-        load(&table, name)
+        self.read(|kv| kv.load(Tbl::Agreement, name))
     }
+}
+
+/// Counts a change that can revoke tokens, in its own transaction.
+fn bump_revocations(t: &mut Tables<'_>) -> Result<(), StoreError> {
+    let n = t.kv.get_u64(Tbl::Meta, REVOCATIONS)?.unwrap_or(0);
+    t.kv.put_u64(Tbl::Meta, REVOCATIONS, n + 1)
 }
 
 /// The one word a status listener answers for `a`.
@@ -524,9 +552,8 @@ mod tests {
         )
     }
 
-    fn setup() -> (tempfile::TempDir, Store, Writer, Writer, Writer) {
-        let dir = tempfile::tempdir().unwrap();
-        let s = Store::open(dir.path()).unwrap();
+    fn setup(place: &crate::testing::Place) -> (Store, Writer, Writer, Writer) {
+        let s = place.open();
         s.create_agreement("hr").unwrap();
         s.create_agreement("crm").unwrap();
         let admin = Writer {
@@ -537,7 +564,6 @@ mod tests {
             trace_parent: None,
         };
         (
-            dir,
             s,
             Writer::agreement("hr", owners()),
             Writer::agreement("crm", owners()),
@@ -547,127 +573,135 @@ mod tests {
 
     #[test]
     fn an_agreement_owns_what_it_creates_and_nobody_else_writes_it() {
-        let (_d, s, hr, crm, admin) = setup();
-        s.commit(
-            &put(&user("u1", "jack", &[("fullName", "Jack")]), 0),
-            "hr",
-            &hr,
-        )
-        .unwrap();
-        let stored = s.get_focus("u1").unwrap().unwrap();
-        assert_eq!(stored.sync_parent, "hr");
-        assert_eq!(s.get_agreement("hr").unwrap().unwrap().entries, 1);
+        for place in crate::testing::places() {
+            let (s, hr, crm, admin) = setup(&place);
+            s.commit(
+                &put(&user("u1", "jack", &[("fullName", "Jack")]), 0),
+                "hr",
+                &hr,
+            )
+            .unwrap();
+            let stored = s.get_focus("u1").unwrap().unwrap();
+            assert_eq!(stored.sync_parent, "hr");
+            assert_eq!(s.get_agreement("hr").unwrap().unwrap().entries, 1);
 
-        let mut changed = stored.clone();
-        changed.attributes.insert(
-            "fullName".into(),
-            v1::Values {
-                values: vec!["Captain Jack".into()],
-            },
-        );
-        let e = s.commit(&put(&changed, 1), "crm", &crm).unwrap_err();
-        assert!(matches!(e, StoreError::NotOwned { .. }), "{e}");
-        assert!(e.to_string().contains("owned by agreement \"hr\""), "{e}");
-        let e = s.commit(&put(&changed, 1), "", &admin).unwrap_err();
-        assert!(
-            e.to_string().contains("\"fullName\" is the agreement's"),
-            "{e}"
-        );
-        let e = s.commit(&delete("u1", 1), "", &admin).unwrap_err();
-        assert!(e.to_string().contains("idsync sync terminate hr"), "{e}");
-        s.commit(&put(&changed, 1), "hr", &hr).unwrap();
+            let mut changed = stored.clone();
+            changed.attributes.insert(
+                "fullName".into(),
+                v1::Values {
+                    values: vec!["Captain Jack".into()],
+                },
+            );
+            let e = s.commit(&put(&changed, 1), "crm", &crm).unwrap_err();
+            assert!(matches!(e, StoreError::NotOwned { .. }), "{e}");
+            assert!(e.to_string().contains("owned by agreement \"hr\""), "{e}");
+            let e = s.commit(&put(&changed, 1), "", &admin).unwrap_err();
+            assert!(
+                e.to_string().contains("\"fullName\" is the agreement's"),
+                "{e}"
+            );
+            let e = s.commit(&delete("u1", 1), "", &admin).unwrap_err();
+            assert!(e.to_string().contains("idsync sync terminate hr"), "{e}");
+            s.commit(&put(&changed, 1), "hr", &hr).unwrap();
+        }
     }
 
     #[test]
     fn yielded_attributes_are_the_idms_and_the_agreement_is_told_so() {
-        let (_d, s, hr, _crm, admin) = setup();
-        s.commit(&put(&user("u1", "jack", &[]), 0), "hr", &hr)
-            .unwrap();
-        s.set_yield_attributes("hr", &["preferredLanguage".into()])
-            .unwrap();
-        let local = user("u1", "jack", &[("preferredLanguage", "de")]);
-        let mut local = local;
-        local.sync_parent = "hr".into();
-        s.commit(&put(&local, 1), "", &admin).unwrap();
-        let mut from_source = local.clone();
-        from_source.attributes.insert(
-            "preferredLanguage".into(),
-            v1::Values {
-                values: vec!["en".into()],
-            },
-        );
-        let e = s.commit(&put(&from_source, 2), "hr", &hr).unwrap_err();
-        let text = e.to_string();
-        assert!(matches!(e, StoreError::Yielded { .. }), "{text}");
-        assert!(
-            text.contains("preferredLanguage") && text.contains("\"hr\""),
-            "{text}"
-        );
-        assert!(text.contains("set-yield-attributes hr"), "{text}");
-        // A write that leaves the yielded value alone is the agreement's to make.
-        let mut other = local.clone();
-        other.attributes.insert(
-            "mail".into(),
-            v1::Values {
-                values: vec!["j@x".into()],
-            },
-        );
-        s.commit(&put(&other, 2), "hr", &hr).unwrap();
-        assert!(
-            s.set_yield_attributes("hr", &["name".into()]).is_err(),
-            "name cannot be yielded"
-        );
+        for place in crate::testing::places() {
+            let (s, hr, _crm, admin) = setup(&place);
+            s.commit(&put(&user("u1", "jack", &[]), 0), "hr", &hr)
+                .unwrap();
+            s.set_yield_attributes("hr", &["preferredLanguage".into()])
+                .unwrap();
+            let local = user("u1", "jack", &[("preferredLanguage", "de")]);
+            let mut local = local;
+            local.sync_parent = "hr".into();
+            s.commit(&put(&local, 1), "", &admin).unwrap();
+            let mut from_source = local.clone();
+            from_source.attributes.insert(
+                "preferredLanguage".into(),
+                v1::Values {
+                    values: vec!["en".into()],
+                },
+            );
+            let e = s.commit(&put(&from_source, 2), "hr", &hr).unwrap_err();
+            let text = e.to_string();
+            assert!(matches!(e, StoreError::Yielded { .. }), "{text}");
+            assert!(
+                text.contains("preferredLanguage") && text.contains("\"hr\""),
+                "{text}"
+            );
+            assert!(text.contains("set-yield-attributes hr"), "{text}");
+            // A write that leaves the yielded value alone is the agreement's to make.
+            let mut other = local.clone();
+            other.attributes.insert(
+                "mail".into(),
+                v1::Values {
+                    values: vec!["j@x".into()],
+                },
+            );
+            s.commit(&put(&other, 2), "hr", &hr).unwrap();
+            assert!(
+                s.set_yield_attributes("hr", &["name".into()]).is_err(),
+                "name cannot be yielded"
+            );
+        }
     }
 
     #[test]
     fn native_entries_are_not_an_agreements_and_names_say_who_holds_them() {
-        let (_d, s, hr, crm, admin) = setup();
-        s.commit(&put(&user("n1", "root", &[]), 0), "", &admin)
-            .unwrap();
-        let native = s.get_focus("n1").unwrap().unwrap();
-        assert_eq!(native.sync_parent, "");
-        let e = s.commit(&put(&native, 1), "hr", &hr).unwrap_err();
-        assert!(e.to_string().contains("a native IDM entry"), "{e}");
-        let e = s
-            .commit(&put(&user("u2", "root", &[]), 0), "hr", &hr)
-            .unwrap_err();
-        assert!(
-            e.to_string().contains("already taken") && e.to_string().contains("native"),
-            "{e}"
-        );
-        s.commit(&put(&user("u3", "jack", &[]), 0), "hr", &hr)
-            .unwrap();
-        let e = s
-            .commit(&put(&user("u4", "jack", &[]), 0), "crm", &crm)
-            .unwrap_err();
-        assert!(e.to_string().contains("owned by agreement \"hr\""), "{e}");
+        for place in crate::testing::places() {
+            let (s, hr, crm, admin) = setup(&place);
+            s.commit(&put(&user("n1", "root", &[]), 0), "", &admin)
+                .unwrap();
+            let native = s.get_focus("n1").unwrap().unwrap();
+            assert_eq!(native.sync_parent, "");
+            let e = s.commit(&put(&native, 1), "hr", &hr).unwrap_err();
+            assert!(e.to_string().contains("a native IDM entry"), "{e}");
+            let e = s
+                .commit(&put(&user("u2", "root", &[]), 0), "hr", &hr)
+                .unwrap_err();
+            assert!(
+                e.to_string().contains("already taken") && e.to_string().contains("native"),
+                "{e}"
+            );
+            s.commit(&put(&user("u3", "jack", &[]), 0), "hr", &hr)
+                .unwrap();
+            let e = s
+                .commit(&put(&user("u4", "jack", &[]), 0), "crm", &crm)
+                .unwrap_err();
+            assert!(e.to_string().contains("owned by agreement \"hr\""), "{e}");
+        }
     }
 
     #[test]
     fn an_adopting_agreement_takes_over_a_native_entry_it_writes() {
-        let (_d, s, hr, _crm, admin) = setup();
-        s.commit(&put(&user("n1", "will", &[]), 0), "", &admin)
-            .unwrap();
-        let native = s.get_focus("n1").unwrap().unwrap();
-        let adopting = Writer {
-            may_adopt: true,
-            ..hr.clone()
-        };
-        s.commit(&put(&native, 1), "hr", &adopting).unwrap();
-        let adopted = s.get_focus("n1").unwrap().unwrap();
-        assert_eq!(adopted.sync_parent, "hr");
-        assert_eq!(s.get_agreement("hr").unwrap().unwrap().entries, 1);
-        // Now the agreement's: an administrator may no longer change it.
-        let e = s.commit(&put(&adopted, 2), "", &admin);
-        assert!(e.is_ok(), "an unchanged write is allowed: {e:?}");
-        let mut changed = adopted.clone();
-        changed.attributes.insert(
-            "mail".into(),
-            v1::Values {
-                values: vec!["w@x".into()],
-            },
-        );
-        assert!(s.commit(&put(&changed, 3), "", &admin).is_err());
+        for place in crate::testing::places() {
+            let (s, hr, _crm, admin) = setup(&place);
+            s.commit(&put(&user("n1", "will", &[]), 0), "", &admin)
+                .unwrap();
+            let native = s.get_focus("n1").unwrap().unwrap();
+            let adopting = Writer {
+                may_adopt: true,
+                ..hr.clone()
+            };
+            s.commit(&put(&native, 1), "hr", &adopting).unwrap();
+            let adopted = s.get_focus("n1").unwrap().unwrap();
+            assert_eq!(adopted.sync_parent, "hr");
+            assert_eq!(s.get_agreement("hr").unwrap().unwrap().entries, 1);
+            // Now the agreement's: an administrator may no longer change it.
+            let e = s.commit(&put(&adopted, 2), "", &admin);
+            assert!(e.is_ok(), "an unchanged write is allowed: {e:?}");
+            let mut changed = adopted.clone();
+            changed.attributes.insert(
+                "mail".into(),
+                v1::Values {
+                    values: vec!["w@x".into()],
+                },
+            );
+            assert!(s.commit(&put(&changed, 3), "", &admin).is_err());
+        }
     }
 
     fn shadow(uuid: &str, position: u64, dead: bool) -> v1::Shadow {
@@ -691,240 +725,254 @@ mod tests {
 
     #[test]
     fn the_deletion_guard_stops_the_deletion_that_crosses_it_exactly() {
-        let (_d, s, hr, ..) = setup();
-        let guards = Arc::new(
-            [(
-                "hr".to_owned(),
-                crate::GuardLimits {
-                    max_count: Some(3),
-                    max_share: Some(0.5),
-                    window_ms: 60_000,
-                },
-            )]
-            .into(),
-        );
-        let hr = Writer { guards, ..hr };
-        for i in 0..10 {
-            s.commit(
-                &put_shadow(shadow(&format!("e{i}"), 1, false), 0),
-                "hr",
-                &hr,
-            )
-            .unwrap();
-        }
-        // Three deletions pass, the fourth crosses max_count.
-        for i in 0..3 {
-            s.commit(&put_shadow(shadow(&format!("e{i}"), 2, true), 1), "hr", &hr)
+        for place in crate::testing::places() {
+            let (s, hr, ..) = setup(&place);
+            let guards = Arc::new(
+                [(
+                    "hr".to_owned(),
+                    crate::GuardLimits {
+                        max_count: Some(3),
+                        max_share: Some(0.5),
+                        window_ms: 60_000,
+                    },
+                )]
+                .into(),
+            );
+            let hr = Writer { guards, ..hr };
+            for i in 0..10 {
+                s.commit(
+                    &put_shadow(shadow(&format!("e{i}"), 1, false), 0),
+                    "hr",
+                    &hr,
+                )
                 .unwrap();
-        }
-        let e = s
-            .commit(&put_shadow(shadow("e3", 2, true), 1), "hr", &hr)
-            .unwrap_err();
-        assert!(
-            matches!(
-                e,
-                StoreError::MassDeletion {
-                    count: 4,
-                    population: 10,
-                    ..
-                }
-            ),
-            "{e}"
-        );
-        assert!(e.to_string().contains("accept-deletions"), "{e}");
-        // Discarded: deletions from positions up to 2 are skipped.
-        s.discard_deletions("hr", "hr", 2).unwrap();
-        let e = s
-            .commit(&put_shadow(shadow("e3", 2, true), 1), "hr", &hr)
-            .unwrap_err();
-        assert!(matches!(e, StoreError::DeletionDiscarded { .. }), "{e}");
-        // A later one is checked again, and accepted ones pass.
-        let e = s
-            .commit(&put_shadow(shadow("e4", 3, true), 1), "hr", &hr)
-            .unwrap_err();
-        assert!(matches!(e, StoreError::MassDeletion { .. }), "{e}");
-        s.accept_deletions("hr", "hr", 60_000).unwrap();
-        for i in 4..8 {
-            s.commit(&put_shadow(shadow(&format!("e{i}"), 3, true), 1), "hr", &hr)
-                .unwrap();
+            }
+            // Three deletions pass, the fourth crosses max_count.
+            for i in 0..3 {
+                s.commit(&put_shadow(shadow(&format!("e{i}"), 2, true), 1), "hr", &hr)
+                    .unwrap();
+            }
+            let e = s
+                .commit(&put_shadow(shadow("e3", 2, true), 1), "hr", &hr)
+                .unwrap_err();
+            assert!(
+                matches!(
+                    e,
+                    StoreError::MassDeletion {
+                        count: 4,
+                        population: 10,
+                        ..
+                    }
+                ),
+                "{e}"
+            );
+            assert!(e.to_string().contains("accept-deletions"), "{e}");
+            // Discarded: deletions from positions up to 2 are skipped.
+            s.discard_deletions("hr", "hr", 2).unwrap();
+            let e = s
+                .commit(&put_shadow(shadow("e3", 2, true), 1), "hr", &hr)
+                .unwrap_err();
+            assert!(matches!(e, StoreError::DeletionDiscarded { .. }), "{e}");
+            // A later one is checked again, and accepted ones pass.
+            let e = s
+                .commit(&put_shadow(shadow("e4", 3, true), 1), "hr", &hr)
+                .unwrap_err();
+            assert!(matches!(e, StoreError::MassDeletion { .. }), "{e}");
+            s.accept_deletions("hr", "hr", 60_000).unwrap();
+            for i in 4..8 {
+                s.commit(&put_shadow(shadow(&format!("e{i}"), 3, true), 1), "hr", &hr)
+                    .unwrap();
+            }
         }
     }
 
     #[test]
     fn the_deletion_guard_counts_shares_of_the_live_entries() {
-        let (_d, s, hr, ..) = setup();
-        let guards = Arc::new(
-            [(
-                "hr".to_owned(),
-                crate::GuardLimits {
-                    max_count: None,
-                    max_share: Some(0.5),
-                    window_ms: 60_000,
-                },
-            )]
-            .into(),
-        );
-        let hr = Writer { guards, ..hr };
-        for i in 0..10 {
-            s.commit(
-                &put_shadow(shadow(&format!("e{i}"), 1, false), 0),
-                "hr",
-                &hr,
-            )
-            .unwrap();
-        }
-        for i in 0..5 {
-            s.commit(&put_shadow(shadow(&format!("e{i}"), 2, true), 1), "hr", &hr)
+        for place in crate::testing::places() {
+            let (s, hr, ..) = setup(&place);
+            let guards = Arc::new(
+                [(
+                    "hr".to_owned(),
+                    crate::GuardLimits {
+                        max_count: None,
+                        max_share: Some(0.5),
+                        window_ms: 60_000,
+                    },
+                )]
+                .into(),
+            );
+            let hr = Writer { guards, ..hr };
+            for i in 0..10 {
+                s.commit(
+                    &put_shadow(shadow(&format!("e{i}"), 1, false), 0),
+                    "hr",
+                    &hr,
+                )
                 .unwrap();
+            }
+            for i in 0..5 {
+                s.commit(&put_shadow(shadow(&format!("e{i}"), 2, true), 1), "hr", &hr)
+                    .unwrap();
+            }
+            let e = s
+                .commit(&put_shadow(shadow("e5", 2, true), 1), "hr", &hr)
+                .unwrap_err();
+            assert!(
+                matches!(
+                    e,
+                    StoreError::MassDeletion {
+                        count: 6,
+                        population: 10,
+                        ..
+                    }
+                ),
+                "60% of 10: {e}"
+            );
         }
-        let e = s
-            .commit(&put_shadow(shadow("e5", 2, true), 1), "hr", &hr)
-            .unwrap_err();
-        assert!(
-            matches!(
-                e,
-                StoreError::MassDeletion {
-                    count: 6,
-                    population: 10,
-                    ..
-                }
-            ),
-            "60% of 10: {e}"
-        );
     }
 
     #[test]
     fn schema_violations_are_refused_for_everyone() {
-        let (_d, s, hr, _crm, admin) = setup();
-        for w in [&hr, &admin] {
-            let e = s
-                .commit(&put(&user("u1", "john doe", &[]), 0), "hr", w)
-                .unwrap_err();
-            assert!(matches!(e, StoreError::Schema { .. }), "{e}");
-            let e = s
-                .commit(&put(&user("u1", " ", &[]), 0), "hr", w)
-                .unwrap_err();
-            assert!(matches!(e, StoreError::Schema { .. }), "{e}");
+        for place in crate::testing::places() {
+            let (s, hr, _crm, admin) = setup(&place);
+            for w in [&hr, &admin] {
+                let e = s
+                    .commit(&put(&user("u1", "john doe", &[]), 0), "hr", w)
+                    .unwrap_err();
+                assert!(matches!(e, StoreError::Schema { .. }), "{e}");
+                let e = s
+                    .commit(&put(&user("u1", " ", &[]), 0), "hr", w)
+                    .unwrap_err();
+                assert!(matches!(e, StoreError::Schema { .. }), "{e}");
+            }
         }
     }
 
     #[test]
     fn tokens_authenticate_until_revoked_one_by_one() {
-        let (_d, s, ..) = setup();
-        let (t1, _) = s.generate_token("hr", "first").unwrap();
-        let (t2, _) = s.generate_token("hr", "second").unwrap();
-        assert!(
-            s.generate_token("hr", "first").is_err(),
-            "labels are unique"
-        );
-        assert_eq!(
-            s.authenticate(&t1).unwrap(),
-            Principal::Agreement("hr".into())
-        );
-        s.destroy_token("hr", Some("first")).unwrap();
-        assert!(matches!(
-            s.authenticate(&t1),
-            Err(TokenError::Revoked { .. })
-        ));
-        assert_eq!(
-            s.authenticate(&t2).unwrap(),
-            Principal::Agreement("hr".into())
-        );
-        let a = s.get_agreement("hr").unwrap().unwrap();
-        assert_eq!(a.tokens.len(), 1);
-        assert_ne!(a.tokens[0].hash, t2.as_bytes(), "only the hash is kept");
-        s.destroy_token("hr", None).unwrap();
-        assert!(matches!(
-            s.authenticate(&t2),
-            Err(TokenError::Revoked { .. })
-        ));
-        // A token of another store does not verify here.
-        let other_dir = tempfile::tempdir().unwrap();
-        let other = Store::open(other_dir.path()).unwrap();
-        other.create_agreement("hr").unwrap();
-        let (foreign, _) = other.generate_token("hr", "x").unwrap();
-        assert_eq!(s.authenticate(&foreign), Err(TokenError::Forged));
+        for place in crate::testing::places() {
+            let (s, ..) = setup(&place);
+            let (t1, _) = s.generate_token("hr", "first").unwrap();
+            let (t2, _) = s.generate_token("hr", "second").unwrap();
+            assert!(
+                s.generate_token("hr", "first").is_err(),
+                "labels are unique"
+            );
+            assert_eq!(
+                s.authenticate(&t1).unwrap(),
+                Principal::Agreement("hr".into())
+            );
+            s.destroy_token("hr", Some("first")).unwrap();
+            assert!(matches!(
+                s.authenticate(&t1),
+                Err(TokenError::Revoked { .. })
+            ));
+            assert_eq!(
+                s.authenticate(&t2).unwrap(),
+                Principal::Agreement("hr".into())
+            );
+            let a = s.get_agreement("hr").unwrap().unwrap();
+            assert_eq!(a.tokens.len(), 1);
+            assert_ne!(a.tokens[0].hash, t2.as_bytes(), "only the hash is kept");
+            s.destroy_token("hr", None).unwrap();
+            assert!(matches!(
+                s.authenticate(&t2),
+                Err(TokenError::Revoked { .. })
+            ));
+            // A token of another store does not verify here.
+            let other_dir = tempfile::tempdir().unwrap();
+            let other = Store::open(other_dir.path()).unwrap();
+            other.create_agreement("hr").unwrap();
+            let (foreign, _) = other.generate_token("hr", "x").unwrap();
+            assert_eq!(s.authenticate(&foreign), Err(TokenError::Forged));
+        }
     }
 
     #[test]
     fn finalise_releases_and_terminate_deletes() {
-        let (_d, s, hr, crm, admin) = setup();
-        s.commit(&put(&user("u1", "jack", &[]), 0), "hr", &hr)
-            .unwrap();
-        s.commit(&put(&user("u2", "will", &[]), 0), "hr", &hr)
-            .unwrap();
-        s.commit(&put(&user("c1", "anna", &[]), 0), "crm", &crm)
-            .unwrap();
-        s.commit(&delete("u2", 1), "hr", &hr).unwrap();
-        let (token, _) = s.generate_token("hr", "t").unwrap();
-        assert!(s.authenticate(&token).is_ok(), "verified, and remembered");
-        assert_eq!(s.finalise_agreement("hr").unwrap(), 1);
-        assert!(s.get_agreement("hr").unwrap().is_none());
-        assert!(s.authenticate(&token).is_err(), "the token ends with it");
-        let jack = s.get_focus("u1").unwrap().unwrap();
-        assert_eq!(jack.sync_parent, "");
-        s.commit(&put(&jack, jack.version), "", &admin).unwrap();
+        for place in crate::testing::places() {
+            let (s, hr, crm, admin) = setup(&place);
+            s.commit(&put(&user("u1", "jack", &[]), 0), "hr", &hr)
+                .unwrap();
+            s.commit(&put(&user("u2", "will", &[]), 0), "hr", &hr)
+                .unwrap();
+            s.commit(&put(&user("c1", "anna", &[]), 0), "crm", &crm)
+                .unwrap();
+            s.commit(&delete("u2", 1), "hr", &hr).unwrap();
+            let (token, _) = s.generate_token("hr", "t").unwrap();
+            assert!(s.authenticate(&token).is_ok(), "verified, and remembered");
+            assert_eq!(s.finalise_agreement("hr").unwrap(), 1);
+            assert!(s.get_agreement("hr").unwrap().is_none());
+            assert!(s.authenticate(&token).is_err(), "the token ends with it");
+            let jack = s.get_focus("u1").unwrap().unwrap();
+            assert_eq!(jack.sync_parent, "");
+            s.commit(&put(&jack, jack.version), "", &admin).unwrap();
 
-        assert_eq!(s.terminate_agreement("crm", &["crm".into()]).unwrap(), 1);
-        assert!(s.get_focus("c1").unwrap().is_none());
-        assert!(s.get_agreement("crm").unwrap().is_none());
-        assert!(matches!(
-            s.terminate_agreement("crm", &[]),
-            Err(StoreError::NoAgreement { .. })
-        ));
+            assert_eq!(s.terminate_agreement("crm", &["crm".into()]).unwrap(), 1);
+            assert!(s.get_focus("c1").unwrap().is_none());
+            assert!(s.get_agreement("crm").unwrap().is_none());
+            assert!(matches!(
+                s.terminate_agreement("crm", &[]),
+                Err(StoreError::NoAgreement { .. })
+            ));
+        }
     }
 
     #[test]
     fn a_halted_agreement_cannot_commit_until_resumed() {
-        let (_d, s, hr, ..) = setup();
-        let failure = v1::AgreementFailure {
-            dn: "uid=x".into(),
-            reason: "name taken".into(),
-            ..Default::default()
-        };
-        let a = s.record_failure("hr", failure, true).unwrap();
-        assert!(a.halted);
-        assert_eq!(crate::status_word(&a), "Err");
-        let e = s
-            .commit(&put(&user("u1", "jack", &[]), 0), "hr", &hr)
-            .unwrap_err();
-        assert!(matches!(e, StoreError::Halted { .. }), "{e}");
-        s.resume_agreement("hr").unwrap();
-        s.commit(&put(&user("u1", "jack", &[]), 0), "hr", &hr)
-            .unwrap();
-        let a = s.get_agreement("hr").unwrap().unwrap();
-        assert_eq!(crate::status_word(&a), "Ok");
-        assert!(a.last_success_ms > 0);
+        for place in crate::testing::places() {
+            let (s, hr, ..) = setup(&place);
+            let failure = v1::AgreementFailure {
+                dn: "uid=x".into(),
+                reason: "name taken".into(),
+                ..Default::default()
+            };
+            let a = s.record_failure("hr", failure, true).unwrap();
+            assert!(a.halted);
+            assert_eq!(crate::status_word(&a), "Err");
+            let e = s
+                .commit(&put(&user("u1", "jack", &[]), 0), "hr", &hr)
+                .unwrap_err();
+            assert!(matches!(e, StoreError::Halted { .. }), "{e}");
+            s.resume_agreement("hr").unwrap();
+            s.commit(&put(&user("u1", "jack", &[]), 0), "hr", &hr)
+                .unwrap();
+            let a = s.get_agreement("hr").unwrap().unwrap();
+            assert_eq!(crate::status_word(&a), "Ok");
+            assert!(a.last_success_ms > 0);
+        }
     }
 
     #[test]
     fn a_dry_run_checks_everything_and_keeps_nothing() {
-        let (_d, s, hr, ..) = setup();
-        assert_eq!(
-            crate::status_word(&s.get_agreement("hr").unwrap().unwrap()),
-            "Unknown"
-        );
-        let commits = vec![
-            (put(&user("u1", "jack", &[]), 0), "hr".to_owned()),
-            (put(&user("u2", "jack", &[]), 0), "hr".to_owned()),
-            (put(&user("u3", "bad name", &[]), 0), "hr".to_owned()),
-            (put(&user("u4", "will", &[]), 0), "hr".to_owned()),
-        ];
-        let results = s.dry_run(&commits, &hr).unwrap();
-        assert!(results[0].is_ok());
-        assert!(
-            matches!(results[1], Err(StoreError::NameTaken { .. })),
-            "sees the first"
-        );
-        assert!(matches!(results[2], Err(StoreError::Schema { .. })));
-        assert!(results[3].is_ok());
-        assert!(s.get_focus("u1").unwrap().is_none());
-        assert!(s.get_focus("u4").unwrap().is_none());
-        assert!(s.outbox_batch(10).unwrap().is_empty());
-        assert_eq!(
-            crate::status_word(&s.get_agreement("hr").unwrap().unwrap()),
-            "Unknown"
-        );
+        for place in crate::testing::places() {
+            let (s, hr, ..) = setup(&place);
+            assert_eq!(
+                crate::status_word(&s.get_agreement("hr").unwrap().unwrap()),
+                "Unknown"
+            );
+            let commits = vec![
+                (put(&user("u1", "jack", &[]), 0), "hr".to_owned()),
+                (put(&user("u2", "jack", &[]), 0), "hr".to_owned()),
+                (put(&user("u3", "bad name", &[]), 0), "hr".to_owned()),
+                (put(&user("u4", "will", &[]), 0), "hr".to_owned()),
+            ];
+            let results = s.dry_run(&commits, &hr).unwrap();
+            assert!(results[0].is_ok());
+            assert!(
+                matches!(results[1], Err(StoreError::NameTaken { .. })),
+                "sees the first"
+            );
+            assert!(matches!(results[2], Err(StoreError::Schema { .. })));
+            assert!(results[3].is_ok());
+            assert!(s.get_focus("u1").unwrap().is_none());
+            assert!(s.get_focus("u4").unwrap().is_none());
+            assert!(s.outbox_batch(10).unwrap().is_empty());
+            assert_eq!(
+                crate::status_word(&s.get_agreement("hr").unwrap().unwrap()),
+                "Unknown"
+            );
+        }
     }
 
     fn role(id: &str, name: &str, includes: &[&str]) -> v1::Focus {
@@ -942,66 +990,70 @@ mod tests {
 
     #[test]
     fn roles_are_the_idms_and_their_referrers_are_indexed() {
-        let (_d, s, hr, _crm, admin) = setup();
-        let err = s.commit(&put(&role("r1", "staff", &[]), 0), "", &hr);
-        assert!(
-            matches!(err, Err(StoreError::NotOwned { .. })),
-            "an agreement made a role: {err:?}"
-        );
-        s.commit(&put(&role("r1", "staff", &[]), 0), "", &admin)
-            .unwrap();
-        s.commit(&put(&role("r2", "engineer", &["staff"]), 0), "", &admin)
-            .unwrap();
-        let mut jack = user("f1", "jack", &[]);
-        jack.assignments.push(v1::Assignment {
-            role: "staff".into(),
-            source: "admin".into(),
-            ..Default::default()
-        });
-        s.commit(&put(&jack, 0), "", &admin).unwrap();
-        assert_eq!(
-            s.role_referrers("staff").unwrap(),
-            (vec!["f1".to_owned()], vec!["engineer".to_owned()])
-        );
-        // Assignments and inducements change: the index follows.
-        jack.assignments.clear();
-        s.commit(&put(&jack, 1), "", &admin).unwrap();
-        s.commit(&put(&role("r2", "engineer", &[]), 1), "", &admin)
-            .unwrap();
-        assert_eq!(s.role_referrers("staff").unwrap(), (vec![], vec![]));
-        // A deleted holder is no referrer.
-        let mut will = user("f2", "will", &[]);
-        will.assignments.push(v1::Assignment {
-            role: "engineer".into(),
-            source: "admin".into(),
-            ..Default::default()
-        });
-        s.commit(&put(&will, 0), "", &admin).unwrap();
-        assert_eq!(s.role_referrers("engineer").unwrap().0, ["f2"]);
-        s.commit(&delete("f2", 1), "", &admin).unwrap();
-        assert!(s.role_referrers("engineer").unwrap().0.is_empty());
+        for place in crate::testing::places() {
+            let (s, hr, _crm, admin) = setup(&place);
+            let err = s.commit(&put(&role("r1", "staff", &[]), 0), "", &hr);
+            assert!(
+                matches!(err, Err(StoreError::NotOwned { .. })),
+                "an agreement made a role: {err:?}"
+            );
+            s.commit(&put(&role("r1", "staff", &[]), 0), "", &admin)
+                .unwrap();
+            s.commit(&put(&role("r2", "engineer", &["staff"]), 0), "", &admin)
+                .unwrap();
+            let mut jack = user("f1", "jack", &[]);
+            jack.assignments.push(v1::Assignment {
+                role: "staff".into(),
+                source: "admin".into(),
+                ..Default::default()
+            });
+            s.commit(&put(&jack, 0), "", &admin).unwrap();
+            assert_eq!(
+                s.role_referrers("staff").unwrap(),
+                (vec!["f1".to_owned()], vec!["engineer".to_owned()])
+            );
+            // Assignments and inducements change: the index follows.
+            jack.assignments.clear();
+            s.commit(&put(&jack, 1), "", &admin).unwrap();
+            s.commit(&put(&role("r2", "engineer", &[]), 1), "", &admin)
+                .unwrap();
+            assert_eq!(s.role_referrers("staff").unwrap(), (vec![], vec![]));
+            // A deleted holder is no referrer.
+            let mut will = user("f2", "will", &[]);
+            will.assignments.push(v1::Assignment {
+                role: "engineer".into(),
+                source: "admin".into(),
+                ..Default::default()
+            });
+            s.commit(&put(&will, 0), "", &admin).unwrap();
+            assert_eq!(s.role_referrers("engineer").unwrap().0, ["f2"]);
+            s.commit(&delete("f2", 1), "", &admin).unwrap();
+            assert!(s.role_referrers("engineer").unwrap().0.is_empty());
+        }
     }
 
     #[test]
     fn inducements_and_assignments_must_say_what_they_are() {
-        let (_d, s, _hr, _crm, admin) = setup();
-        let mut jack = user("f1", "jack", &[]);
-        jack.inducements.push(v1::Inducement {
-            resource: "acme".into(),
-            ..Default::default()
-        });
-        let err = s.commit(&put(&jack, 0), "", &admin).unwrap_err();
-        assert!(err.to_string().contains("only roles give"), "{err}");
-        jack.inducements.clear();
-        jack.assignments.push(v1::Assignment {
-            resource: "acme".into(),
-            role: "staff".into(),
-            source: "admin".into(),
-        });
-        let err = s.commit(&put(&jack, 0), "", &admin).unwrap_err();
-        assert!(
-            err.to_string().contains("either a resource or a role"),
-            "{err}"
-        );
+        for place in crate::testing::places() {
+            let (s, _hr, _crm, admin) = setup(&place);
+            let mut jack = user("f1", "jack", &[]);
+            jack.inducements.push(v1::Inducement {
+                resource: "acme".into(),
+                ..Default::default()
+            });
+            let err = s.commit(&put(&jack, 0), "", &admin).unwrap_err();
+            assert!(err.to_string().contains("only roles give"), "{err}");
+            jack.inducements.clear();
+            jack.assignments.push(v1::Assignment {
+                resource: "acme".into(),
+                role: "staff".into(),
+                source: "admin".into(),
+            });
+            let err = s.commit(&put(&jack, 0), "", &admin).unwrap_err();
+            assert!(
+                err.to_string().contains("either a resource or a role"),
+                "{err}"
+            );
+        }
     }
 }

@@ -15,15 +15,13 @@ use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
 
 use prost::Message;
-use redb::{ReadableTable, WriteTransaction};
 
 use idsync_proto::v1;
 
+use crate::kv::{Kv, KvExt, KvWrite, KvWriteExt, Tbl};
 use crate::{
-    AGREEMENT, FOCUS, FOCUS_NAME, GUARD, MEMBER_OF, META, NAME, NEXT_OUTBOX, OUTBOX, PENDING,
-    ROLE_REF, SHADOW, SHADOW_BY_MEMBER_KEY, SHADOW_LIVE, SYNC_CHILD, Store, StoreError, db,
-    focus_name, load, name_key, now_ms, pending_key, ref_key, resolve_pending, shadow_key,
-    shadow_member_keys,
+    NAME, NEXT_OUTBOX, Store, StoreError, focus_name, name_key, now_ms, pending_key, ref_key,
+    resolve_pending, shadow_key, shadow_member_keys,
 };
 
 /// Who makes a write.
@@ -91,53 +89,32 @@ impl Writer {
     }
 }
 
-/// Every table a commit touches, open in one write transaction.
-pub(crate) struct Tables<'t> {
-    pub focus: redb::Table<'t, &'static str, &'static [u8]>,
-    pub names: redb::Table<'t, &'static str, &'static str>,
-    pub shadows: redb::Table<'t, &'static str, &'static [u8]>,
-    pub by_member_key: redb::Table<'t, &'static str, &'static str>,
-    pub pending: redb::Table<'t, &'static str, ()>,
-    pub member_of: redb::Table<'t, &'static str, ()>,
-    pub role_refs: redb::Table<'t, &'static str, ()>,
-    pub outbox: redb::Table<'t, u64, &'static [u8]>,
-    pub meta: redb::Table<'t, &'static str, u64>,
-    pub agreements: redb::Table<'t, &'static str, &'static [u8]>,
-    pub sync_child: redb::Table<'t, &'static str, ()>,
-    pub live: redb::Table<'t, &'static str, u64>,
-    pub guard: redb::Table<'t, &'static str, &'static [u8]>,
+/// One write transaction, and the outbox position it appends at.
+pub(crate) struct Tables<'k> {
+    pub kv: &'k mut dyn KvWrite,
     pub next_seq: u64,
     /// Copied into every outbox record this commit appends.
     pub trace_parent: String,
 }
 
-impl<'t> Tables<'t> {
-    pub fn open(txn: &'t WriteTransaction) -> Result<Self, StoreError> {
-        let meta = txn.open_table(META).map_err(db)?;
-        let next_seq = meta.get(NEXT_OUTBOX).map_err(db)?.map_or(1, |v| v.value());
+impl<'k> Tables<'k> {
+    pub fn open(kv: &'k mut dyn KvWrite) -> Result<Self, StoreError> {
+        let next_seq = kv.get_u64(Tbl::Meta, NEXT_OUTBOX)?.unwrap_or(1);
         Ok(Self {
-            focus: txn.open_table(FOCUS).map_err(db)?,
-            names: txn.open_table(FOCUS_NAME).map_err(db)?,
-            shadows: txn.open_table(SHADOW).map_err(db)?,
-            by_member_key: txn.open_table(SHADOW_BY_MEMBER_KEY).map_err(db)?,
-            pending: txn.open_table(PENDING).map_err(db)?,
-            member_of: txn.open_table(MEMBER_OF).map_err(db)?,
-            role_refs: txn.open_table(ROLE_REF).map_err(db)?,
-            outbox: txn.open_table(OUTBOX).map_err(db)?,
-            agreements: txn.open_table(AGREEMENT).map_err(db)?,
-            sync_child: txn.open_table(SYNC_CHILD).map_err(db)?,
-            live: txn.open_table(SHADOW_LIVE).map_err(db)?,
-            guard: txn.open_table(GUARD).map_err(db)?,
-            meta,
+            kv,
             next_seq,
             trace_parent: String::new(),
         })
     }
 
     /// Records the outbox position; call before the transaction commits.
-    pub fn finish(mut self) -> Result<(), StoreError> {
-        self.meta.insert(NEXT_OUTBOX, self.next_seq).map_err(db)?;
-        Ok(())
+    pub fn finish(self) -> Result<(), StoreError> {
+        self.kv.put_u64(Tbl::Meta, NEXT_OUTBOX, self.next_seq)
+    }
+
+    /// The record under `key` in `t`, decoded.
+    pub fn load<M: Message + Default>(&self, t: Tbl, key: &str) -> Result<Option<M>, StoreError> {
+        self.kv.load(t, key)
     }
 
     /// Appends the change of `focus` to the outbox under the next sequence.
@@ -159,9 +136,11 @@ impl<'t> Tables<'t> {
             has_before: before.is_some(),
             traceparent: self.trace_parent.clone(),
         };
-        self.outbox
-            .insert(self.next_seq, change.encode_to_vec().as_slice())
-            .map_err(db)?;
+        self.kv.insert(
+            Tbl::Outbox,
+            &self.next_seq.to_be_bytes(),
+            &change.encode_to_vec(),
+        )?;
         self.next_seq += 1;
         Ok(())
     }
@@ -171,18 +150,13 @@ impl<'t> Tables<'t> {
         if delta == 0 {
             return Ok(());
         }
-        let now = self
-            .live
-            .get(resource)
-            .map_err(db)?
-            .map_or(0, |v| v.value());
+        let now = self.kv.get_u64(Tbl::ShadowLive, resource)?.unwrap_or(0);
         let next = now.saturating_add_signed(delta);
-        self.live.insert(resource, next).map_err(db)?;
-        Ok(())
+        self.kv.put_u64(Tbl::ShadowLive, resource, next)
     }
 
     pub fn guard_state(&self, resource: &str) -> Result<v1::DeletionGuardState, StoreError> {
-        Ok(load(&self.guard, resource)?.unwrap_or_default())
+        Ok(self.load(Tbl::Guard, resource)?.unwrap_or_default())
     }
 
     pub fn put_guard_state(
@@ -190,10 +164,7 @@ impl<'t> Tables<'t> {
         resource: &str,
         state: &v1::DeletionGuardState,
     ) -> Result<(), StoreError> {
-        self.guard
-            .insert(resource, state.encode_to_vec().as_slice())
-            .map_err(db)?;
-        Ok(())
+        self.kv.put_msg(Tbl::Guard, resource, state)
     }
 
     /// Counts the death of `shadow` against its resource's guard, or refuses it.
@@ -213,10 +184,9 @@ impl<'t> Tables<'t> {
         if now >= state.allow_until_ms {
             let count = state.recent_ms.len() as u64 + 1;
             let live = self
-                .live
-                .get(shadow.resource.as_str())
-                .map_err(db)?
-                .map_or(0, |v| v.value());
+                .kv
+                .get_u64(Tbl::ShadowLive, &shadow.resource)?
+                .unwrap_or(0);
             // The population when the window began: live now, plus those
             // deleted within it.
             let population = (live + count - 1).max(1);
@@ -243,14 +213,11 @@ impl<'t> Tables<'t> {
     }
 
     pub fn agreement(&self, name: &str) -> Result<Option<v1::Agreement>, StoreError> {
-        load(&self.agreements, name)
+        self.load(Tbl::Agreement, name)
     }
 
     pub fn put_agreement(&mut self, a: &v1::Agreement) -> Result<(), StoreError> {
-        self.agreements
-            .insert(a.name.as_str(), a.encode_to_vec().as_slice())
-            .map_err(db)?;
-        Ok(())
+        self.kv.put_msg(Tbl::Agreement, &a.name, a)
     }
 
     /// Replaces the role references of `before` by those of `after` (either
@@ -263,10 +230,10 @@ impl<'t> Tables<'t> {
         let old = before.map(role_ref_keys).unwrap_or_default();
         let new = after.map(role_ref_keys).unwrap_or_default();
         for k in old.difference(&new) {
-            self.role_refs.remove(k.as_str()).map_err(db)?;
+            self.kv.del(Tbl::RoleRef, k)?;
         }
         for k in new.difference(&old) {
-            self.role_refs.insert(k.as_str(), ()).map_err(db)?;
+            self.kv.mark(Tbl::RoleRef, k)?;
         }
         Ok(())
     }
@@ -274,9 +241,7 @@ impl<'t> Tables<'t> {
     /// Writes `focus` with the next version and its outbox record.
     pub fn rewrite_focus(&mut self, mut focus: v1::Focus, origin: &str) -> Result<(), StoreError> {
         focus.version += 1;
-        self.focus
-            .insert(focus.id.as_str(), focus.encode_to_vec().as_slice())
-            .map_err(db)?;
+        self.kv.put_msg(Tbl::Focus, &focus.id, &focus)?;
         self.append_outbox(focus, false, origin, None)
     }
 
@@ -287,45 +252,28 @@ impl<'t> Tables<'t> {
         id: &str,
         origin: &str,
     ) -> Result<Option<v1::Focus>, StoreError> {
-        let Some(last) = load::<v1::Focus>(&self.focus, id)? else {
+        let Some(last) = self.load::<v1::Focus>(Tbl::Focus, id)? else {
             return Ok(None);
         };
         if let Some(n) = focus_name(&last) {
-            self.names
-                .remove(name_key(&last.kind, n).as_str())
-                .map_err(db)?;
+            self.kv.del(Tbl::FocusName, &name_key(&last.kind, n))?;
         }
         for m in &last.pending_members {
-            self.pending
-                .remove(pending_key(m, &last.id).as_str())
-                .map_err(db)?;
+            self.kv.del(Tbl::Pending, &pending_key(m, &last.id))?;
         }
         for m in &last.members {
-            self.member_of
-                .remove(format!("{m}\0{}", last.id).as_str())
-                .map_err(db)?;
+            self.kv.del(Tbl::MemberOf, &format!("{m}\0{}", last.id))?;
         }
         self.index_role_refs(Some(&last), None)?;
         if !last.sync_parent.is_empty() {
-            self.sync_child
-                .remove(format!("{}\0{id}", last.sync_parent).as_str())
-                .map_err(db)?;
+            self.kv
+                .del(Tbl::SyncChild, &format!("{}\0{id}", last.sync_parent))?;
         }
-        self.focus.remove(id).map_err(db)?;
+        self.kv.del(Tbl::Focus, id)?;
         let prefix = format!("{id}\0");
-        let mut groups = Vec::new();
-        for row in self.member_of.range(prefix.as_str()..).map_err(db)? {
-            let (k, _) = row.map_err(db)?;
-            let Some(group_id) = k.value().strip_prefix(prefix.as_str()) else {
-                break;
-            };
-            groups.push(group_id.to_owned());
-        }
-        for group_id in groups {
-            self.member_of
-                .remove(format!("{prefix}{group_id}").as_str())
-                .map_err(db)?;
-            let Some(mut group) = load::<v1::Focus>(&self.focus, &group_id)? else {
+        for group_id in self.kv.suffixes(Tbl::MemberOf, &prefix)? {
+            self.kv.del(Tbl::MemberOf, &format!("{prefix}{group_id}"))?;
+            let Some(mut group) = self.load::<v1::Focus>(Tbl::Focus, &group_id)? else {
                 continue;
             };
             group.members.retain(|m| m != id);
@@ -684,7 +632,7 @@ pub(crate) fn apply(
     // reported as a conflict, never as a side effect of it (such as a name
     // taken by the winner).
     for op in ops {
-        check_version(op, &t.focus, &t.shadows)?;
+        check_version(op, &*t.kv)?;
     }
     let mut versions = Vec::with_capacity(ops.len());
     for (index, op) in ops.iter().enumerate() {
@@ -701,7 +649,7 @@ pub(crate) fn apply(
                 if focus.id.is_empty() || focus.kind.is_empty() {
                     return Err(invalid("a focus needs an id and a kind"));
                 }
-                let current: Option<v1::Focus> = load(&t.focus, &focus.id)?;
+                let current: Option<v1::Focus> = t.load(Tbl::Focus, &focus.id)?;
                 let found = current.as_ref().map_or(0, |f| f.version);
                 if found != put.expected_version {
                     return Err(StoreError::Conflict {
@@ -717,15 +665,11 @@ pub(crate) fn apply(
                 if old_name != new_name {
                     if let Some(n) = &new_name {
                         let key = name_key(&focus.kind, n);
-                        let holder = t
-                            .names
-                            .get(key.as_str())
-                            .map_err(db)?
-                            .map(|h| h.value().to_owned());
+                        let holder = t.kv.get_str(Tbl::FocusName, &key)?;
                         if let Some(holder) = holder
                             && holder != focus.id
                         {
-                            let holder_focus: Option<v1::Focus> = load(&t.focus, &holder)?;
+                            let holder_focus: Option<v1::Focus> = t.load(Tbl::Focus, &holder)?;
                             return Err(StoreError::NameTaken {
                                 kind: focus.kind.clone(),
                                 name: n.clone(),
@@ -736,59 +680,46 @@ pub(crate) fn apply(
                                     .unwrap_or_default(),
                             });
                         }
-                        t.names
-                            .insert(key.as_str(), focus.id.as_str())
-                            .map_err(db)?;
+                        t.kv.put_str(Tbl::FocusName, &key, &focus.id)?;
                     }
                     if let Some(n) = &old_name {
-                        t.names
-                            .remove(name_key(&focus.kind, n).as_str())
-                            .map_err(db)?;
+                        t.kv.del(Tbl::FocusName, &name_key(&focus.kind, n))?;
                     }
                 }
                 let parent_before = current.as_ref().map(|c| c.sync_parent.as_str());
                 if !focus.sync_parent.is_empty()
                     && parent_before != Some(focus.sync_parent.as_str())
                 {
-                    t.sync_child
-                        .insert(format!("{}\0{}", focus.sync_parent, focus.id).as_str(), ())
-                        .map_err(db)?;
+                    t.kv.mark(
+                        Tbl::SyncChild,
+                        &format!("{}\0{}", focus.sync_parent, focus.id),
+                    )?;
                 }
                 t.index_role_refs(current.as_ref(), Some(&focus))?;
                 // Pending members whose accounts are already here resolve now,
                 // inside this transaction: no account can slip in between.
-                resolve_pending(&mut focus, &t.by_member_key, &t.shadows)?;
+                resolve_pending(&mut focus, &*t.kv)?;
                 if let Some(old) = &current {
                     for m in &old.members {
-                        t.member_of
-                            .remove(format!("{m}\0{}", old.id).as_str())
-                            .map_err(db)?;
+                        t.kv.del(Tbl::MemberOf, &format!("{m}\0{}", old.id))?;
                     }
                     for m in &old.pending_members {
-                        t.pending
-                            .remove(pending_key(m, &old.id).as_str())
-                            .map_err(db)?;
+                        t.kv.del(Tbl::Pending, &pending_key(m, &old.id))?;
                     }
                 }
                 for m in &focus.members {
-                    t.member_of
-                        .insert(format!("{m}\0{}", focus.id).as_str(), ())
-                        .map_err(db)?;
+                    t.kv.mark(Tbl::MemberOf, &format!("{m}\0{}", focus.id))?;
                 }
                 for m in &focus.pending_members {
-                    t.pending
-                        .insert(pending_key(m, &focus.id).as_str(), ())
-                        .map_err(db)?;
+                    t.kv.mark(Tbl::Pending, &pending_key(m, &focus.id))?;
                 }
                 focus.version = found + 1;
-                t.focus
-                    .insert(focus.id.as_str(), focus.encode_to_vec().as_slice())
-                    .map_err(db)?;
+                t.kv.put_msg(Tbl::Focus, &focus.id, &focus)?;
                 versions.push(focus.version);
                 t.append_outbox(focus, false, origin, current.as_ref())?;
             }
             Some(Op::DeleteFocus(del)) => {
-                let current: Option<v1::Focus> = load(&t.focus, &del.id)?;
+                let current: Option<v1::Focus> = t.load(Tbl::Focus, &del.id)?;
                 let found = current.as_ref().map_or(0, |f| f.version);
                 let Some(current) = current.filter(|_| found == del.expected_version) else {
                     return Err(StoreError::Conflict {
@@ -811,7 +742,7 @@ pub(crate) fn apply(
                 }
                 authorize_shadow(writer, &shadow.resource, &shadow.entry_uuid)?;
                 let key = shadow_key(&shadow.resource, &shadow.entry_uuid);
-                let previous = load::<v1::Shadow>(&t.shadows, &key)?;
+                let previous = t.load::<v1::Shadow>(Tbl::Shadow, &key)?;
                 let found = previous.as_ref().map_or(0, |s| s.version);
                 if found != put.expected_version {
                     return Err(StoreError::Conflict {
@@ -830,20 +761,16 @@ pub(crate) fn apply(
                 )?;
                 if let Some(p) = &previous {
                     for k in shadow_member_keys(p) {
-                        t.by_member_key.remove(k.as_str()).map_err(db)?;
+                        t.kv.del(Tbl::ShadowByMemberKey, &k)?;
                     }
                 }
                 if !shadow.dead {
                     for k in shadow_member_keys(&shadow) {
-                        t.by_member_key
-                            .insert(k.as_str(), shadow.entry_uuid.as_str())
-                            .map_err(db)?;
+                        t.kv.put_str(Tbl::ShadowByMemberKey, &k, &shadow.entry_uuid)?;
                     }
                 }
                 shadow.version = found + 1;
-                t.shadows
-                    .insert(key.as_str(), shadow.encode_to_vec().as_slice())
-                    .map_err(db)?;
+                t.kv.put_msg(Tbl::Shadow, &key, &shadow)?;
                 versions.push(shadow.version);
                 // Groups waiting for this account get its owner, in this transaction.
                 let member_keys = shadow_member_keys(&shadow);
@@ -851,17 +778,13 @@ pub(crate) fn apply(
                     let mut waiting = Vec::new();
                     for member_key in &member_keys {
                         let prefix = format!("{member_key}\0");
-                        for row in t.pending.range(prefix.as_str()..).map_err(db)? {
-                            let (k, _) = row.map_err(db)?;
-                            let Some(id) = k.value().strip_prefix(prefix.as_str()) else {
-                                break;
-                            };
-                            waiting.push((k.value().to_owned(), id.to_owned()));
+                        for id in t.kv.suffixes(Tbl::Pending, &prefix)? {
+                            waiting.push((format!("{prefix}{id}"), id));
                         }
                     }
                     for (pending_key, group_id) in waiting {
-                        t.pending.remove(pending_key.as_str()).map_err(db)?;
-                        let Some(mut group) = load::<v1::Focus>(&t.focus, &group_id)? else {
+                        t.kv.del(Tbl::Pending, &pending_key)?;
+                        let Some(mut group) = t.load::<v1::Focus>(Tbl::Focus, &group_id)? else {
                             continue;
                         };
                         group
@@ -870,9 +793,7 @@ pub(crate) fn apply(
                         if !group.members.contains(&shadow.focus_id) {
                             group.members.push(shadow.focus_id.clone());
                         }
-                        t.member_of
-                            .insert(format!("{}\0{}", shadow.focus_id, group.id).as_str(), ())
-                            .map_err(db)?;
+                        t.kv.mark(Tbl::MemberOf, &format!("{}\0{}", shadow.focus_id, group.id))?;
                         t.rewrite_focus(group, origin)?;
                     }
                 }
@@ -884,7 +805,7 @@ pub(crate) fn apply(
                     .ok_or_else(|| invalid("delete_shadow without a key"))?;
                 authorize_shadow(writer, &k.resource, &k.entry_uuid)?;
                 let key = shadow_key(&k.resource, &k.entry_uuid);
-                let previous = load::<v1::Shadow>(&t.shadows, &key)?;
+                let previous = t.load::<v1::Shadow>(Tbl::Shadow, &key)?;
                 let found = previous.as_ref().map_or(0, |s| s.version);
                 if found != del.expected_version || found == 0 {
                     return Err(StoreError::Conflict {
@@ -895,11 +816,11 @@ pub(crate) fn apply(
                 }
                 if let Some(p) = &previous {
                     for k in shadow_member_keys(p) {
-                        t.by_member_key.remove(k.as_str()).map_err(db)?;
+                        t.kv.del(Tbl::ShadowByMemberKey, &k)?;
                     }
                     t.count_live(&k.resource, -i64::from(!p.dead))?;
                 }
-                t.shadows.remove(key.as_str()).map_err(db)?;
+                t.kv.del(Tbl::Shadow, &key)?;
                 versions.push(0);
             }
             None => return Err(invalid("operation is empty")),
@@ -949,15 +870,12 @@ impl Store {
         origin: &str,
         writer: &Writer,
     ) -> Result<Vec<u64>, StoreError> {
-        let txn = self.db.begin_write().map_err(db)?;
-        let versions = {
-            let mut t = Tables::open(&txn)?;
+        self.transact(true, |kv| {
+            let mut t = Tables::open(kv)?;
             let versions = apply(&mut t, ops, origin, writer, false)?;
             t.finish()?;
-            versions
-        };
-        txn.commit().map_err(db)?;
-        Ok(versions)
+            Ok(versions)
+        })
     }
 
     /// Runs `commits` one after another as `writer` would, each seeing the
@@ -973,52 +891,45 @@ impl Store {
         writer: &Writer,
     ) -> Result<Vec<Result<Vec<u64>, StoreError>>, StoreError> {
         let mut results: Vec<Result<Vec<u64>, StoreError>> = Vec::with_capacity(commits.len());
-        let mut txn = self.db.begin_write().map_err(db)?;
-        let mut i = 0;
-        while i < commits.len() {
-            let (ops, origin) = &commits[i];
-            let outcome = {
-                let mut t = Tables::open(&txn)?;
-                apply(&mut t, ops, origin, writer, true)
-            };
-            match outcome {
-                Ok(v) => results.push(Ok(v)),
-                Err(e @ (StoreError::Db(_) | StoreError::Corrupt(_) | StoreError::Open { .. })) => {
-                    txn.abort().map_err(db)?;
-                    return Err(e);
+        // Each pass is one transaction, rolled back: it replays the commits
+        // that succeeded so far, then goes on until the next refusal.
+        while results.len() < commits.len() {
+            self.transact(false, |kv| {
+                let mut t = Tables::open(kv)?;
+                for (j, r) in results.iter().enumerate() {
+                    if r.is_ok() {
+                        let (ops, origin) = &commits[j];
+                        apply(&mut t, ops, origin, writer, true)?;
+                    }
                 }
-                Err(e) => {
-                    results.push(Err(e));
-                    // Start again from the stored state with only the successes.
-                    txn.abort().map_err(db)?;
-                    txn = self.db.begin_write().map_err(db)?;
-                    let mut t = Tables::open(&txn)?;
-                    for (j, r) in results.iter().enumerate() {
-                        if r.is_ok() {
-                            let (ops, origin) = &commits[j];
-                            apply(&mut t, ops, origin, writer, true)?;
+                while let Some((ops, origin)) = commits.get(results.len()) {
+                    match apply(&mut t, ops, origin, writer, true) {
+                        Ok(v) => results.push(Ok(v)),
+                        Err(e) if e.is_database() => return Err(e),
+                        Err(e) => {
+                            results.push(Err(e));
+                            return Ok(());
                         }
                     }
                 }
-            }
-            i += 1;
+                Ok(())
+            })?;
         }
-        txn.abort().map_err(db)?;
         Ok(results)
     }
 }
 
-fn check_version(
-    op: &v1::Operation,
-    focus_t: &redb::Table<&str, &[u8]>,
-    shadows: &redb::Table<&str, &[u8]>,
-) -> Result<(), StoreError> {
+fn check_version(op: &v1::Operation, kv: &dyn Kv) -> Result<(), StoreError> {
     use v1::operation::Op;
     let focus_version = |id: &str| -> Result<u64, StoreError> {
-        Ok(load::<v1::Focus>(focus_t, id)?.map_or(0, |f| f.version))
+        Ok(kv
+            .load::<v1::Focus>(Tbl::Focus, id)?
+            .map_or(0, |f| f.version))
     };
     let shadow_version = |resource: &str, uuid: &str| -> Result<u64, StoreError> {
-        Ok(load::<v1::Shadow>(shadows, &shadow_key(resource, uuid))?.map_or(0, |s| s.version))
+        Ok(kv
+            .load::<v1::Shadow>(Tbl::Shadow, &shadow_key(resource, uuid))?
+            .map_or(0, |s| s.version))
     };
     let (object, expected, found) = match op.op.as_ref() {
         Some(Op::PutFocus(p)) => {

@@ -9,7 +9,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use idsync_bus::{Bus, names};
-use idsync_core::config::Config;
+use idsync_core::config::{Config, StoreKind};
 use idsync_proto::v1;
 use idsync_proto::v1::idm_server::{Idm, IdmServer};
 use idsync_store::token::{self, AdminCredential, TokenError};
@@ -91,7 +91,8 @@ impl Authority {
     }
 }
 
-/// Runs the IDM until `shutdown`: opens the store in `idm.data_dir`, serves
+/// Runs the IDM until `shutdown`: opens the store (embedded in
+/// `idm.data_dir`, or the PostgreSQL database of `idm.postgres_url_*`), serves
 /// gRPC on `idm.listen`, and publishes committed changes from the outbox.
 ///
 /// # Errors
@@ -102,7 +103,20 @@ pub async fn run(config: Arc<Config>, shutdown: CancellationToken) -> Result<(),
         reason: format!("{e}"),
     })?;
     let authority = Authority::from_config(&config)?;
-    let store = open_store(Path::new(&config.idm.data_dir)).await?;
+    let store = match config.idm.store {
+        StoreKind::Embedded => open_store(Path::new(&config.idm.data_dir)).await?,
+        StoreKind::Postgres => {
+            let url = idsync_runtime::postgres_url(&config)?;
+            let store = tokio::task::spawn_blocking(move || Store::open_postgres(url.expose()))
+                .await
+                .map_err(|e| Error::Serve(e.to_string()))??;
+            tracing::info!(
+                instance = store.instance(),
+                "store: PostgreSQL database opened"
+            );
+            store
+        }
+    };
     let listeners = status::start(&config, &store, &shutdown).await?;
     let result = serve(
         store,
@@ -214,6 +228,7 @@ fn status(e: StoreError) -> Status {
             Status::invalid_argument(e.to_string())
         }
         StoreError::Corrupt(_) => Status::data_loss(e.to_string()),
+        StoreError::Unavailable(_) => Status::unavailable(e.to_string()),
         StoreError::Open { .. } | StoreError::Db(_) => Status::internal(e.to_string()),
     }
 }
@@ -224,7 +239,7 @@ const NEEDS_ADMIN: &str =
 impl IdmService {
     /// Who presents the request's credential. Errors name the problem, never
     /// the credential.
-    fn principal<T>(&self, req: &Request<T>) -> Result<Principal, Status> {
+    async fn principal<T>(&self, req: &Request<T>) -> Result<Principal, Status> {
         let refuse = |e: TokenError| {
             if let TokenError::Unavailable(_) = e {
                 return Status::unavailable(e.to_string());
@@ -245,6 +260,16 @@ impl IdmService {
             return Err(refuse(TokenError::Missing));
         }
         if credential.starts_with(&format!("{}.", token::SYNC_PREFIX)) {
+            if self.store.shares_database() {
+                // Every check reads the database (the revocation count, at
+                // least): off the async runtime.
+                let store = self.store.clone();
+                let credential = credential.to_owned();
+                return tokio::task::spawn_blocking(move || store.authenticate(&credential))
+                    .await
+                    .map_err(|e| Status::internal(e.to_string()))?
+                    .map_err(refuse);
+            }
             // A token seen before is answered from memory; only its first use
             // reads the store (briefly, on this thread).
             return self.store.authenticate(credential).map_err(refuse);
@@ -256,16 +281,16 @@ impl IdmService {
         }
     }
 
-    fn admin<T>(&self, req: &Request<T>) -> Result<(), Status> {
-        match self.principal(req)? {
+    async fn admin<T>(&self, req: &Request<T>) -> Result<(), Status> {
+        match self.principal(req).await? {
             Principal::Admin => Ok(()),
             Principal::Agreement(_) => Err(Status::permission_denied(NEEDS_ADMIN)),
         }
     }
 
     /// An administrator, or agreement `name`'s own token.
-    fn admin_or_own<T>(&self, req: &Request<T>, name: &str) -> Result<(), Status> {
-        match self.principal(req)? {
+    async fn admin_or_own<T>(&self, req: &Request<T>, name: &str) -> Result<(), Status> {
+        match self.principal(req).await? {
             Principal::Admin => Ok(()),
             Principal::Agreement(a) if a == name => Ok(()),
             Principal::Agreement(a) => Err(Status::permission_denied(format!(
@@ -311,7 +336,7 @@ impl Idm for IdmService {
         &self,
         req: Request<v1::GetFocusRequest>,
     ) -> Result<Response<v1::Focus>, Status> {
-        self.principal(&req)?;
+        self.principal(&req).await?;
         let id = req.into_inner().id;
         let shown = id.clone();
         self.blocking(move |s| s.get_focus(&id))
@@ -324,7 +349,7 @@ impl Idm for IdmService {
         &self,
         req: Request<v1::FindFocusRequest>,
     ) -> Result<Response<v1::FocusList>, Status> {
-        self.principal(&req)?;
+        self.principal(&req).await?;
         let r = req.into_inner();
         let items = self
             .blocking(move |s| s.find_focus(&r.kind, &r.attribute, &r.value))
@@ -336,7 +361,7 @@ impl Idm for IdmService {
         &self,
         req: Request<v1::ListFocusRequest>,
     ) -> Result<Response<v1::FocusList>, Status> {
-        self.principal(&req)?;
+        self.principal(&req).await?;
         let r = req.into_inner();
         let limit = (r.limit as usize).clamp(1, MAX_PAGE);
         let items = self
@@ -349,7 +374,7 @@ impl Idm for IdmService {
         &self,
         req: Request<v1::ShadowKey>,
     ) -> Result<Response<v1::Shadow>, Status> {
-        self.principal(&req)?;
+        self.principal(&req).await?;
         let k = req.into_inner();
         let shown = format!("{}/{}", k.resource, k.entry_uuid);
         self.blocking(move |s| s.get_shadow(&k.resource, &k.entry_uuid))
@@ -362,7 +387,7 @@ impl Idm for IdmService {
         &self,
         req: Request<v1::ListShadowsRequest>,
     ) -> Result<Response<v1::ShadowList>, Status> {
-        self.principal(&req)?;
+        self.principal(&req).await?;
         let r = req.into_inner();
         let limit = (r.limit as usize).clamp(1, MAX_PAGE);
         let items = self
@@ -375,7 +400,7 @@ impl Idm for IdmService {
         &self,
         req: Request<v1::GetShadowsRequest>,
     ) -> Result<Response<v1::ShadowList>, Status> {
-        self.principal(&req)?;
+        self.principal(&req).await?;
         let r = req.into_inner();
         if r.entry_uuids.len() > MAX_PAGE {
             return Err(Status::invalid_argument(format!(
@@ -393,7 +418,7 @@ impl Idm for IdmService {
         &self,
         req: Request<v1::CountShadowsRequest>,
     ) -> Result<Response<v1::ShadowCount>, Status> {
-        self.principal(&req)?;
+        self.principal(&req).await?;
         let r = req.into_inner();
         let live = self.blocking(move |s| s.live_shadows(&r.resource)).await?;
         Ok(Response::new(v1::ShadowCount { live }))
@@ -403,7 +428,7 @@ impl Idm for IdmService {
         &self,
         req: Request<v1::RoleReferrersRequest>,
     ) -> Result<Response<v1::RoleReferrersResponse>, Status> {
-        self.principal(&req)?;
+        self.principal(&req).await?;
         let r = req.into_inner();
         let (holder_ids, including_roles) =
             self.blocking(move |s| s.role_referrers(&r.role)).await?;
@@ -417,7 +442,7 @@ impl Idm for IdmService {
         &self,
         req: Request<v1::ResolveMembersRequest>,
     ) -> Result<Response<v1::ResolveMembersResponse>, Status> {
-        self.principal(&req)?;
+        self.principal(&req).await?;
         let r = req.into_inner();
         let focus_ids = self
             .blocking(move |s| s.resolve_members(&r.members))
@@ -429,7 +454,7 @@ impl Idm for IdmService {
         &self,
         req: Request<v1::ListCasesRequest>,
     ) -> Result<Response<v1::ShadowList>, Status> {
-        self.principal(&req)?;
+        self.principal(&req).await?;
         let limit = (req.into_inner().limit as usize).clamp(1, 10_000);
         let items = self.blocking(move |s| s.list_cases(limit)).await?;
         Ok(Response::new(v1::ShadowList { items }))
@@ -439,7 +464,7 @@ impl Idm for IdmService {
         &self,
         req: Request<v1::CommitRequest>,
     ) -> Result<Response<v1::CommitResponse>, Status> {
-        let principal = self.principal(&req)?;
+        let principal = self.principal(&req).await?;
         let r = req.into_inner();
         if let Principal::Agreement(a) = &principal {
             let owner = self.authority.owners.get(&r.origin_resource);
@@ -463,7 +488,7 @@ impl Idm for IdmService {
         &self,
         req: Request<v1::DryRunRequest>,
     ) -> Result<Response<v1::DryRunResponse>, Status> {
-        self.admin(&req)?;
+        self.admin(&req).await?;
         let r = req.into_inner();
         let writer = self.writer(Principal::Agreement(r.agreement.clone()));
         let commits: Vec<(Vec<v1::Operation>, String)> = r
@@ -493,7 +518,7 @@ impl Idm for IdmService {
         &self,
         req: Request<v1::AgreementName>,
     ) -> Result<Response<v1::Agreement>, Status> {
-        self.admin(&req)?;
+        self.admin(&req).await?;
         let name = req.into_inner().name;
         let a = self.blocking(move |s| s.create_agreement(&name)).await?;
         tracing::info!(agreement = %a.name, "agreement created");
@@ -504,7 +529,7 @@ impl Idm for IdmService {
         &self,
         req: Request<v1::ListAgreementsRequest>,
     ) -> Result<Response<v1::AgreementList>, Status> {
-        self.admin(&req)?;
+        self.admin(&req).await?;
         let items = self.blocking(Store::list_agreements).await?;
         Ok(Response::new(v1::AgreementList { items }))
     }
@@ -514,7 +539,7 @@ impl Idm for IdmService {
         req: Request<v1::AgreementName>,
     ) -> Result<Response<v1::Agreement>, Status> {
         let name = req.get_ref().name.clone();
-        self.admin_or_own(&req, &name)?;
+        self.admin_or_own(&req, &name).await?;
         let shown = name.clone();
         self.blocking(move |s| s.get_agreement(&name))
             .await?
@@ -526,7 +551,7 @@ impl Idm for IdmService {
         &self,
         req: Request<v1::GenerateTokenRequest>,
     ) -> Result<Response<v1::GenerateTokenResponse>, Status> {
-        self.admin(&req)?;
+        self.admin(&req).await?;
         let r = req.into_inner();
         let (token, agreement) = self
             .blocking(move |s| s.generate_token(&r.agreement, &r.label))
@@ -542,7 +567,7 @@ impl Idm for IdmService {
         &self,
         req: Request<v1::DestroyTokenRequest>,
     ) -> Result<Response<v1::Agreement>, Status> {
-        self.admin(&req)?;
+        self.admin(&req).await?;
         let r = req.into_inner();
         let a = self
             .blocking(move |s| {
@@ -558,7 +583,7 @@ impl Idm for IdmService {
         &self,
         req: Request<v1::SetYieldAttributesRequest>,
     ) -> Result<Response<v1::Agreement>, Status> {
-        self.admin(&req)?;
+        self.admin(&req).await?;
         let r = req.into_inner();
         let a = self
             .blocking(move |s| s.set_yield_attributes(&r.agreement, &r.attributes))
@@ -570,7 +595,7 @@ impl Idm for IdmService {
         &self,
         req: Request<v1::AgreementName>,
     ) -> Result<Response<v1::EndAgreementResponse>, Status> {
-        self.admin(&req)?;
+        self.admin(&req).await?;
         let name = req.into_inner().name;
         let shown = name.clone();
         let entries = self.blocking(move |s| s.finalise_agreement(&name)).await?;
@@ -583,7 +608,7 @@ impl Idm for IdmService {
         &self,
         req: Request<v1::AgreementName>,
     ) -> Result<Response<v1::EndAgreementResponse>, Status> {
-        self.admin(&req)?;
+        self.admin(&req).await?;
         let name = req.into_inner().name;
         let shown = name.clone();
         let resources = self
@@ -632,7 +657,7 @@ impl Idm for IdmService {
         &self,
         req: Request<v1::AgreementName>,
     ) -> Result<Response<v1::Agreement>, Status> {
-        self.admin(&req)?;
+        self.admin(&req).await?;
         let name = req.into_inner().name;
         let a = self.blocking(move |s| s.resume_agreement(&name)).await?;
         tracing::info!(agreement = %a.name, "agreement resumed");
@@ -646,7 +671,7 @@ impl IdmService {
         req: Request<v1::GuardRequest>,
         accept: bool,
     ) -> Result<Response<v1::Agreement>, Status> {
-        self.admin(&req)?;
+        self.admin(&req).await?;
         let r = req.into_inner();
         let Some(limits) = self.authority.guards.get(&r.resource).copied() else {
             return Err(Status::invalid_argument(format!(
@@ -680,7 +705,7 @@ impl IdmService {
         halt: bool,
     ) -> Result<Response<v1::Agreement>, Status> {
         let name = req.get_ref().agreement.clone();
-        self.admin_or_own(&req, &name)?;
+        self.admin_or_own(&req, &name).await?;
         let failure = req.into_inner().failure.unwrap_or_default();
         let shown = failure.clone();
         let a = self

@@ -81,3 +81,36 @@ async fn a_malformed_address_is_named() {
     .to_string();
     assert!(err.contains("\"localhost-50051\""), "{err}");
 }
+
+#[tokio::test]
+async fn an_unreachable_postgres_store_is_named_by_host_and_port_without_its_password() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut c = (*config("127.0.0.1:0", dir.path())).clone();
+    let url_file = dir.path().join("postgres_url");
+    std::fs::write(
+        &url_file,
+        "postgresql://idsync:correct-horse-battery@127.0.0.1:1/idsync\n",
+    )
+    .unwrap();
+    c.idm.store = idsync_core::config::StoreKind::Postgres;
+    c.idm.postgres_url_file = Some(url_file.display().to_string());
+    let err = idsync_idm::run(Arc::new(c.clone()), CancellationToken::new())
+        .await
+        .unwrap_err()
+        .to_string();
+    eprintln!("{err}");
+    assert!(err.contains("127.0.0.1:1"), "{err}");
+    assert!(!err.contains("correct-horse-battery"), "{err}");
+
+    // No URL where the configuration says: named, without a URL to leak.
+    c.idm.postgres_url_file = None;
+    c.idm.postgres_url_env = Some("IDSYNC_TEST_UNSET_PG_URL".into());
+    let err = idsync_idm::run(Arc::new(c), CancellationToken::new())
+        .await
+        .unwrap_err()
+        .to_string();
+    assert!(
+        err.contains("PostgreSQL URL") && err.contains("IDSYNC_TEST_UNSET_PG_URL"),
+        "{err}"
+    );
+}
