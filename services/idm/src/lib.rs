@@ -18,6 +18,7 @@ use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
 use tonic::{Request, Response, Status};
 
+mod committer;
 mod status;
 
 #[derive(Debug, thiserror::Error)]
@@ -154,10 +155,12 @@ pub async fn serve(
     shutdown: CancellationToken,
 ) -> Result<(), Error> {
     let outbox_ready = Arc::new(Notify::new());
+    let (committer, committing) = committer::Committer::start(store.clone());
     let service = IdmService {
         store: store.clone(),
         authority,
         outbox_ready: outbox_ready.clone(),
+        committer,
     };
     let publisher = tokio::spawn(drain_outbox(
         store,
@@ -190,6 +193,14 @@ pub async fn serve(
         });
     shutdown.cancel();
     let _ = publisher.await;
+    // The committing task holds the store until the last call is done; a
+    // restart in this process must find it released.
+    if tokio::time::timeout(std::time::Duration::from_secs(10), committing)
+        .await
+        .is_err()
+    {
+        tracing::warn!("the group committer did not stop within 10 s");
+    }
     result
 }
 
@@ -198,6 +209,7 @@ struct IdmService {
     store: Store,
     authority: Authority,
     outbox_ready: Arc<Notify>,
+    committer: committer::Committer,
 }
 
 /// A FAILED_PRECONDITION that says which one in the `idsync-error` header.
@@ -478,8 +490,10 @@ impl Idm for IdmService {
         }
         let writer = self.writer(principal);
         let versions = self
-            .blocking(move |s| s.commit(&r.operations, &r.origin_resource, &writer))
-            .await?;
+            .committer
+            .commit(r.operations, r.origin_resource, writer)
+            .await
+            .map_err(status)?;
         self.outbox_ready.notify_one();
         Ok(Response::new(v1::CommitResponse { versions }))
     }
