@@ -60,13 +60,14 @@ async fn main() -> Result<()> {
             )
             .await
         }
+        Some("import") => import(number("--entries", 10_000)?).await,
         Some("store") => {
             let n = number("--commits", 5_000)?;
             // The store client blocks: off the async runtime.
             tokio::task::spawn_blocking(move || store::store(n)).await?
         }
         _ => bail!(
-            "usage: idsync-bench reconcile [--entries N] [--import M] | latency [--people N] [--changes M] [--rate R] | store [--commits N]"
+            "usage: idsync-bench reconcile [--entries N] [--import M] | import [--entries N] | latency [--people N] [--changes M] [--rate R] | store [--commits N]"
         ),
     }
 }
@@ -98,9 +99,19 @@ fn seed(entries: usize) -> String {
     ldif
 }
 
-fn config(nats: &str, idm_port: u16, source: &str, secrets: &Path, data: &Path) -> String {
+fn config(
+    nats: &str,
+    idm_port: u16,
+    source: &str,
+    secrets: &Path,
+    data: &Path,
+    (concurrency, applier): (u32, u32),
+) -> String {
     format!(
         r#"version = 1
+[workers]
+concurrency = {concurrency}
+applier_concurrency = {applier}
 [nats]
 url = "{nats}"
 [idm]
@@ -264,6 +275,12 @@ struct Setup {
 
 impl Setup {
     async fn start(entries: usize, workers: bool) -> Result<Self> {
+        Self::start_with(entries, workers, (16, 1)).await
+    }
+
+    /// As [`Setup::start`], the workers handling `concurrency` messages at
+    /// once (correlator, applier).
+    async fn start_with(entries: usize, workers: bool, concurrency: (u32, u32)) -> Result<Self> {
         let work = tempfile_dir()?;
         let secrets = work.join("secrets");
         std::fs::create_dir_all(&secrets)?;
@@ -297,6 +314,7 @@ impl Setup {
                 slapd.url(),
                 &secrets,
                 &work.join("idm"),
+                concurrency,
             ),
         )?;
         let mut procs = vec![spawn("idm", "idsync-idm", &config_path, &work).await?];
@@ -343,6 +361,53 @@ impl Setup {
         }
         let _ = std::fs::remove_dir_all(&self.work);
     }
+}
+
+/// The same import (a reconciliation publishes every entry; correlator,
+/// applier and IDM take them in) with the workers handling one message at a
+/// time, then several: what concurrency within a replica and the IDM's group
+/// commit give, measured in one run on the same data.
+async fn import(entries: usize) -> Result<()> {
+    let mut results = serde_json::Map::new();
+    for (concurrency, applier) in [(1, 1), (16, 1), (16, 16)] {
+        let setup = Setup::start_with(entries, true, (concurrency, applier)).await?;
+        let search = baseline(&setup.slapd, &setup.password_file).await?;
+        let started = Instant::now();
+        run_reconcile(&setup.config, &setup.admin_file).await?;
+        loop {
+            let live = setup.idm.live_shadows("hr").await?;
+            if live >= entries as u64 {
+                break;
+            }
+            if started.elapsed() > Duration::from_secs(3600) {
+                bail!("import stalled at {live} of {entries}");
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        let took = started.elapsed();
+        println!(
+            "import of {entries} entries, correlator concurrency {concurrency}, applier {applier}: {:.1}s ({:.0} users/s; {:.0}x ldapsearch's {:.2}s)",
+            took.as_secs_f64(),
+            entries as f64 / took.as_secs_f64(),
+            took.as_secs_f64() / search.as_secs_f64(),
+            search.as_secs_f64()
+        );
+        results.insert(
+            format!("concurrency {concurrency}/{applier}"),
+            serde_json::json!({
+                "seconds": took.as_secs_f64(),
+                "users_per_second": entries as f64 / took.as_secs_f64(),
+                "ldapsearch_seconds": search.as_secs_f64(),
+            }),
+        );
+        setup.stop().await;
+    }
+    std::fs::write(
+        "target/bench-import.json",
+        serde_json::to_string_pretty(&results)?,
+    )?;
+    println!("written: target/bench-import.json");
+    Ok(())
 }
 
 async fn reconcile(entries: usize, import: usize) -> Result<()> {
