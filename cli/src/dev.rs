@@ -49,6 +49,13 @@ pub struct Options {
     pub dirsrv_seed: Option<String>,
     /// nats-server's `max_payload` (default the testkit's, 8 MB).
     pub nats_max_payload: Option<String>,
+    /// More entries (LDIF) for a new source directory, loaded offline with
+    /// its seed: a large import without thousands of LDAP adds.
+    pub source_seed_extra: Option<String>,
+    /// Start no service in this process once the IDM has set up the
+    /// agreements: the caller runs them (`idsync serve <service>`), for
+    /// example to kill them for real.
+    pub services_elsewhere: bool,
 }
 
 /// Whether the source's syncprov keeps a session log.
@@ -132,7 +139,10 @@ impl Deployment {
             SlapdOptions {
                 suffix: SOURCE_SUFFIX.into(),
                 admin_password: hr_password,
-                seed_ldif: source_seed(),
+                seed_ldif: match &options.source_seed_extra {
+                    Some(extra) => format!("{}\n{extra}", source_seed()),
+                    None => source_seed(),
+                },
                 session_log: options.source_session_log.0,
             },
         )
@@ -218,6 +228,10 @@ impl Deployment {
             }
         }
         deployment.write_env()?;
+        if options.services_elsewhere {
+            deployment.stop_service("idm").await?;
+            return Ok(deployment);
+        }
         for name in SERVICES.into_iter().skip(1) {
             deployment.start_service(name)?;
         }
