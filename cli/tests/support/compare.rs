@@ -335,10 +335,12 @@ pub async fn evidence(
 
 /// Waits until the IDM and the target equal `truth` and every consumer has
 /// acknowledged everything, checking that no replica exited on its own and
-/// the agreement did not halt; returns how long it took. Panics with the
-/// evidence when `deadline` passes, or when every consumer has been idle for
-/// `stuck` while something still differs (a change was lost: retries and
-/// redeliveries count as unacknowledged, so they are not idle).
+/// the agreement did not halt; returns how long it took. The IDM and the
+/// target are read whole only while every consumer is idle, so that
+/// thousands of reads do not slow the pipeline they wait for. Panics with
+/// the evidence when `deadline` passes, or when every consumer has been
+/// idle for `stuck` while something still differs (a change was lost:
+/// retries and redeliveries count as unacknowledged, so they are not idle).
 pub async fn settle(
     env: &Env,
     bus: &Bus,
@@ -368,21 +370,25 @@ pub async fn settle(
                 evidence(env, bus, replicas, truth, &[], &at).await
             );
         }
-        let (Ok(users), Ok(accounts), Ok(backlogs)) =
-            (users(env).await, accounts(env).await, backlogs(bus).await)
-        else {
+        let Ok(backlogs) = backlogs(bus).await else {
+            continue;
+        };
+        let idle = backlogs.iter().all(|(_, p, u)| *p == 0 && *u == 0);
+        let now = Instant::now();
+        if !idle {
+            idle_since = None;
+            if now < deadline {
+                continue;
+            }
+        }
+        let (Ok(users), Ok(accounts)) = (users(env).await, accounts(env).await) else {
             continue;
         };
         let problems = differences(truth, &users, &accounts);
-        let idle = backlogs.iter().all(|(_, p, u)| *p == 0 && *u == 0);
         if problems.is_empty() && idle {
             return started.elapsed();
         }
-        let now = Instant::now();
         let is_stuck = idle && now.duration_since(*idle_since.get_or_insert(now)) >= stuck;
-        if !idle {
-            idle_since = None;
-        }
         if is_stuck || now >= deadline {
             panic!(
                 "{} {:?} into the settling; backlogs {backlogs:?}\n{}",
