@@ -50,7 +50,9 @@ pub struct Source<'a> {
 /// message being handled when shutdown comes is finished first.
 ///
 /// # Errors
-/// The consumer cannot be created, or acknowledging fails for good.
+/// The consumer cannot be created, or its message stream ends for good. An
+/// acknowledgement the server does not confirm is no error: the message is
+/// delivered again.
 pub async fn run_worker<H, Fut>(
     bus: &Bus,
     source: Source<'_>,
@@ -129,19 +131,21 @@ where
         }
         let handling = tracing::Instrument::instrument(handle(message), span).await;
         count(source.service, &handling, started.elapsed());
-        match handling {
-            Handling::Done => delivery.ack().await?,
+        let settled = match handling {
+            Handling::Done => delivery.ack().await,
             Handling::Retry { delay, reason } => {
                 tracing::warn!(service = source.service, seq, %reason, retry_in_ms = delay.as_millis() as u64, "will retry");
-                delivery.nak(delay).await?;
+                delivery.nak(delay).await
             }
             Handling::Poison(reason) => {
                 tracing::error!(service = source.service, seq, %reason, "parked in the dead-letter stream");
-                bus.dead_letter(source.service, delivery, &reason).await?;
+                bus.dead_letter(source.service, delivery, &reason).await
             }
             Handling::Halt(reason) => {
                 tracing::error!(service = source.service, durable = source.durable, seq, %reason, "halted; waiting to be resumed");
-                delivery.nak(Duration::from_millis(500)).await?;
+                if let Err(e) = delivery.nak(Duration::from_millis(500)).await {
+                    unconfirmed(source.service, seq, &e);
+                }
                 tokio::select! {
                     biased;
                     _ = shutdown.cancelled() => return Ok(()),
@@ -152,9 +156,24 @@ where
                     durable = source.durable,
                     "resumed"
                 );
+                continue;
             }
+        };
+        if let Err(e) = settled {
+            unconfirmed(source.service, seq, &e);
         }
     }
+}
+
+/// The server did not confirm what became of a message (NATS restarting, the
+/// connection lost): the message comes back after the ack wait and is
+/// handled again, which every handler allows for (a decision's id is
+/// de-duplicated, an applied change is stale, provisioning is
+/// level-triggered, a dead letter's id is de-duplicated). Stopping the
+/// worker would not bring it back sooner, and would leave an in-process
+/// deployment without the service.
+fn unconfirmed(service: &str, seq: u64, error: &BusError) {
+    tracing::warn!(service, seq, %error, "not confirmed by the server; the message will be delivered again");
 }
 
 /// Counts a handled message by its outcome, and how long handling took.
