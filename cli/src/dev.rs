@@ -58,6 +58,13 @@ pub struct Options {
     /// The IDM's store; unset, [`STORE_ENV`] decides (default embedded).
     /// `postgres` starts a throwaway PostgreSQL cluster for the deployment.
     pub store: Option<StoreKind>,
+    /// More entries (LDIF) for a new source directory, loaded offline with
+    /// its seed: a large import without thousands of LDAP adds.
+    pub source_seed_extra: Option<String>,
+    /// Start no service in this process once the IDM has set up the
+    /// agreements: the caller runs them (`idsync serve <service>`), for
+    /// example to kill them for real.
+    pub services_elsewhere: bool,
 }
 
 /// The store [`Options::store`] or [`STORE_ENV`] asks for.
@@ -158,7 +165,10 @@ impl Deployment {
             SlapdOptions {
                 suffix: SOURCE_SUFFIX.into(),
                 admin_password: hr_password,
-                seed_ldif: source_seed(),
+                seed_ldif: match &options.source_seed_extra {
+                    Some(extra) => format!("{}\n{extra}", source_seed()),
+                    None => source_seed(),
+                },
                 session_log: options.source_session_log.0,
             },
         )
@@ -266,6 +276,10 @@ impl Deployment {
             }
         }
         deployment.write_env()?;
+        if options.services_elsewhere {
+            deployment.stop_service("idm").await?;
+            return Ok(deployment);
+        }
         for name in SERVICES.into_iter().skip(1) {
             deployment.start_service(name)?;
         }

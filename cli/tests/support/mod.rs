@@ -3,6 +3,15 @@
 
 #![allow(dead_code)]
 
+pub mod compare;
+pub mod replicas;
+
+// Not every test binary uses them.
+#[allow(unused_imports)]
+pub use compare::*;
+#[allow(unused_imports)]
+pub use replicas::*;
+
 use std::collections::HashSet;
 use std::process::Output;
 use std::time::Duration;
@@ -25,6 +34,21 @@ pub async fn start(config: &str) -> Env {
     idsync_testkit::logs::init();
     let dir = tempfile::tempdir().unwrap();
     let d = Deployment::start_with(dir.path(), config).await.unwrap();
+    let admin = d.admin().unwrap();
+    Env {
+        d,
+        admin,
+        _dir: dir,
+    }
+}
+
+/// As [`start`], with the servers set up as `options` say.
+pub async fn start_with_options(config: &str, options: idsync::dev::Options) -> Env {
+    idsync_testkit::logs::init();
+    let dir = tempfile::tempdir().unwrap();
+    let d = Deployment::start_with_options(dir.path(), config, options)
+        .await
+        .unwrap();
     let admin = d.admin().unwrap();
     Env {
         d,

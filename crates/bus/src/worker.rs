@@ -52,7 +52,9 @@ pub struct Source<'a> {
 /// messages at once. Messages in hand when shutdown comes are finished first.
 ///
 /// # Errors
-/// The consumer cannot be created, or acknowledging fails for good.
+/// The consumer cannot be created, or its message stream ends for good. An
+/// acknowledgement the server does not confirm is no error: the message is
+/// delivered again.
 pub async fn run_worker<H, Fut>(
     bus: &Bus,
     source: Source<'_>,
@@ -118,10 +120,8 @@ where
             biased;
             // Stopping: finish what is in hand, take nothing new.
             _ = shutdown.cancelled(), if in_hand.is_empty() => return Ok(()),
-            Some(settled) = in_hand.next(), if !in_hand.is_empty() => {
-                if settled? {
-                    halted = true;
-                }
+            Some(halts) = in_hand.next(), if !in_hand.is_empty() => {
+                halted |= halts;
             }
             next = deliveries.next(), if taking => {
                 let delivery = match next {
@@ -170,31 +170,42 @@ where
 }
 
 /// Acknowledges, retries or parks one handled message; true when it halted
-/// the worker.
+/// the worker. An acknowledgement the server does not confirm (NATS
+/// restarting) is logged, not fatal: the message is delivered again after
+/// the ack wait, and handling is idempotent.
 async fn settle(
     bus: &Bus,
     source: &Source<'_>,
     delivery: crate::consume::Delivery,
     handling: Handling,
-) -> Result<bool, BusError> {
+) -> bool {
     let seq = delivery.stream_seq();
-    match handling {
-        Handling::Done => delivery.ack().await?,
+    let (settled, halted) = match handling {
+        Handling::Done => (delivery.ack().await, false),
         Handling::Retry { delay, reason } => {
             tracing::warn!(service = source.service, seq, %reason, retry_in_ms = delay.as_millis() as u64, "will retry");
-            delivery.nak(delay).await?;
+            (delivery.nak(delay).await, false)
         }
         Handling::Poison(reason) => {
             tracing::error!(service = source.service, seq, %reason, "parked in the dead-letter stream");
-            bus.dead_letter(source.service, delivery, &reason).await?;
+            (
+                bus.dead_letter(source.service, delivery, &reason).await,
+                false,
+            )
         }
         Handling::Halt(reason) => {
             tracing::error!(service = source.service, durable = source.durable, seq, %reason, "halted; waiting to be resumed");
-            delivery.nak(Duration::from_millis(500)).await?;
-            return Ok(true);
+            (delivery.nak(Duration::from_millis(500)).await, true)
         }
+    };
+    if let Err(e) = settled {
+        unconfirmed(source.service, seq, &e);
     }
-    Ok(false)
+    halted
+}
+
+fn unconfirmed(service: &str, seq: u64, error: &BusError) {
+    tracing::warn!(service, seq, %error, "not confirmed by the server; the message will be delivered again");
 }
 
 /// Counts a handled message by its outcome, and how long handling took.

@@ -167,6 +167,21 @@ impl Agreement<'_> {
     }
 }
 
+/// Whether agreement `agreement`'s applier may apply a decision about
+/// `resource`: the resource exists and writes under that agreement.
+fn check_resource(config: &Config, agreement: &str, resource: &str) -> Result<(), String> {
+    config.resource(resource).map_err(|e| e.to_string())?;
+    match config.agreement_for(resource) {
+        Some((name, _)) if name == agreement => Ok(()),
+        Some((name, _)) => Err(format!(
+            "resource {resource} writes under agreement {name}, not {agreement}"
+        )),
+        None => Err(format!(
+            "resource {resource} writes under no sync agreement, so its changes cannot reach the IDM"
+        )),
+    }
+}
+
 /// The attribute an IDM refusal names (`attribute "x"`), if any.
 fn blamed_attribute(reason: &str) -> Option<String> {
     let rest = reason.split_once("attribute \"")?.1;
@@ -197,6 +212,12 @@ async fn handle(config: &Config, ctx: Agreement<'_>, accounts: &Pool, msg: Messa
         Ok(c) => c,
         Err(e) => return Handling::Poison(e.to_string()),
     };
+    // A decision about a resource this configuration does not have, or one
+    // writing under another agreement, is a bad message, not an entry that
+    // failed: park it, rather than halt the agreement on it.
+    if let Err(reason) = check_resource(config, ctx.name, &change.resource) {
+        return Handling::Poison(reason);
+    }
     if config.is_excluded(&change.resource, &change.entry_uuid) {
         tracing::info!(resource = %change.resource, dn = %change.dn, "excluded by the agreement's configuration; skipped");
         return Handling::Done;
