@@ -314,6 +314,25 @@ impl Bus {
         durable: &str,
         filter_subject: Option<&str>,
     ) -> Result<Deliveries, BusError> {
+        self.consume_batched(stream, durable, filter_subject, 200)
+            .await
+    }
+
+    /// [`Bus::consume`], pulling at most `batch` messages at a time. A
+    /// worker asks for a few times what it handles at once: messages pulled
+    /// but not yet handled wait in this process, and past the ack wait (30 s)
+    /// the server hands them to another replica as well, so a slow replica
+    /// holding hundreds would make the others redo its work.
+    ///
+    /// # Errors
+    /// As [`Bus::consume`].
+    pub async fn consume_batched(
+        &self,
+        stream: &str,
+        durable: &str,
+        filter_subject: Option<&str>,
+        batch: usize,
+    ) -> Result<Deliveries, BusError> {
         let error = |operation, source: Cause| BusError::Consumer {
             stream: stream.to_owned(),
             durable: durable.to_owned(),
@@ -336,6 +355,9 @@ impl Bus {
             .await
             .map_err(|e| error("create", Box::new(e)))?;
         let messages = consumer
+            .stream()
+            .max_messages_per_batch(batch.max(1))
+            .heartbeat(Duration::from_secs(15))
             .messages()
             .await
             .map_err(|e| error("pull messages from", Box::new(e)))?;

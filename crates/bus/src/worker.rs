@@ -96,7 +96,12 @@ where
     use futures::StreamExt as _;
     let limit = source.concurrency.max(1);
     let mut deliveries = bus
-        .consume(source.stream, source.durable, source.filter_subject)
+        .consume_batched(
+            source.stream,
+            source.durable,
+            source.filter_subject,
+            (limit * 4).clamp(8, 200),
+        )
         .await?;
     idsync_telemetry::health::set_ready(true);
     let mut in_hand = futures::stream::FuturesUnordered::new();
