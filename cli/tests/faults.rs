@@ -557,7 +557,7 @@ async fn nats_target_and_idm_outages_in_an_import_lose_and_duplicate_nothing() {
 /// go on (the writers wait for it), with the IDM down meanwhile, so that
 /// the pipeline lags behind the detector as it resumes.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-#[ignore = "a deletion implied by the resumed session's present phase is lost for an entry whose add is still in the pipeline (publish_gone compares with the IDM, which has not applied it yet): see an_entry_deleted_while_the_detector_is_away_before_its_add_is_applied_is_deleted"]
+#[ignore = "fails now and then (passed 1 of 3 runs): a deletion implied by the resumed session's present phase is lost for an entry whose add is still in the pipeline (publish_gone compares with the IDM, which has not applied it yet); an_entry_deleted_while_the_detector_is_away_before_its_add_is_applied_is_deleted reproduces it every time"]
 async fn a_source_restart_in_an_import_loses_and_duplicates_nothing() {
     import_through(&[
         Fault::IdmDown(4),
