@@ -5,9 +5,10 @@
 //! - every service killed (SIGKILL) in turn in the middle of a 10,000-entry
 //!   import (loaded into the source offline, before the services start), and
 //!   restarted;
-//! - NATS restarted (file store kept), the source directory restarted, the
-//!   target directory and the IDM each down for a while, all during one
-//!   import written over LDAP with modifications and deletions;
+//! - NATS down for 15 s and started again on its file store, the target
+//!   directory and the IDM each down for a while, during one import written
+//!   over LDAP with modifications and deletions; the source directory
+//!   restarted during another (ignored: it loses a deletion, see below);
 //! - bus messages delivered twice and out of order on each of the three
 //!   streams, and poison messages (undecodable, another schema version, a
 //!   valid event for an unknown resource) on each, during an import.
@@ -18,7 +19,16 @@
 //! idle, nothing parked in provisioning, no open case, and the dead-letter
 //! stream holding exactly the poisoned messages. A failure prints what
 //! differs (each kind counted, with examples), the shadows and events of
-//! the first entries, and the processes' logs.
+//! the first entries, and the processes' logs (`IDSYNC_SCALING_LOG=info`
+//! makes the processes log every decision and commit).
+//!
+//! Known bug, tests ignored: when a resumed sync session has a present
+//! phase (the source restarted, so its session log is gone), the detector
+//! publishes deletions only for the IDM's live shadows that the phase did
+//! not name; an entry whose add is still in the change or decision stream
+//! has no shadow yet, so its deletion is lost and its user stays.
+//! `an_entry_deleted_while_the_detector_is_away_before_its_add_is_applied_is_deleted`
+//! reproduces it in a few seconds.
 
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
@@ -33,8 +43,9 @@ use tokio::time::Instant;
 mod support;
 use support::*;
 
-/// How long an import may take to settle after the last change or fault.
-const SETTLE: Duration = Duration::from_secs(240);
+/// How long an import may take to settle after the last change or fault: a
+/// safety net on a loaded machine; a lost change shows as [`STUCK`] sooner.
+const SETTLE: Duration = Duration::from_secs(600);
 /// Every consumer idle this long while something still differs: lost.
 const STUCK: Duration = Duration::from_secs(45);
 
@@ -423,14 +434,39 @@ async fn join_writers(tasks: Vec<tokio::task::JoinHandle<Writer>>) -> usize {
     retried
 }
 
-/// While 2,800 adds, modifications and deletions are written to the source
-/// over LDAP: NATS stopped for 15 s and started again on its file store; the
-/// source directory stopped for 2 s and started again (the writers wait for
-/// it); the target directory down for 15 s; the IDM stopped (SIGTERM) for
-/// 10 s. Nothing is lost or duplicated, and no service gives up.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-#[ignore = "loses an entry (no shadow, no user) when NATS is down for 15 s mid-import; under investigation"]
-async fn nats_source_target_and_idm_outages_in_an_import_lose_and_duplicate_nothing() {
+/// A fault during an import written over LDAP, `at` seconds into the writes.
+#[derive(Debug, Clone, Copy)]
+enum Fault {
+    NatsDown(u64),
+    NatsUp(u64),
+    SourceDown(u64),
+    SourceUp(u64),
+    TargetDown(u64),
+    TargetUp(u64),
+    IdmDown(u64),
+    IdmUp(u64),
+}
+
+impl Fault {
+    fn at(self) -> u64 {
+        match self {
+            Self::NatsDown(s)
+            | Self::NatsUp(s)
+            | Self::SourceDown(s)
+            | Self::SourceUp(s)
+            | Self::TargetDown(s)
+            | Self::TargetUp(s)
+            | Self::IdmDown(s)
+            | Self::IdmUp(s) => s,
+        }
+    }
+}
+
+/// 2,800 adds, modifications and deletions written to the source over LDAP
+/// from four connections, with `faults` along the way (in time order); then
+/// the IDM and the target must come to equal the source, with no service
+/// having given up.
+async fn import_through(faults: &[Fault]) {
     let started = Instant::now();
     let mut env = start_with_options(
         EXAMPLE_CONFIG,
@@ -449,45 +485,35 @@ async fn nats_source_target_and_idm_outages_in_an_import_lose_and_duplicate_noth
 
     let writing = Instant::now();
     let tasks = spawn_writers(&env);
-    let at = |s: u64| writing + Duration::from_secs(s);
-    let log = |what: &str| eprintln!("{:?} into the writes: {what}", writing.elapsed());
-
-    tokio::time::sleep_until(at(3)).await;
-    env.d.nats.stop().await.unwrap();
-    log("NATS stopped");
-    // Longer than a client's request timeout (10 s), so that confirmations
-    // of acknowledgements time out meanwhile.
-    tokio::time::sleep_until(at(18)).await;
-    env.d.nats.restart().await.unwrap();
-    log("NATS started again on its store");
-
-    tokio::time::sleep_until(at(20)).await;
-    env.d.source.stop().await.unwrap();
-    log("source stopped");
-    tokio::time::sleep_until(at(22)).await;
-    env.d.source.restart().await.unwrap();
-    log("source started again");
-
-    tokio::time::sleep_until(at(24)).await;
-    env.d.target.stop().await.unwrap();
-    log("target stopped");
-
-    tokio::time::sleep_until(at(27)).await;
-    let idm = replicas.stop("idm", 0, Stop::Term).await;
-    log("IDM stopped");
-    tokio::time::sleep_until(at(37)).await;
-    replicas.spawn("idm", 0, idm);
-    log("IDM started again");
-
-    tokio::time::sleep_until(at(39)).await;
-    env.d.target.restart().await.unwrap();
-    log("target started again");
-
+    let mut idm_generation = 0;
+    for fault in faults {
+        tokio::time::sleep_until(writing + Duration::from_secs(fault.at())).await;
+        // What is under way when the fault comes (unknown while NATS is down).
+        let progress = match fault {
+            Fault::NatsUp(_) => None,
+            _ => Progress::read(&bus).await.ok(),
+        };
+        match *fault {
+            Fault::NatsDown(_) => env.d.nats.stop().await.unwrap(),
+            Fault::NatsUp(_) => env.d.nats.restart().await.unwrap(),
+            Fault::SourceDown(_) => env.d.source.stop().await.unwrap(),
+            Fault::SourceUp(_) => env.d.source.restart().await.unwrap(),
+            Fault::TargetDown(_) => env.d.target.stop().await.unwrap(),
+            Fault::TargetUp(_) => env.d.target.restart().await.unwrap(),
+            Fault::IdmDown(_) => idm_generation = replicas.stop("idm", 0, Stop::Term).await,
+            Fault::IdmUp(_) => replicas.spawn("idm", 0, idm_generation),
+        }
+        eprintln!(
+            "{:?} into the writes: {fault:?} done; before it: {progress:?}",
+            writing.elapsed()
+        );
+    }
     let retried = join_writers(tasks).await;
-    log(&format!(
-        "writes done ({} in all, {retried} retried over a new connection)",
+    eprintln!(
+        "{:?} into the writes: writes done ({} in all, {retried} retried over a new connection)",
+        writing.elapsed(),
         WRITERS * WRITES
-    ));
+    );
     replicas.assert_running();
 
     let truth = source_people(&env).await;
@@ -507,6 +533,103 @@ async fn nats_source_target_and_idm_outages_in_an_import_lose_and_duplicate_noth
         truth.len(),
         started.elapsed()
     );
+}
+
+/// NATS stopped for 15 s — longer than a client's request timeout (10 s),
+/// so confirmations of acknowledgements time out meanwhile — and started
+/// again on its file store; then the target directory down for 15 s, and
+/// the IDM stopped (SIGTERM) for 10 s meanwhile; all while the writes go
+/// on. Nothing is lost or duplicated, and no service gives up.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn nats_target_and_idm_outages_in_an_import_lose_and_duplicate_nothing() {
+    import_through(&[
+        Fault::NatsDown(3),
+        Fault::NatsUp(18),
+        Fault::TargetDown(20),
+        Fault::IdmDown(23),
+        Fault::IdmUp(33),
+        Fault::TargetUp(35),
+    ])
+    .await;
+}
+
+/// The source directory stopped for 2 s and started again while the writes
+/// go on (the writers wait for it), with the IDM down meanwhile, so that
+/// the pipeline lags behind the detector as it resumes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "fails now and then (passed 1 of 3 runs): a deletion implied by the resumed session's present phase is lost for an entry whose add is still in the pipeline (publish_gone compares with the IDM, which has not applied it yet); an_entry_deleted_while_the_detector_is_away_before_its_add_is_applied_is_deleted reproduces it every time"]
+async fn a_source_restart_in_an_import_loses_and_duplicates_nothing() {
+    import_through(&[
+        Fault::IdmDown(4),
+        Fault::SourceDown(8),
+        Fault::SourceUp(10),
+        Fault::IdmUp(14),
+    ])
+    .await;
+}
+
+/// The smallest form of what the source restart shows, with the services
+/// in-process and no session log at the source (so every resumed session
+/// has a present phase, as after a restart): a person added while the
+/// applier is stopped (its add is decided, not applied), then deleted while
+/// the detector is stopped. The resumed session does not name it, but the
+/// IDM has no shadow of it yet, so no deletion is published; the add is
+/// applied afterwards and the user stays.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "bug: the deletion is lost; publish_gone (services/detector/src/lib.rs) compares the present phase with the IDM's shadows only, not with changes still in the pipeline"]
+async fn an_entry_deleted_while_the_detector_is_away_before_its_add_is_applied_is_deleted() {
+    let mut env = start_with_options(
+        EXAMPLE_CONFIG,
+        Options {
+            source_session_log: idsync::dev::SessionLog(false),
+            ..Options::default()
+        },
+    )
+    .await;
+    env.user_where("jack", "has an account on acme", |u| {
+        u.link_to("acme").is_some()
+    })
+    .await;
+    let bus = Bus::connect(env.d.nats.url()).await.unwrap();
+    env.d.stop_service("applier").await.unwrap();
+    let before = bus.stream_messages(names::CHANGES_STREAM).await.unwrap();
+    add_person(&env.d.source, "eve", "Eve Gone").await;
+    correlated(&bus, before + 1).await;
+    env.d.stop_service("detector").await.unwrap();
+    delete_person(&env.d.source, "eve").await;
+    env.d.start_service("detector").unwrap();
+    // Positive control: a later change is through the detector and the
+    // correlator, so the resumed session's refresh is over.
+    add_person(&env.d.source, "zed", "Zed Later").await;
+    let published = bus.stream_messages(names::CHANGES_STREAM).await.unwrap();
+    correlated(&bus, published.max(before + 2)).await;
+    env.d.start_service("applier").unwrap();
+    env.user_where("zed", "exists", |_| true).await;
+    let gone = idsync_testkit::eventually("eve's user is deleted", WAIT, || async {
+        Ok(env.user("eve").await.is_none().then_some(()))
+    })
+    .await;
+    assert!(
+        gone.is_ok(),
+        "eve was deleted at the source, her user stays: {:#?}",
+        env.user("eve").await
+    );
+    env.d.shutdown().await.unwrap();
+}
+
+/// Waits until the change stream holds at least `events` and the correlator
+/// has acknowledged all of them.
+async fn correlated(bus: &Bus, events: u64) {
+    idsync_testkit::eventually("the correlator has decided", WAIT, || async {
+        let now = bus
+            .stream_messages(names::CHANGES_STREAM)
+            .await
+            .map_err(|e| e.to_string())?;
+        let (_, backlog) = consumer(bus, names::CHANGES_STREAM, names::CORRELATOR).await?;
+        Ok((now >= events && backlog == 0).then_some(()))
+    })
+    .await
+    .unwrap();
 }
 
 /// The messages of `stream` whose payload `keep` picks (a small stream: one
