@@ -18,7 +18,6 @@ use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
 use tonic::{Request, Response, Status};
 
-mod committer;
 mod status;
 
 #[derive(Debug, thiserror::Error)]
@@ -155,12 +154,10 @@ pub async fn serve(
     shutdown: CancellationToken,
 ) -> Result<(), Error> {
     let outbox_ready = Arc::new(Notify::new());
-    let (committer, committing) = committer::Committer::start(store.clone());
     let service = IdmService {
         store: store.clone(),
         authority,
         outbox_ready: outbox_ready.clone(),
-        committer,
     };
     let publisher = tokio::spawn(drain_outbox(
         store,
@@ -193,14 +190,6 @@ pub async fn serve(
         });
     shutdown.cancel();
     let _ = publisher.await;
-    // The committing task holds the store until the last call is done; a
-    // restart in this process must find it released.
-    if tokio::time::timeout(std::time::Duration::from_secs(10), committing)
-        .await
-        .is_err()
-    {
-        tracing::warn!("the group committer did not stop within 10 s");
-    }
     result
 }
 
@@ -209,7 +198,6 @@ struct IdmService {
     store: Store,
     authority: Authority,
     outbox_ready: Arc<Notify>,
-    committer: committer::Committer,
 }
 
 /// A FAILED_PRECONDITION that says which one in the `idsync-error` header.
@@ -490,10 +478,8 @@ impl Idm for IdmService {
         }
         let writer = self.writer(principal);
         let versions = self
-            .committer
-            .commit(r.operations, r.origin_resource, writer)
-            .await
-            .map_err(status)?;
+            .blocking(move |s| s.commit(&r.operations, &r.origin_resource, &writer))
+            .await?;
         self.outbox_ready.notify_one();
         Ok(Response::new(v1::CommitResponse { versions }))
     }

@@ -456,6 +456,7 @@ async fn create(
         }
     })
     .await?;
+    let created = added.is_none();
     if let Some(existing) = added {
         // Discovery (midPoint): the account is already there — made by us
         // before a crash, or by someone else. Whose is it, and what does the
@@ -526,7 +527,7 @@ async fn create(
         position: focus.version,
         situation: "linked".into(),
         attributes: account.produced.clone(),
-        groups,
+        groups: groups.clone(),
         pending: None,
         ..existing.clone().unwrap_or_default()
     };
@@ -546,7 +547,37 @@ async fn create(
             focus: linked,
         },
     ];
-    commit(idm, ops).await
+    let dn = linked_dn(&ops);
+    match commit(idm, ops).await {
+        // The user went while its account was being made: its deletion was
+        // provisioned (by another replica or task) before this account
+        // existed, so nothing else will ever remove it. Take back what this
+        // pass created; an account found already there is left alone.
+        Err(Failure::Transient(reason)) if created => {
+            if idm.get_focus(&focus.id).await?.is_some() {
+                return Err(Failure::Transient(reason));
+            }
+            sync_groups(targets, resource, &value, &[], &groups).await?;
+            with_dir(targets, resource, async |dir| match dir.delete(&dn).await {
+                Ok(()) | Err(LdapError::NoSuchObject { .. }) => Ok(()),
+                Err(e) => Err(e),
+            })
+            .await?;
+            tracing::info!(resource = %resource.name, dn = %dn, focus = %focus.id, "user deleted before its new account was recorded; account removed");
+            Ok(())
+        }
+        other => other,
+    }
+}
+
+/// The DN of the account a create's operations record.
+fn linked_dn(ops: &[Op]) -> String {
+    ops.iter()
+        .find_map(|op| match op {
+            Op::PutShadow { shadow, .. } => Some(shadow.dn.clone()),
+            _ => None,
+        })
+        .unwrap_or_default()
 }
 
 /// Brings a linked account in line, writing what `only` allows.
