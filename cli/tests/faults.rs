@@ -74,22 +74,8 @@ async fn idm_answers(env: &Env) {
 /// stream up to it is acknowledged) and its backlog (undelivered plus
 /// unacknowledged).
 async fn consumer(bus: &Bus, stream: &str, durable: &str) -> Result<(u64, u64), String> {
-    let subject = format!("$JS.API.CONSUMER.INFO.{stream}.{durable}");
-    let reply = bus
-        .client()
-        .request(subject, "".into())
-        .await
-        .map_err(|e| e.to_string())?;
-    let info: serde_json::Value =
-        serde_json::from_slice(&reply.payload).map_err(|e| e.to_string())?;
-    match (
-        info["ack_floor"]["stream_seq"].as_u64(),
-        info["num_pending"].as_u64(),
-        info["num_ack_pending"].as_u64(),
-    ) {
-        (Some(floor), Some(pending), Some(unacked)) => Ok((floor, pending + unacked)),
-        _ => Err(format!("unexpected consumer info: {info}")),
-    }
+    let c = consumer_state(bus, stream, durable).await?;
+    Ok((c.ack_floor, c.pending + c.unacked))
 }
 
 /// How far the import has come, as the bus shows it.
@@ -273,19 +259,6 @@ enum Op {
 /// succeeded before the connection broke.
 const ENTRY_ALREADY_EXISTS: u32 = 68;
 const NO_SUCH_OBJECT: u32 = 32;
-
-/// A small deterministic generator (xorshift64*).
-struct Rng(u64);
-
-impl Rng {
-    fn below(&mut self, n: usize) -> usize {
-        self.0 ^= self.0 >> 12;
-        self.0 ^= self.0 << 25;
-        self.0 ^= self.0 >> 27;
-        let x = self.0.wrapping_mul(0x2545_f491_4f6c_dd1d);
-        usize::try_from(x >> 33).unwrap() % n
-    }
-}
 
 /// One LDAP connection adding, modifying and deleting its own people at a
 /// steady pace, through a source that may restart meanwhile.

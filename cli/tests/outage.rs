@@ -148,25 +148,7 @@ async fn users(env: &Env) -> Result<BTreeMap<String, Focus>, String> {
 /// Focus events the provisioner has not yet received, and those it has
 /// received but not acknowledged (JetStream's consumer info).
 async fn provisioner_backlog(bus: &Bus) -> Result<(u64, u64), String> {
-    let subject = format!(
-        "$JS.API.CONSUMER.INFO.{}.{}",
-        names::FOCUS_STREAM,
-        names::PROVISIONER
-    );
-    let reply = bus
-        .client()
-        .request(subject, "".into())
-        .await
-        .map_err(|e| e.to_string())?;
-    let info: serde_json::Value =
-        serde_json::from_slice(&reply.payload).map_err(|e| e.to_string())?;
-    match (
-        info["num_pending"].as_u64(),
-        info["num_ack_pending"].as_u64(),
-    ) {
-        (Some(pending), Some(unacked)) => Ok((pending, unacked)),
-        _ => Err(format!("unexpected consumer info: {info}")),
-    }
+    backlog(bus, names::FOCUS_STREAM, names::PROVISIONER).await
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -28,7 +28,7 @@
 
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
-use std::collections::{BTreeMap, BTreeSet, HashSet};
+use std::collections::{BTreeMap, HashSet};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
@@ -84,20 +84,6 @@ const CHAOS: [(u64, &str, usize, Stop); 6] = [
     (31, "applier", 0, Stop::Kill),
     (38, "provisioner", 0, Stop::Kill),
 ];
-
-/// A small deterministic generator (xorshift64*), so a failing run can be
-/// repeated with the same writes.
-struct Rng(u64);
-
-impl Rng {
-    fn below(&mut self, n: usize) -> usize {
-        self.0 ^= self.0 >> 12;
-        self.0 ^= self.0 << 25;
-        self.0 ^= self.0 >> 27;
-        let x = self.0.wrapping_mul(0x2545_f491_4f6c_dd1d);
-        usize::try_from(x >> 33).unwrap() % n
-    }
-}
 
 fn seeded_uid(i: usize) -> String {
     format!("p{i:04}")
@@ -376,120 +362,20 @@ async fn three_replicas_of_each_service_killed_and_restarted_lose_and_duplicate_
     );
 
     // The IDM and the target come to equal the source, and every consumer
-    // has acknowledged everything.
-    let deadline = last_change + SETTLE;
-    let mut idle_since: Option<Instant> = None;
-    loop {
-        tokio::time::sleep(POLL).await;
-        replicas.assert_running();
-        let agreement = env.admin.get_agreement("hr").await.unwrap();
-        if agreement.halted {
-            // The entry it halted at: uid=<name>,ou=people,…
-            let at: Vec<String> = agreement
-                .last_error
-                .iter()
-                .filter_map(|e| e.dn.strip_prefix("uid=")?.split(',').next())
-                .map(str::to_owned)
-                .collect();
-            panic!(
-                "agreement hr halted: {:?}\n{}",
-                agreement.last_error,
-                evidence(&env, &bus, &replicas, &truth, &[], &at).await
-            );
-        }
-        let (Ok(users), Ok(accounts), Ok(backlogs)) = (
-            users(&env).await,
-            accounts(&env).await,
-            backlogs(&bus).await,
-        ) else {
-            continue;
-        };
-        let problems = differences(&truth, &users, &accounts);
-        let idle = backlogs.iter().all(|(_, p, u)| *p == 0 && *u == 0);
-        if problems.is_empty() && idle {
-            break;
-        }
-        let now = Instant::now();
-        let stuck = idle && now.duration_since(*idle_since.get_or_insert(now)) >= STUCK;
-        if !idle {
-            idle_since = None;
-        }
-        if stuck || now >= deadline {
-            panic!(
-                "{} {:?} after the last change; backlogs {backlogs:?}\n{}",
-                if stuck {
-                    "every consumer idle, yet the IDM or the target differs from the source"
-                } else {
-                    "not settled"
-                },
-                last_change.elapsed(),
-                evidence(&env, &bus, &replicas, &truth, &problems, &[]).await
-            );
-        }
-    }
-    let settle = last_change.elapsed();
-
-    // Settled: one live shadow per person on hr, linked to its user; one
-    // linked shadow per account on acme, none pending; nothing parked.
-    let users = users(&env).await.unwrap();
-    assert_eq!(users.len(), truth.len());
-    let hr_person_shadows: Vec<_> = env
-        .admin
-        .all_shadows("hr")
-        .await
-        .unwrap()
-        .into_iter()
-        .filter(|s| {
-            !s.dead
-                && s.dn
-                    .to_ascii_lowercase()
-                    .ends_with(&PEOPLE.to_ascii_lowercase())
-        })
-        .collect();
-    let mut live = BTreeSet::new();
-    for s in &hr_person_shadows {
-        // A shadow records the situation its last change was found in:
-        // unmatched (then add_focus) or unlinked (then link) for a person
-        // added and not changed since, linked after that; owned either way.
-        assert!(
-            ["linked", "unmatched", "unlinked"].contains(&s.situation.as_str()),
-            "{s:?}"
-        );
-        let owner = s
-            .focus_id
-            .as_deref()
-            .expect("a live hr shadow has an owner");
-        let uid = s.attributes.get("uid").and_then(|v| v.first()).unwrap();
-        assert_eq!(users.get(uid).map(|u| u.id.as_str()), Some(owner), "{s:?}");
-        assert!(live.insert(s.entry_uuid.to_ascii_lowercase()), "{s:?}");
-    }
-    let uuids: BTreeSet<String> = truth
-        .values()
-        .map(|(_, uuid)| uuid.to_ascii_lowercase())
-        .collect();
-    assert_eq!(
-        live, uuids,
-        "a live hr shadow for exactly the source's entries"
-    );
-    let acme = env.admin.all_shadows("acme").await.unwrap();
-    let acme_live: Vec<_> = acme.iter().filter(|s| !s.dead).collect();
-    assert_eq!(acme_live.len(), truth.len(), "one acme shadow per account");
-    for s in &acme_live {
-        assert_eq!(s.situation, "linked", "{s:?}");
-        assert!(s.pending.is_none(), "{s:?}");
-        let owner = s.focus_id.as_deref().unwrap();
-        let user = users.values().find(|u| u.id == owner).unwrap();
-        assert_eq!(
-            user.link_to("acme").map(|l| &l.entry_uuid),
-            Some(&s.entry_uuid),
-            "{s:?}"
-        );
-    }
-    assert_eq!(bus.stream_messages(names::DEAD_STREAM).await.unwrap(), 0);
-    let parked = env.ok(&["provisioning", "parked"]).await;
-    assert_eq!(parked.trim(), "no parked provisioning");
-    let cases = env.ok(&["cases", "list"]).await;
-    assert_eq!(cases.trim(), "no open cases");
+    // has acknowledged everything; then one live shadow per person on hr,
+    // linked to its user, one linked shadow per account on acme, none
+    // pending, nothing parked.
+    settle(
+        &env,
+        &bus,
+        &mut replicas,
+        &truth,
+        last_change + SETTLE,
+        STUCK,
+    )
+    .await;
+    let settled = last_change.elapsed();
+    assert_settled(&env, &bus, &truth, 0).await;
 
     let (kills, terms) = (replicas.kills, replicas.terms);
     replicas.record_logs();
@@ -497,7 +383,7 @@ async fn three_replicas_of_each_service_killed_and_restarted_lose_and_duplicate_
     env.assert_no_secret_logged();
     env.d.shutdown().await.unwrap();
     eprintln!(
-        "settled {settle:?} after the last change; {kills} replicas killed (SIGKILL) and {terms} stopped (SIGTERM), each replaced; {CHANGES} changes, {} people at the end; done in {:?}",
+        "settled {settled:?} after the last change; {kills} replicas killed (SIGKILL) and {terms} stopped (SIGTERM), each replaced; {CHANGES} changes, {} people at the end; done in {:?}",
         truth.len(),
         started.elapsed()
     );

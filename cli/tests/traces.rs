@@ -7,7 +7,6 @@
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
 use std::collections::{BTreeMap, BTreeSet};
-use std::process::Stdio;
 use std::sync::{Arc, Mutex};
 
 use idsync::dev::EXAMPLE_CONFIG;
@@ -101,30 +100,14 @@ async fn one_change_is_one_trace_across_every_service() {
             .add_service(TraceServiceServer::new(collector.clone()))
             .serve_with_incoming(tokio_stream_from(listener)),
     );
-    let logs = env.d.dir.join("trace-logs");
-    std::fs::create_dir_all(&logs).unwrap();
-    let mut children = Vec::new();
+    let mut replicas = Replicas::new(&env.d.dir);
+    replicas.env = vec![
+        ("OTEL_EXPORTER_OTLP_ENDPOINT".into(), endpoint.clone()),
+        // Export every 100 ms rather than every 5 s.
+        ("OTEL_BSP_SCHEDULE_DELAY".into(), "100".into()),
+    ];
     for service in SERVICES {
-        let out = std::fs::File::create(logs.join(format!("{service}.log"))).unwrap();
-        let err = out.try_clone().unwrap();
-        let child = tokio::process::Command::new(env!("CARGO_BIN_EXE_idsync"))
-            .args(["serve", service])
-            .env("IDSYNC_CONFIG", env.d.dir.join("idsync.toml"))
-            .env("OTEL_EXPORTER_OTLP_ENDPOINT", &endpoint)
-            // Export every 100 ms rather than every 5 s.
-            .env("OTEL_BSP_SCHEDULE_DELAY", "100")
-            .env_remove("OTEL_SERVICE_NAME")
-            .env_remove("IDSYNC_IDM_URL")
-            .env_remove("IDSYNC_NATS_URL")
-            .env_remove("IDSYNC_HEALTH_BIND")
-            .env("NO_COLOR", "1")
-            .stdin(Stdio::null())
-            .stdout(Stdio::from(out))
-            .stderr(Stdio::from(err))
-            .kill_on_drop(true)
-            .spawn()
-            .unwrap();
-        children.push(child);
+        replicas.spawn(service, 0, 0);
         if service == "idm" {
             // The others retry until the IDM answers, but start in order.
             idsync_testkit::eventually("the IDM answers", WAIT, || async {
@@ -216,9 +199,8 @@ async fn one_change_is_one_trace_across_every_service() {
         "{trace:#?}"
     );
 
-    for mut c in children {
-        let _ = c.kill().await;
-    }
+    replicas.record_logs();
+    replicas.shutdown().await;
     server.abort();
     env.assert_no_secret_logged();
     env.d.shutdown().await.unwrap();

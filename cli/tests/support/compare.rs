@@ -130,9 +130,23 @@ pub async fn accounts(env: &Env) -> Result<BTreeMap<String, Account>, String> {
     Ok(out)
 }
 
-/// Messages a durable consumer has not delivered yet, and those delivered
-/// but not acknowledged (retries waiting out their backoff included).
-pub async fn backlog(bus: &Bus, stream: &str, durable: &str) -> Result<(u64, u64), String> {
+/// A durable consumer's state as the server reports it.
+#[derive(Debug, Clone, Copy)]
+pub struct ConsumerState {
+    /// Every message of the stream up to this sequence is acknowledged.
+    pub ack_floor: u64,
+    /// Messages not delivered yet.
+    pub pending: u64,
+    /// Delivered but not acknowledged (retries waiting out their backoff included).
+    pub unacked: u64,
+}
+
+/// The state of `durable` on `stream`, from the JetStream API.
+pub async fn consumer_state(
+    bus: &Bus,
+    stream: &str,
+    durable: &str,
+) -> Result<ConsumerState, String> {
     let subject = format!("$JS.API.CONSUMER.INFO.{stream}.{durable}");
     let reply = bus
         .client()
@@ -142,12 +156,24 @@ pub async fn backlog(bus: &Bus, stream: &str, durable: &str) -> Result<(u64, u64
     let info: serde_json::Value =
         serde_json::from_slice(&reply.payload).map_err(|e| e.to_string())?;
     match (
+        info["ack_floor"]["stream_seq"].as_u64(),
         info["num_pending"].as_u64(),
         info["num_ack_pending"].as_u64(),
     ) {
-        (Some(pending), Some(unacked)) => Ok((pending, unacked)),
+        (Some(ack_floor), Some(pending), Some(unacked)) => Ok(ConsumerState {
+            ack_floor,
+            pending,
+            unacked,
+        }),
         _ => Err(format!("unexpected consumer info: {info}")),
     }
+}
+
+/// Messages a durable consumer has not delivered yet, and those delivered
+/// but not acknowledged (retries waiting out their backoff included).
+pub async fn backlog(bus: &Bus, stream: &str, durable: &str) -> Result<(u64, u64), String> {
+    let c = consumer_state(bus, stream, durable).await?;
+    Ok((c.pending, c.unacked))
 }
 
 /// The backlog of the three scaled services' consumers.

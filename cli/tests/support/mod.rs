@@ -268,3 +268,18 @@ pub fn values<'a>(entry: Option<&'a ldap3::SearchEntry>, attribute: &str) -> Vec
         .map(|v| v.iter().map(String::as_str).collect())
         .unwrap_or_default()
 }
+
+/// A small deterministic generator (xorshift64*), so a failing run can be
+/// repeated with the same writes.
+pub struct Rng(pub u64);
+
+impl Rng {
+    /// A number below `n`.
+    pub fn below(&mut self, n: usize) -> usize {
+        self.0 ^= self.0 >> 12;
+        self.0 ^= self.0 << 25;
+        self.0 ^= self.0 >> 27;
+        let x = self.0.wrapping_mul(0x2545_f491_4f6c_dd1d);
+        usize::try_from(x >> 33).unwrap() % n
+    }
+}

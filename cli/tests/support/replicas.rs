@@ -31,6 +31,8 @@ pub struct Replicas {
     pub terminated: Vec<Replica>,
     pub kills: usize,
     pub terms: usize,
+    /// More environment for every replica (`OTEL_EXPORTER_OTLP_ENDPOINT`, …).
+    pub env: Vec<(String, String)>,
 }
 
 impl Replicas {
@@ -44,6 +46,7 @@ impl Replicas {
             terminated: Vec::new(),
             kills: 0,
             terms: 0,
+            env: Vec::new(),
         }
     }
 
@@ -61,6 +64,8 @@ impl Replicas {
             .env_remove("IDSYNC_NATS_URL")
             .env_remove("IDSYNC_HEALTH_BIND")
             .env_remove("IDSYNC_LOG_FORMAT")
+            .env_remove("OTEL_SERVICE_NAME")
+            .envs(self.env.iter().map(|(k, v)| (k, v)))
             .stdin(Stdio::null())
             .stdout(Stdio::from(out))
             .stderr(Stdio::from(err))
