@@ -296,7 +296,9 @@ pub fn init_tracing_as(service: &str) {
     // A second initialisation (tests, the all-in-one runner) is harmless.
     // Spans of idsync's own handlers are info; libraries' debug spans
     // (h2, tonic) are not worth exporting.
-    let traces = traces.with_filter(tracing_subscriber::filter::LevelFilter::INFO);
+    // (Only with a layer: a filter on none would raise the subscriber's
+    // level to info whatever RUST_LOG says.)
+    let traces = traces.map(|l| l.with_filter(tracing_subscriber::filter::LevelFilter::INFO));
     let _ = tracing_subscriber::registry()
         .with(traces)
         .with(fmt.with_filter(filter))
@@ -621,6 +623,16 @@ mod tests {
                 "live_sync = true",
                 "live_sync = \"yes\"",
                 "invalid type: string \"yes\", expected a boolean",
+            ),
+            (
+                "version = 1",
+                "version = 1\n[workers]\nconcurrency = 0",
+                "workers.concurrency: must be between 1 and 256",
+            ),
+            (
+                "version = 1",
+                "version = 1\n[workers]\napplier_concurrency = 300",
+                "workers.applier_concurrency: must be between 1 and 256",
             ),
             (
                 "strength = \"strong\"",

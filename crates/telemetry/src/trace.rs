@@ -67,8 +67,10 @@ where
         .with_tonic()
         .build()
         .map_err(|e| TraceError::Exporter {
-            endpoint: endpoint.clone(),
-            reason: e.to_string(),
+            endpoint: without_userinfo(&endpoint),
+            reason: e
+                .to_string()
+                .replace(&endpoint, &without_userinfo(&endpoint)),
         })?;
     let mut resource = opentelemetry_sdk::Resource::builder();
     if std::env::var(SERVICE_NAME_ENV).is_err() {
@@ -83,6 +85,18 @@ where
         return Ok(None);
     }
     Ok(Some(tracing_opentelemetry::layer().with_tracer(tracer)))
+}
+
+/// `endpoint` with any `user:password@` taken out, for messages.
+fn without_userinfo(endpoint: &str) -> String {
+    let Some((scheme, rest)) = endpoint.split_once("://") else {
+        return endpoint.to_owned();
+    };
+    let (authority, path) = rest.split_at(rest.find('/').unwrap_or(rest.len()));
+    match authority.rsplit_once('@') {
+        Some((_, host)) => format!("{scheme}://***@{host}{path}"),
+        None => endpoint.to_owned(),
+    }
 }
 
 /// Exports what is still buffered; called once when the service stops.
@@ -132,6 +146,19 @@ pub fn set_parent(span: &tracing::Span, traceparent: &str) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn an_endpoint_is_named_without_its_credentials() {
+        assert_eq!(
+            without_userinfo("http://otel:s3cret@collector:4317/x@y"),
+            "http://***@collector:4317/x@y"
+        );
+        assert_eq!(
+            without_userinfo("http://collector:4317/v1@x"),
+            "http://collector:4317/v1@x"
+        );
+        assert_eq!(without_userinfo("collector:4317"), "collector:4317");
+    }
 
     #[test]
     fn nothing_is_propagated_while_traces_are_off() {

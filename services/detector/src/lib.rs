@@ -370,21 +370,24 @@ impl Publisher<'_> {
         {
             oldest.wait().await?;
         }
-        // Each change starts its own trace (traces on: the correlator, the
-        // applier, the IDM and the provisioner continue it).
-        let span = tracing::info_span!(
-            parent: None,
-            "change detected",
-            resource = %event.resource,
-            dn = %event.dn,
-            entry_uuid = %event.entry_uuid
-        );
-        let ack = tracing::Instrument::instrument(
+        let publish =
             self.bus
-                .publish(&self.subject, &event.event_id, event.encode_to_vec().into()),
-            span,
-        )
-        .await?;
+                .publish(&self.subject, &event.event_id, event.encode_to_vec().into());
+        // With traces on, each change starts its own trace (the correlator,
+        // the applier, the IDM and the provisioner continue it); off, a
+        // refresh of a million entries makes no span at all.
+        let ack = if idsync_telemetry::trace::enabled() {
+            let span = tracing::info_span!(
+                parent: None,
+                "change detected",
+                resource = %event.resource,
+                dn = %event.dn,
+                entry_uuid = %event.entry_uuid
+            );
+            tracing::Instrument::instrument(publish, span).await?
+        } else {
+            publish.await?
+        };
         self.in_flight.push_back(ack);
         self.published += 1;
         Ok(())

@@ -535,7 +535,7 @@ async fn create(
     linked.set_link(Link {
         resource: resource.name.clone(),
         entry_uuid: entry.entry_uuid,
-        dn: account.dn,
+        dn: account.dn.clone(),
     });
     let ops = vec![
         Op::PutShadow {
@@ -547,7 +547,7 @@ async fn create(
             focus: linked,
         },
     ];
-    let dn = linked_dn(&ops);
+    let dn = account.dn;
     match commit(idm, ops).await {
         // The user went while its account was being made: its deletion was
         // provisioned (by another replica or task) before this account
@@ -568,16 +568,6 @@ async fn create(
         }
         other => other,
     }
-}
-
-/// The DN of the account a create's operations record.
-fn linked_dn(ops: &[Op]) -> String {
-    ops.iter()
-        .find_map(|op| match op {
-            Op::PutShadow { shadow, .. } => Some(shadow.dn.clone()),
-            _ => None,
-        })
-        .unwrap_or_default()
 }
 
 /// Brings a linked account in line, writing what `only` allows.
