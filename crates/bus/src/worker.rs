@@ -44,7 +44,7 @@ pub struct Source<'a> {
     /// Durable consumer shared by all replicas of the service.
     pub durable: &'a str,
     pub filter_subject: Option<&'a str>,
-    /// Messages handled at once by this replica (`workers.concurrency`).
+    /// Messages handled at once by this replica (`[workers]`).
     pub concurrency: usize,
 }
 

@@ -37,37 +37,41 @@ pub struct Config {
 #[derive(Debug, Clone, Deserialize, Serialize, PartialEq, Eq, schemars::JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct WorkersConfig {
-    /// Messages each replica of the correlator and the provisioner handles
-    /// at once (1–256, default 16). Order never matters for correctness
-    /// (conditional commits and shadow positions), so this is what N
-    /// replicas would do, in one process: it keeps the IDM, NATS and LDAP
-    /// round trips of several messages in flight.
-    #[serde(default = "default_concurrency")]
-    pub concurrency: u32,
-    /// The same for each applier replica (default 1). One keeps Kanidm's
-    /// halt exact: nothing after the failing entry is applied, and the
-    /// deletion guard lets exactly the first deletions through. Above one
-    /// (or with several replicas), the few messages already in hand when an
-    /// entry halts the agreement may still be applied.
-    #[serde(default = "default_applier_concurrency")]
-    pub applier_concurrency: u32,
+    /// Messages each replica of the correlator and the applier handles at
+    /// once (1–256, default 1). One keeps Kanidm's halt exact: the
+    /// correlator publishes decisions in the order of the changes and the
+    /// applier applies them in that order, so nothing after the failing
+    /// entry is applied, and the deletion guard lets exactly the first
+    /// deletions through. Above one (or with several replicas) decisions may
+    /// overtake each other, and the few in hand when an entry halts the
+    /// agreement may still be applied; raise it for a large first import
+    /// under `on_error = "quarantine"`.
+    #[serde(default = "default_inbound_concurrency")]
+    pub inbound_concurrency: u32,
+    /// Messages each provisioner replica handles at once (1–256, default
+    /// 16). Order never matters there (the provisioner is level-triggered
+    /// and its commits conditional), so this is what N replicas would do,
+    /// in one process: it keeps the IDM and LDAP round trips of several
+    /// users in flight.
+    #[serde(default = "default_provisioner_concurrency")]
+    pub provisioner_concurrency: u32,
 }
 
 impl Default for WorkersConfig {
     fn default() -> Self {
         Self {
-            concurrency: default_concurrency(),
-            applier_concurrency: default_applier_concurrency(),
+            inbound_concurrency: default_inbound_concurrency(),
+            provisioner_concurrency: default_provisioner_concurrency(),
         }
     }
 }
 
-fn default_concurrency() -> u32 {
-    16
+fn default_inbound_concurrency() -> u32 {
+    1
 }
 
-fn default_applier_concurrency() -> u32 {
-    1
+fn default_provisioner_concurrency() -> u32 {
+    16
 }
 
 /// How the provisioner deals with targets that refuse or cannot be reached.
@@ -842,10 +846,13 @@ impl Config {
             );
         }
         for (field, value) in [
-            ("workers.concurrency", self.workers.concurrency),
             (
-                "workers.applier_concurrency",
-                self.workers.applier_concurrency,
+                "workers.inbound_concurrency",
+                self.workers.inbound_concurrency,
+            ),
+            (
+                "workers.provisioner_concurrency",
+                self.workers.provisioner_concurrency,
             ),
         ] {
             if !(1..=256).contains(&value) {

@@ -626,13 +626,13 @@ mod tests {
             ),
             (
                 "version = 1",
-                "version = 1\n[workers]\nconcurrency = 0",
-                "workers.concurrency: must be between 1 and 256",
+                "version = 1\n[workers]\ninbound_concurrency = 0",
+                "workers.inbound_concurrency: must be between 1 and 256",
             ),
             (
                 "version = 1",
-                "version = 1\n[workers]\napplier_concurrency = 300",
-                "workers.applier_concurrency: must be between 1 and 256",
+                "version = 1\n[workers]\nprovisioner_concurrency = 300",
+                "workers.provisioner_concurrency: must be between 1 and 256",
             ),
             (
                 "strength = \"strong\"",

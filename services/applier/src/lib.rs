@@ -64,7 +64,7 @@ pub async fn run(config: Arc<Config>, shutdown: CancellationToken) -> Result<(),
                 stream: names::DECISIONS_STREAM,
                 durable: &durable,
                 filter_subject: Some(&filter),
-                concurrency: config.workers.applier_concurrency as usize,
+                concurrency: config.workers.inbound_concurrency as usize,
             };
             let ctx = Agreement {
                 name: agreement,

@@ -41,7 +41,7 @@ pub async fn run(config: Arc<Config>, shutdown: CancellationToken) -> Result<(),
         stream: names::CHANGES_STREAM,
         durable: names::CORRELATOR,
         filter_subject: None,
-        concurrency: config.workers.concurrency as usize,
+        concurrency: config.workers.inbound_concurrency as usize,
     };
     run_worker(&bus, source, shutdown, |msg| {
         handle(&config, &clients, &bus, msg)

@@ -54,7 +54,7 @@ pub async fn run(config: Arc<Config>, shutdown: CancellationToken) -> Result<(),
         stream: names::FOCUS_STREAM,
         durable: names::PROVISIONER,
         filter_subject: None,
-        concurrency: config.workers.concurrency as usize,
+        concurrency: config.workers.provisioner_concurrency as usize,
     };
     run_worker(&bus, source, shutdown, |msg| {
         handle(&config, &bus, &idm, &targets, msg)
