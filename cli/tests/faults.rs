@@ -531,7 +531,6 @@ async fn nats_target_and_idm_outages_in_an_import_lose_and_duplicate_nothing() {
 /// go on (the writers wait for it), with the IDM down meanwhile, so that
 /// the pipeline lags behind the detector as it resumes.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-#[ignore = "fails now and then (passed 1 of 3 runs): a deletion implied by the resumed session's present phase is lost for an entry whose add is still in the pipeline (publish_gone compares with the IDM, which has not applied it yet); an_entry_deleted_while_the_detector_is_away_before_its_add_is_applied_is_deleted reproduces it every time"]
 async fn a_source_restart_in_an_import_loses_and_duplicates_nothing() {
     import_through(&[
         Fault::IdmDown(4),
@@ -550,7 +549,6 @@ async fn a_source_restart_in_an_import_loses_and_duplicates_nothing() {
 /// IDM has no shadow of it yet, so no deletion is published; the add is
 /// applied afterwards and the user stays.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-#[ignore = "bug: the deletion is lost; publish_gone (services/detector/src/lib.rs) compares the present phase with the IDM's shadows only, not with changes still in the pipeline"]
 async fn an_entry_deleted_while_the_detector_is_away_before_its_add_is_applied_is_deleted() {
     let mut env = start_with_options(
         EXAMPLE_CONFIG,

@@ -460,6 +460,38 @@ impl Bus {
         Ok(handle.cached_info().state.last_sequence)
     }
 
+    /// Whether durable consumer `durable` of `stream` has acknowledged every
+    /// message of its own up to stream sequence `through`: its ack floor is
+    /// there, or it holds nothing delivered and nothing pending (a filtered
+    /// consumer's floor stays at its own last message, which may be below
+    /// `through`). `false` while the consumer does not exist.
+    ///
+    /// # Errors
+    /// [`BusError::Stream`] when the stream does not exist or cannot be asked.
+    pub async fn consumed_through(
+        &self,
+        stream: &str,
+        durable: &str,
+        through: u64,
+    ) -> Result<bool, BusError> {
+        let error = |source: Cause| BusError::Stream {
+            stream: stream.to_owned(),
+            operation: "read a consumer's progress on",
+            source,
+        };
+        let handle = self
+            .js
+            .get_stream(stream)
+            .await
+            .map_err(|e| error(Box::new(e)))?;
+        match handle.consumer_info(durable).await {
+            Ok(info) => Ok(info.ack_floor.stream_sequence >= through
+                || (info.num_pending == 0 && info.num_ack_pending == 0)),
+            Err(e) if e.kind() == jetstream::context::ConsumerInfoErrorKind::NotFound => Ok(false),
+            Err(e) => Err(error(Box::new(e))),
+        }
+    }
+
     /// Up to `limit` messages of `stream` from sequence `from` on, without
     /// consuming them (for the admin CLI and tests). Sequences that were
     /// removed are skipped.

@@ -5,7 +5,7 @@
 
 use std::collections::{HashSet, VecDeque};
 use std::sync::Arc;
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use idsync_bus::{Bus, BusError, PendingAck, names};
 use idsync_core::config::{Config, ResourceConfig};
@@ -208,6 +208,9 @@ pub(crate) struct SyncScope {
     pub(crate) base_dn: String,
     pub(crate) filter: String,
     pub(crate) object_type: v1::ObjectType,
+    /// The agreement the resource writes under: its applier is the end of
+    /// the pipeline a refresh's deletions wait for.
+    pub(crate) agreement: Option<String>,
 }
 
 impl SyncScope {
@@ -218,6 +221,7 @@ impl SyncScope {
             base_dn: r.base_dn.clone(),
             filter: r.filter.clone(),
             object_type: v1::ObjectType::Account,
+            agreement: r.agreement.clone(),
         }
     }
 
@@ -229,6 +233,7 @@ impl SyncScope {
             base_dn: r.groups_base().unwrap_or(&r.base_dn).to_owned(),
             filter: groups.filter.clone(),
             object_type: v1::ObjectType::Group,
+            agreement: r.agreement.clone(),
         })
     }
 }
@@ -428,6 +433,12 @@ async fn session(
         bus.load_cookie(&resource.cookie_key).await?
     };
     let resumed = cookie.is_some();
+    // Everything published before this session: a refresh's deletions wait
+    // until the pipeline has taken it (see `Sweep`).
+    let before = match idm {
+        Some(_) => bus.last_sequence(names::CHANGES_STREAM).await?,
+        None => 0,
+    };
     let mut sync = SyncSession::start(
         connection,
         &resource.base_dn,
@@ -454,7 +465,10 @@ async fn session(
         published: 0,
         skipped: 0,
     };
+    let mut sweep_tick = tokio::time::interval(SWEEP_POLL);
+    sweep_tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
+        let sweeping = refreshing.as_ref().is_some_and(|r| r.sweep.is_some());
         let message = tokio::select! {
             biased;
             _ = shutdown.cancelled() => {
@@ -464,9 +478,37 @@ async fn session(
                 let _ = sync.close().await;
                 return Ok(());
             }
+            _ = sweep_tick.tick(), if sweeping => {
+                if let Some(r) = refreshing.as_mut()
+                    && sweep_if_caught_up(&mut out, resource, idm, r).await?
+                {
+                    let cookie = refreshing.take().and_then(|r| r.cookie);
+                    out.commit(cookie.as_deref()).await?;
+                }
+                continue;
+            }
             m = sync.next() => m?,
         };
         let Some(message) = message else {
+            // A refreshOnly session ends with its refresh: its deletions
+            // are published (and its cookie stored) before it returns.
+            if let Some(mut r) = refreshing.take_if(|r| r.sweep.is_some()) {
+                loop {
+                    tokio::select! {
+                        biased;
+                        _ = shutdown.cancelled() => {
+                            out.commit(None).await?;
+                            return Ok(());
+                        }
+                        _ = sweep_tick.tick() => {}
+                    }
+                    if sweep_if_caught_up(&mut out, resource, idm, &mut r).await? {
+                        break;
+                    }
+                }
+                out.commit(r.cookie.as_deref()).await?;
+                return Ok(());
+            }
             out.commit(None).await?;
             return Ok(());
         };
@@ -541,17 +583,25 @@ async fn session(
                 hold_or_commit(&mut out, &mut refreshing, cookie).await?;
             }
             SyncMessage::RefreshDone { cookie, deletes } => {
-                if let Some(r) = refreshing.take() {
-                    // A present phase (or a refresh from nothing) names what
-                    // is still there; whatever the IDM knows beyond that is gone.
-                    if !resumed || (!deletes && r.present_phase) {
-                        let gone = publish_gone(&mut out, resource, idm, &r).await?;
-                        if gone > 0 {
-                            tracing::info!(resource = %resource.resource, gone, "entries gone from the source while nobody listened");
-                        }
+                if let Some(r) = refreshing.as_mut() {
+                    if cookie.is_some() {
+                        r.cookie = cookie;
                     }
-                    out.commit(cookie.as_deref().or(r.cookie.as_deref()))
-                        .await?;
+                    // A present phase (or a refresh from nothing) names what
+                    // is still there; whatever the IDM knows beyond that is
+                    // gone, once the pipeline has applied what was published
+                    // before: until then the refresh's cookie is held.
+                    if (!resumed || (!deletes && r.present_phase)) && idm.is_some() {
+                        tracing::debug!(resource = %resource.resource, through = before, "refresh's deletions wait for the pipeline");
+                        r.sweep = Some(Stage::Changes { through: before });
+                        r.waiting_since = Instant::now();
+                    } else {
+                        if !resumed || (!deletes && r.present_phase) {
+                            tracing::warn!(resource = %resource.resource, "no agreement, so no IDM to compare with: deletions implied by the refresh are not published");
+                        }
+                        let cookie = refreshing.take().and_then(|r| r.cookie);
+                        out.commit(cookie.as_deref()).await?;
+                    }
                 } else {
                     out.commit(cookie.as_deref()).await?;
                 }
@@ -571,10 +621,21 @@ async fn session(
     }
 }
 
+/// How often a refresh's deletions look whether the pipeline has caught up.
+const SWEEP_POLL: Duration = Duration::from_millis(200);
+/// How often a refresh's deletions that still wait say so.
+const SWEEP_REPORT: Duration = Duration::from_secs(30);
+
 /// What a refresh has named so far, and the cookie it will store at its end.
 /// During a refresh no cookie is stored: if the session breaks before the
 /// deletions the refresh implies are published, the next one starts over.
-#[derive(Default)]
+///
+/// Those deletions are whatever the IDM has a shadow of and the refresh did
+/// not name. An entry whose add was published before this session but is
+/// not applied yet (still in the change or the decision stream) has no
+/// shadow, so they wait (`sweep`) until the correlator and then the
+/// agreement's applier have taken everything published before the session
+/// began; the entries the session names meanwhile count as named.
 struct Refreshing {
     /// Entry UUIDs as numbers (16 bytes each: a million entries take 16 MB).
     seen: HashSet<u128>,
@@ -586,6 +647,84 @@ struct Refreshing {
     /// its deletions as an id set, with no present phase at all: that must
     /// not read as "everything unnamed is gone".
     present_phase: bool,
+    /// The refresh is done and its deletions wait for the pipeline.
+    sweep: Option<Stage>,
+    waiting_since: Instant,
+}
+
+impl Default for Refreshing {
+    fn default() -> Self {
+        Self {
+            seen: HashSet::new(),
+            seen_text: HashSet::new(),
+            cookie: None,
+            present_phase: false,
+            sweep: None,
+            waiting_since: Instant::now(),
+        }
+    }
+}
+
+/// How far the pipeline must have come before a refresh's deletions.
+#[derive(Debug, Clone, Copy)]
+enum Stage {
+    /// The correlator has acknowledged the change stream up to `through`.
+    Changes { through: u64 },
+    /// The agreement's applier has acknowledged the decision stream up to
+    /// `through` (its last message when the correlator got there).
+    Decisions { through: u64 },
+}
+
+/// Publishes the deletions `r` implies if the pipeline has caught up with
+/// what was published before the session, and says whether it did.
+async fn sweep_if_caught_up(
+    out: &mut Publisher<'_>,
+    scope: &SyncScope,
+    idm: Option<&IdmClient>,
+    r: &mut Refreshing,
+) -> Result<bool, SessionError> {
+    let agreement = scope.agreement.as_deref().unwrap_or_default();
+    loop {
+        match r.sweep {
+            None => return Ok(true),
+            Some(Stage::Changes { through }) => {
+                if through > 0
+                    && !out
+                        .bus
+                        .consumed_through(names::CHANGES_STREAM, names::CORRELATOR, through)
+                        .await?
+                {
+                    break;
+                }
+                let decisions = out.bus.last_sequence(names::DECISIONS_STREAM).await?;
+                r.sweep = Some(Stage::Decisions {
+                    through: if through > 0 { decisions } else { 0 },
+                });
+            }
+            Some(Stage::Decisions { through }) => {
+                let durable = names::applier_durable(agreement);
+                if through > 0
+                    && !out
+                        .bus
+                        .consumed_through(names::DECISIONS_STREAM, &durable, through)
+                        .await?
+                {
+                    break;
+                }
+                let gone = publish_gone(out, scope, idm, r).await?;
+                if gone > 0 {
+                    tracing::info!(resource = %scope.resource, gone, "entries gone from the source while nobody listened");
+                }
+                r.sweep = None;
+                return Ok(true);
+            }
+        }
+    }
+    if r.waiting_since.elapsed() >= SWEEP_REPORT {
+        r.waiting_since = Instant::now();
+        tracing::info!(resource = %scope.resource, stage = ?r.sweep, "the refresh's deletions still wait for the correlator and the applier to take what was published before the session");
+    }
+    Ok(false)
 }
 
 impl Refreshing {
@@ -643,7 +782,6 @@ async fn publish_gone(
     refresh: &Refreshing,
 ) -> Result<u64, SessionError> {
     let Some(idm) = idm else {
-        tracing::warn!(resource = %scope.resource, "no agreement, so no IDM to compare with: deletions implied by the refresh are not published");
         return Ok(0);
     };
     let kind = match scope.object_type {
