@@ -11,7 +11,7 @@ use idsync_core::secret::Secret;
 use idsync_idm_client::IdmClient;
 use idsync_testkit::{NatsServer, Slapd, SlapdOptions, free_port};
 
-use super::{PEOPLE, SUFFIX, peak_kib, seed, spawn, tempfile_dir};
+use super::{ADMIN, PASSWORD, PEOPLE, SUFFIX, peak_kib, seed, spawn, tempfile_dir};
 
 const TARGET: &str = "o=Acme";
 
@@ -124,77 +124,185 @@ async fn target_cn(ldap: &mut ldap3::Ldap, uid: &str) -> Result<Vec<String>> {
         .unwrap_or_default())
 }
 
-pub async fn latency(people: usize, changes: usize, rate: f64) -> Result<()> {
-    let work = tempfile_dir()?;
-    let secrets = work.join("secrets");
-    std::fs::create_dir_all(&secrets)?;
-    let password = "bench-secret-password";
-    let admin = "bench-admin-credential-0123456789";
-    for (file, value) in [("hr", password), ("admin", admin)] {
-        std::fs::write(secrets.join(file), value)?;
+/// The whole pipeline: a source seeded with `people`, a target, NATS, and
+/// the five services as processes, the detector in live sync.
+pub(crate) struct Pipeline {
+    work: std::path::PathBuf,
+    source: Slapd,
+    target: Slapd,
+    _nats: NatsServer,
+    idm: IdmClient,
+    pub(crate) procs: Vec<super::Proc>,
+}
+
+impl Pipeline {
+    /// Starts it all and waits until every person has an account on the
+    /// target; returns that initial import's wall time, from the services'
+    /// start.
+    pub(crate) async fn start(people: usize) -> Result<(Self, Duration)> {
+        let work = tempfile_dir()?;
+        let secrets = work.join("secrets");
+        std::fs::create_dir_all(&secrets)?;
+        for (file, value) in [("hr", PASSWORD), ("admin", ADMIN)] {
+            std::fs::write(secrets.join(file), value)?;
+        }
+        let source = Slapd::start(SlapdOptions {
+            suffix: SUFFIX.into(),
+            admin_password: PASSWORD.into(),
+            seed_ldif: seed(people),
+            session_log: true,
+        })
+        .await?;
+        let target = empty_target().await?;
+        let nats = NatsServer::start_in(&work.join("nats")).await?;
+        let idm_port = free_port()?;
+        let config_path = work.join("idsync.toml");
+        std::fs::write(
+            &config_path,
+            config(
+                nats.url(),
+                idm_port,
+                source.url(),
+                target.url(),
+                &secrets,
+                &work.join("idm"),
+            ),
+        )?;
+        let mut procs = vec![spawn("idm", "idsync-idm", &config_path, &work).await?];
+        let idm = IdmClient::new(&format!("http://127.0.0.1:{idm_port}"), &Secret::new(ADMIN))?;
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            match idm.create_agreement("hr").await {
+                Ok(_) => break,
+                Err(e) if e.is_transient() && Instant::now() < deadline => {
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                }
+                Err(e) => return Err(e).context("the IDM did not come up"),
+            }
+        }
+        let token = idm.generate_token("hr", "bench").await?;
+        std::fs::write(secrets.join("hr.token"), token.expose())?;
+        let started = Instant::now();
+        for (name, binary) in [
+            ("correlator", "idsync-correlator"),
+            ("applier", "idsync-applier"),
+            ("provisioner", "idsync-provisioner"),
+            ("detector", "idsync-detector"),
+        ] {
+            procs.push(spawn(name, binary, &config_path, &work).await?);
+        }
+        while idm.live_shadows("acme").await? < people as u64 {
+            if started.elapsed() > Duration::from_secs(3600) {
+                bail!("the initial import and provisioning did not finish");
+            }
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+        let took = started.elapsed();
+        let pipeline = Self {
+            work,
+            source,
+            target,
+            _nats: nats,
+            idm,
+            procs,
+        };
+        Ok((pipeline, took))
     }
-    let source = Slapd::start(SlapdOptions {
-        suffix: SUFFIX.into(),
-        admin_password: password.into(),
-        seed_ldif: seed(people),
-        session_log: true,
-    })
-    .await?;
-    let target = Slapd::start(SlapdOptions {
+
+    pub(crate) async fn stop(mut self) {
+        for p in &mut self.procs {
+            let _ = p.child.kill().await;
+        }
+        let _ = std::fs::remove_dir_all(&self.work);
+    }
+}
+
+/// A target directory holding only its suffix entry.
+async fn empty_target() -> Result<Slapd> {
+    Ok(Slapd::start(SlapdOptions {
         suffix: TARGET.into(),
-        admin_password: password.into(),
+        admin_password: PASSWORD.into(),
         seed_ldif: format!("dn: {TARGET}\nobjectClass: organization\no: Acme\n"),
         session_log: false,
     })
-    .await?;
-    let nats = NatsServer::start_in(&work.join("nats")).await?;
-    let idm_port = free_port()?;
-    let config_path = work.join("idsync.toml");
-    std::fs::write(
-        &config_path,
-        config(
-            nats.url(),
-            idm_port,
-            source.url(),
-            target.url(),
-            &secrets,
-            &work.join("idm"),
-        ),
-    )?;
-    let mut procs = vec![spawn("idm", "idsync-idm", &config_path, &work).await?];
-    let idm = IdmClient::new(&format!("http://127.0.0.1:{idm_port}"), &Secret::new(admin))?;
-    let deadline = Instant::now() + Duration::from_secs(30);
-    loop {
-        match idm.create_agreement("hr").await {
-            Ok(_) => break,
-            Err(e) if e.is_transient() && Instant::now() < deadline => {
-                tokio::time::sleep(Duration::from_millis(100)).await;
-            }
-            Err(e) => return Err(e).context("the IDM did not come up"),
-        }
+    .await?)
+}
+
+/// Import with provisioning: `people` entries from the source into the IDM
+/// and on to a target, timed from the services' start until every account
+/// is on the target, against `ldapadd` of the same entries (the accounts'
+/// DNs and attributes) into another fresh target, in the same run.
+pub async fn provisioning(people: usize) -> Result<serde_json::Value> {
+    let fresh = empty_target().await?;
+    let work = tempfile_dir()?;
+    let ldif = work.join("accounts.ldif");
+    let mut text = String::new();
+    for i in 0..people {
+        text.push_str(&format!(
+            "dn: cn=u{i},{TARGET}\nobjectClass: inetOrgPerson\ncn: u{i}\ncn: User {i}\nsn: Number{i}\n\n"
+        ));
     }
-    let token = idm.generate_token("hr", "bench").await?;
-    std::fs::write(secrets.join("hr.token"), token.expose())?;
-    for (name, binary) in [
-        ("correlator", "idsync-correlator"),
-        ("applier", "idsync-applier"),
-        ("provisioner", "idsync-provisioner"),
-        ("detector", "idsync-detector"),
-    ] {
-        procs.push(spawn(name, binary, &config_path, &work).await?);
+    std::fs::write(&ldif, text)?;
+    let password = work.join("password");
+    std::fs::write(&password, PASSWORD)?;
+    use std::os::unix::fs::PermissionsExt as _;
+    std::fs::set_permissions(&password, std::fs::Permissions::from_mode(0o600))?;
+    let t0 = Instant::now();
+    let status = tokio::process::Command::new("ldapadd")
+        .args(["-x", "-H", fresh.url(), "-D", &format!("cn=admin,{TARGET}")])
+        .arg("-y")
+        .arg(&password)
+        .arg("-f")
+        .arg(&ldif)
+        .stdout(std::process::Stdio::null())
+        .status()
+        .await
+        .context("cannot run ldapadd (scripts/install-deps installs ldap-utils)")?;
+    if !status.success() {
+        bail!("ldapadd failed: {status}");
     }
-    let started = Instant::now();
-    while idm.live_shadows("acme").await? < people as u64 {
-        if started.elapsed() > Duration::from_secs(1800) {
-            bail!("the initial import and provisioning did not finish");
-        }
-        tokio::time::sleep(Duration::from_millis(200)).await;
+    let ldapadd = t0.elapsed();
+    drop(fresh);
+    let _ = std::fs::remove_dir_all(&work);
+
+    let (pipeline, took) = Pipeline::start(people).await?;
+    let mut peaks = serde_json::Map::new();
+    for p in &pipeline.procs {
+        peaks.insert(
+            p.name.into(),
+            serde_json::json!(peak_kib(p.child.id()).unwrap_or(0)),
+        );
     }
+    pipeline.stop().await;
+    let ratio = took.as_secs_f64() / ldapadd.as_secs_f64();
+    println!(
+        "import with provisioning of {people} people: {:.1}s ({:.0}/s); ldapadd of the same accounts into a fresh target {:.2}s ({:.0}/s): {ratio:.1}x",
+        took.as_secs_f64(),
+        people as f64 / took.as_secs_f64(),
+        ldapadd.as_secs_f64(),
+        people as f64 / ldapadd.as_secs_f64(),
+    );
+    Ok(serde_json::json!({
+        "people": people,
+        "seconds": took.as_secs_f64(),
+        "ldapadd_seconds": ldapadd.as_secs_f64(),
+        "ratio": ratio,
+        "peak_rss_kib": peaks,
+    }))
+}
+
+pub async fn latency(people: usize, changes: usize, rate: f64) -> Result<serde_json::Value> {
+    let (pipeline, took) = Pipeline::start(people).await?;
     println!(
         "initial import and provisioning of {people} people: {:.1}s",
-        started.elapsed().as_secs_f64()
+        took.as_secs_f64()
     );
-
+    let Pipeline {
+        ref source,
+        ref target,
+        ref idm,
+        ..
+    } = pipeline;
     let mut src = source.admin_conn().await?;
     let mut tgt = target.admin_conn().await?;
     // The baseline: the source's own modify round trip, on the same entries.
@@ -265,7 +373,7 @@ pub async fn latency(people: usize, changes: usize, rate: f64) -> Result<()> {
         "  source modify → target modified:  p50 {t50:.1} ms, p99 {t99:.1} ms, max {tmax:.1} ms"
     );
     let mut peaks = serde_json::Map::new();
-    for p in &procs {
+    for p in &pipeline.procs {
         let peak = peak_kib(p.child.id()).unwrap_or(0);
         println!("  peak RSS {}: {} MiB", p.name, peak / 1024);
         peaks.insert(p.name.into(), serde_json::json!(peak));
@@ -279,17 +387,9 @@ pub async fn latency(people: usize, changes: usize, rate: f64) -> Result<()> {
         "to_target_ms": {"p50": t50, "p99": t99, "max": tmax},
         "peak_rss_kib": peaks,
     });
-    std::fs::create_dir_all("target/bench")?;
-    std::fs::write(
-        "target/bench/latency.json",
-        serde_json::to_string_pretty(&report)?,
-    )?;
-    println!("written: target/bench/latency.json");
+    super::write_json("latency.json", &report)?;
     let _ = src.unbind().await;
     let _ = tgt.unbind().await;
-    for p in &mut procs {
-        let _ = p.child.kill().await;
-    }
-    let _ = std::fs::remove_dir_all(&work);
-    Ok(())
+    pipeline.stop().await;
+    Ok(report)
 }

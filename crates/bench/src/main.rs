@@ -30,11 +30,16 @@ use idsync_idm_client::IdmClient;
 use idsync_testkit::{NatsServer, Slapd, SlapdOptions, free_port};
 use tokio::process::{Child, Command};
 
+mod all;
 mod latency;
 mod store;
 
 const SUFFIX: &str = "dc=example,dc=com";
 const PEOPLE: &str = "ou=people,dc=example,dc=com";
+/// The directories' admin password and the IDM's admin credential (made up
+/// for the run; the processes read them from files).
+const PASSWORD: &str = "bench-secret-password";
+const ADMIN: &str = "bench-admin-credential-0123456789";
 
 #[tokio::main]
 async fn main() -> Result<()> {
@@ -52,12 +57,27 @@ async fn main() -> Result<()> {
         Some("reconcile") => {
             reconcile(number("--entries", 100_000)?, number("--import", 5_000)?).await
         }
-        Some("latency") => {
-            latency::latency(
-                number("--people", 1_000)?,
-                number("--changes", 1_000)?,
-                number("--rate", 20)? as f64,
-            )
+        Some("latency") => latency::latency(
+            number("--people", 1_000)?,
+            number("--changes", 1_000)?,
+            number("--rate", 20)? as f64,
+        )
+        .await
+        .map(drop),
+        Some("provisioning") => {
+            let report = latency::provisioning(number("--people", 10_000)?).await?;
+            write_json("provisioning.json", &report)
+        }
+        Some("all") => {
+            all::all(all::Sizes {
+                import: number("--import", 100_000)?,
+                provision: number("--provision", 20_000)?,
+                people: number("--people", 1_000)?,
+                changes: number("--changes", 1_000)?,
+                rate: number("--rate", 20)? as f64,
+                million: number("--million", 1_000_000)?,
+                scaling: number("--scaling", 20_000)?,
+            })
             .await
         }
         Some("import") => import(number("--entries", 10_000)?).await,
@@ -67,7 +87,7 @@ async fn main() -> Result<()> {
             tokio::task::spawn_blocking(move || store::store(n)).await?
         }
         _ => bail!(
-            "usage: idsync-bench reconcile [--entries N] [--import M] | import [--entries N] | latency [--people N] [--changes M] [--rate R] | store [--commits N]"
+            "usage: idsync-bench all [--import N] [--provision N] [--people N] [--changes M] [--rate R] [--million N] [--scaling N] | reconcile [--entries N] [--import M] | import [--entries N] | provisioning [--people N] | latency [--people N] [--changes M] [--rate R] | store [--commits N]"
         ),
     }
 }
@@ -175,6 +195,27 @@ fn peak_kib(pid: Option<u32>) -> Option<u64> {
         .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
 }
 
+/// CPU seconds (user and system) a running process has used, from
+/// `/proc/<pid>/stat` (in clock ticks of 1/100 s, Linux's USER_HZ).
+fn cpu_seconds(pid: Option<u32>) -> f64 {
+    let Ok(stat) = std::fs::read_to_string(format!("/proc/{}/stat", pid.unwrap_or(0))) else {
+        return 0.0;
+    };
+    // The command name (field 2) may hold spaces: count from after it.
+    let Some((_, rest)) = stat.rsplit_once(')') else {
+        return 0.0;
+    };
+    let fields: Vec<&str> = rest.split_whitespace().collect();
+    let ticks = |i: usize| {
+        fields
+            .get(i)
+            .and_then(|f| f.parse::<u64>().ok())
+            .unwrap_or(0)
+    };
+    // utime and stime are fields 14 and 15: 12 and 13 after the name.
+    (ticks(11) + ticks(12)) as f64 / 100.0
+}
+
 async fn spawn(name: &'static str, binary: &str, config: &Path, log: &Path) -> Result<Proc> {
     let log = std::fs::File::create(log.join(format!("{name}.log")))?;
     let child = Command::new(bin(binary)?)
@@ -268,23 +309,40 @@ struct Setup {
     password_file: PathBuf,
     slapd: Slapd,
     _nats: NatsServer,
+    nats_url: String,
     idm: IdmClient,
     procs: Vec<Proc>,
 }
 
+/// The workers a [`Setup`] starts.
+#[derive(Debug, Clone, Copy)]
+struct Workers {
+    /// `[workers] inbound_concurrency`: messages the correlator and each
+    /// applier handle at once.
+    inbound_concurrency: u32,
+    /// Applier processes (replicas on one durable consumer).
+    appliers: usize,
+}
+
+impl Workers {
+    const DEFAULT: Self = Self {
+        inbound_concurrency: 1,
+        appliers: 1,
+    };
+}
+
 impl Setup {
     async fn start(entries: usize, workers: bool) -> Result<Self> {
-        Self::start_with(entries, workers, 1).await
+        Self::start_with(entries, workers.then_some(Workers::DEFAULT)).await
     }
 
-    /// As [`Setup::start`], the correlator and the applier handling
-    /// `inbound_concurrency` messages at once.
-    async fn start_with(entries: usize, workers: bool, inbound_concurrency: u32) -> Result<Self> {
+    /// As [`Setup::start`], with these workers (none: only the IDM).
+    async fn start_with(entries: usize, workers: Option<Workers>) -> Result<Self> {
+        let inbound_concurrency = workers.map_or(1, |w| w.inbound_concurrency);
         let work = tempfile_dir()?;
         let secrets = work.join("secrets");
         std::fs::create_dir_all(&secrets)?;
-        let password = "bench-secret-password";
-        let admin = "bench-admin-credential-0123456789";
+        let (password, admin) = (PASSWORD, ADMIN);
         for (file, value) in [("hr", password), ("admin", admin)] {
             std::fs::write(secrets.join(file), value)?;
             use std::os::unix::fs::PermissionsExt as _;
@@ -330,11 +388,15 @@ impl Setup {
         }
         let token = idm.generate_token("hr", "bench").await?;
         std::fs::write(secrets.join("hr.token"), token.expose())?;
-        if workers {
+        if let Some(w) = workers {
             procs.push(spawn("correlator", "idsync-correlator", &config_path, &work).await?);
-            procs.push(spawn("applier", "idsync-applier", &config_path, &work).await?);
+            for i in 0..w.appliers {
+                let name = if i == 0 { "applier" } else { "applier-2" };
+                procs.push(spawn(name, "idsync-applier", &config_path, &work).await?);
+            }
         }
         Ok(Self {
+            nats_url: nats.url().to_owned(),
             config: config_path,
             admin_file: secrets.join("admin"),
             password_file: secrets.join("hr"),
@@ -344,6 +406,19 @@ impl Setup {
             idm,
             procs,
         })
+    }
+
+    /// CPU seconds (user and system) each service process has used so far.
+    fn cpu_seconds(&self) -> serde_json::Map<String, serde_json::Value> {
+        self.procs
+            .iter()
+            .map(|p| {
+                (
+                    p.name.to_owned(),
+                    serde_json::json!(cpu_seconds(p.child.id())),
+                )
+            })
+            .collect()
     }
 
     fn peaks(&self, into: &mut serde_json::Map<String, serde_json::Value>, phase: &str) {
@@ -362,28 +437,41 @@ impl Setup {
     }
 }
 
-/// The same import (a reconciliation publishes every entry; correlator,
-/// applier and IDM take them in) with the workers handling one message at a
-/// time, then sixteen: what concurrency within a replica gives, measured in
-/// one run on the same data.
+/// Waits until the IDM holds `entries` live shadows of the source.
+async fn imported(setup: &Setup, entries: usize, started: Instant) -> Result<Duration> {
+    loop {
+        let live = setup.idm.live_shadows("hr").await?;
+        if live >= entries as u64 {
+            return Ok(started.elapsed());
+        }
+        if started.elapsed() > Duration::from_secs(3600) {
+            bail!("import stalled at {live} of {entries}");
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+/// One import: a reconciliation publishes every entry; correlator, applier
+/// and IDM take them in. Returns its wall time and `ldapsearch`'s.
+async fn timed_import(setup: &Setup, entries: usize) -> Result<(Duration, Duration)> {
+    let search = baseline(&setup.slapd, &setup.password_file).await?;
+    let started = Instant::now();
+    run_reconcile(&setup.config, &setup.admin_file).await?;
+    Ok((imported(setup, entries, started).await?, search))
+}
+
+/// The same import with the workers handling one message at a time, then
+/// sixteen: what concurrency within a replica gives, measured in one run on
+/// the same data.
 async fn import(entries: usize) -> Result<()> {
     let mut results = serde_json::Map::new();
     for concurrency in [1, 16] {
-        let setup = Setup::start_with(entries, true, concurrency).await?;
-        let search = baseline(&setup.slapd, &setup.password_file).await?;
-        let started = Instant::now();
-        run_reconcile(&setup.config, &setup.admin_file).await?;
-        loop {
-            let live = setup.idm.live_shadows("hr").await?;
-            if live >= entries as u64 {
-                break;
-            }
-            if started.elapsed() > Duration::from_secs(3600) {
-                bail!("import stalled at {live} of {entries}");
-            }
-            tokio::time::sleep(Duration::from_millis(100)).await;
-        }
-        let took = started.elapsed();
+        let workers = Workers {
+            inbound_concurrency: concurrency,
+            appliers: 1,
+        };
+        let setup = Setup::start_with(entries, Some(workers)).await?;
+        let (took, search) = timed_import(&setup, entries).await?;
         println!(
             "import of {entries} entries, correlator and applier concurrency {concurrency}: {:.1}s ({:.0} users/s; {:.0}x ldapsearch's {:.2}s)",
             took.as_secs_f64(),
@@ -401,11 +489,15 @@ async fn import(entries: usize) -> Result<()> {
         );
         setup.stop().await;
     }
-    std::fs::write(
-        "target/bench-import.json",
-        serde_json::to_string_pretty(&results)?,
-    )?;
-    println!("written: target/bench-import.json");
+    write_json("import.json", &serde_json::Value::Object(results))
+}
+
+/// Writes `value` to `target/bench/<name>` and says so.
+fn write_json(name: &str, value: &serde_json::Value) -> Result<()> {
+    std::fs::create_dir_all("target/bench")?;
+    let path = format!("target/bench/{name}");
+    std::fs::write(&path, serde_json::to_string_pretty(value)?)?;
+    println!("written: {path}");
     Ok(())
 }
 
