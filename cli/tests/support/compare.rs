@@ -312,15 +312,27 @@ pub async fn evidence(
         .collect();
     let hr = env.admin.all_shadows("hr").await.unwrap_or_default();
     let acme = env.admin.all_shadows("acme").await.unwrap_or_default();
-    for name in names {
+    for &name in &names {
         out += &format!("\n== {name}: source {:?}\n", truth.get(name));
         let user = env.user(name).await;
         out += &format!("user: {user:#?}\n");
         let source_dn = format!("uid={name},{PEOPLE}").to_ascii_lowercase();
-        for s in hr.iter().filter(|s| s.dn.to_ascii_lowercase() == source_dn) {
+        // By UUID too: a tombstone from a deletion that named only the UUID has no DN.
+        let uuid = truth.get(name).map(|(_, uuid)| uuid.as_str());
+        for s in hr.iter().filter(|s| {
+            s.dn.to_ascii_lowercase() == source_dn || Some(s.entry_uuid.as_str()) == uuid
+        }) {
             out += &format!(
-                "hr shadow {}: situation {}, dead {}, position {}, version {}, focus {:?}, candidates {:?}\n",
-                s.entry_uuid, s.situation, s.dead, s.position, s.version, s.focus_id, s.candidates
+                "hr shadow {}: {:?}, dn {:?}, situation {}, dead {}, position {}, version {}, focus {:?}, candidates {:?}\n",
+                s.entry_uuid,
+                s.object_type,
+                s.dn,
+                s.situation,
+                s.dead,
+                s.position,
+                s.version,
+                s.focus_id,
+                s.candidates
             );
         }
         for s in acme
@@ -346,6 +358,7 @@ pub async fn evidence(
             replicas.grep(&account)
         );
     }
+    out += &decisions_naming(bus, replicas, truth, &names).await;
     let agreement = env.admin.get_agreement("hr").await;
     out += &format!("\nagreement hr: {agreement:?}\n");
     out += &format!("backlogs: {:?}\n", backlogs(bus).await);
@@ -356,7 +369,102 @@ pub async fn evidence(
     out += &text(&env.cli(&["cases", "list"]).await);
     out += &parked;
     out += &replicas.tails(15);
+    out += &keep_logs(env, replicas);
     out
+}
+
+/// The decisions stored for each of `people`'s source entries (by DN or by
+/// entryUUID: a deletion may name only the UUID), in stream
+/// order, with the applier's log lines about each: whether a lost change
+/// was never decided, decided but never stored, or stored but never applied.
+async fn decisions_naming(
+    bus: &Bus,
+    replicas: &Replicas,
+    truth: &BTreeMap<String, (Person, String)>,
+    people: &BTreeSet<&str>,
+) -> String {
+    use prost::Message as _;
+    let stored = match bus.peek(names::DECISIONS_STREAM, 1, usize::MAX).await {
+        Ok(s) => s,
+        Err(e) => return format!("\ndecisions stream unreadable: {e}\n"),
+    };
+    let mut out = format!(
+        "\n{} decisions stored; applier consumer: {}\n",
+        stored.len(),
+        consumer_info(bus, names::DECISIONS_STREAM, &names::applier_durable("hr")).await
+    );
+    for name in people {
+        let dn = format!("uid={name},{PEOPLE}").to_ascii_lowercase();
+        out += &format!("decisions of {dn}:\n");
+        for m in &stored {
+            let Ok(d) = idsync_proto::v1::Decision::decode(m.payload.as_ref()) else {
+                continue;
+            };
+            let Some(c) = d.change.as_ref() else {
+                continue;
+            };
+            let uuid = truth.get(*name).map(|(_, uuid)| uuid.as_str());
+            if c.dn.to_ascii_lowercase() != dn && Some(c.entry_uuid.as_str()) != uuid {
+                continue;
+            }
+            out += &format!(
+                "  decision seq {} (change seq {}, {:?} of a {:?}, dn {:?}): situation {:?} reaction {:?} failure {:?}\n",
+                m.stream_seq,
+                d.change_seq,
+                c.kind(),
+                c.object_type(),
+                c.dn,
+                d.situation,
+                d.reaction,
+                d.failure
+            );
+            let lines = replicas.grep(&format!(
+                "stream=\"{}\" seq={} ",
+                names::DECISIONS_STREAM,
+                m.stream_seq
+            ));
+            for line in lines.lines() {
+                out += &format!("    {line}\n");
+            }
+        }
+    }
+    out
+}
+
+/// The whole consumer info of `durable` on `stream`, as the server sends it.
+async fn consumer_info(bus: &Bus, stream: &str, durable: &str) -> String {
+    let subject = format!("$JS.API.CONSUMER.INFO.{stream}.{durable}");
+    match bus.client().request(subject, "".into()).await {
+        Ok(reply) => String::from_utf8_lossy(&reply.payload).into_owned(),
+        Err(e) => format!("(consumer info of {durable} on {stream}: {e})"),
+    }
+}
+
+/// Copies the replicas' logs and the NATS server's log out of the test's
+/// temporary directory, which is removed when the failing test unwinds, to
+/// a directory under the target dir that stays; returns a line naming it.
+fn keep_logs(env: &Env, replicas: &Replicas) -> String {
+    let Some(name) = env.d.dir.file_name() else {
+        return String::new();
+    };
+    let kept = std::path::Path::new(env!("CARGO_TARGET_TMPDIR"))
+        .join("failed")
+        .join(name);
+    let copy = || -> std::io::Result<()> {
+        std::fs::create_dir_all(&kept)?;
+        for entry in std::fs::read_dir(&replicas.logs)?.flatten() {
+            std::fs::copy(entry.path(), kept.join(entry.file_name()))?;
+        }
+        let nats_log = env.d.nats.dir().join("nats-server.log");
+        if nats_log.exists() {
+            std::fs::copy(nats_log, kept.join("nats-server.log"))?;
+        }
+        Ok(())
+    };
+    match copy() {
+        Ok(()) => format!("\nlogs kept in {}\n", kept.display()),
+        Err(e) => format!("\nlogs not kept in {}: {e}\n", kept.display()),
+    }
 }
 
 /// Waits until the IDM and the target equal `truth` and every consumer has

@@ -150,6 +150,21 @@ pub fn plan(
     new_focus_id: &str,
 ) -> Result<Outcome, CoreError> {
     let resource = config.resource(&change.resource)?;
+    // The commit must find the shadow as it was read, whatever it is.
+    let expected_version = state.shadow.map_or(0, |s| s.version);
+    // One resource may run one sync session per object type, and a session
+    // may name entries outside its scope as deleted (OpenLDAP's syncprov
+    // does, for entries that changed while it was away). When such a
+    // deletion comes before the entry's own changes, its tombstone has the
+    // other type, and it says nothing about this type's entry: it must not
+    // make this change stale (an add discarded so, its user never made), nor
+    // be the base of its shadow. A tombstone only counts for its own type.
+    let state = InboundState {
+        shadow: state
+            .shadow
+            .filter(|s| !s.dead || s.object_type == change.object_type),
+        ..state
+    };
     // A resolution re-applies the change its case was opened for, which the
     // shadow already holds; anything newer still makes it stale.
     let stale = match (state.shadow, state.resolution) {
@@ -171,7 +186,7 @@ pub fn plan(
             return Ok(Outcome::Tombstone {
                 ops: vec![Op::PutShadow {
                     shadow,
-                    expected_version: 0,
+                    expected_version,
                 }],
             });
         }
@@ -299,7 +314,7 @@ pub fn plan(
         Reaction::Nothing => {}
     }
     ops.push(Op::PutShadow {
-        expected_version: state.shadow.map_or(0, |s| s.version),
+        expected_version,
         shadow,
     });
     Ok(Outcome::Commit {
@@ -915,6 +930,99 @@ mod tests {
             ..Default::default()
         };
         assert_eq!(plan(&cfg, &gone, 13, again, "x").unwrap(), Outcome::Ignored);
+    }
+
+    /// The outage test's lost adds: the groups session, resumed, named a
+    /// person that changed while it was away as deleted (OpenLDAP's syncprov
+    /// does so for entries outside a session's scope) before the person's
+    /// add was applied. The groups' tombstone must not discard that add.
+    #[test]
+    fn another_sessions_tombstone_neither_makes_an_add_stale_nor_hides_a_deletion() {
+        let cfg = config();
+        let mut out_of_scope = entry("eve", "Eve", "Eve", "Once");
+        out_of_scope.kind = ChangeKind::Delete;
+        out_of_scope.dn.clear();
+        out_of_scope.csn = None;
+        out_of_scope.object_type = ObjectType::Group;
+        let Outcome::Tombstone { ops } =
+            plan(&cfg, &out_of_scope, 20, InboundState::default(), "x").unwrap()
+        else {
+            panic!("a deletion with no shadow must be remembered")
+        };
+        let [Op::PutShadow { shadow, .. }] = ops.as_slice() else {
+            panic!("{ops:#?}")
+        };
+        let groups_tombstone = Shadow {
+            version: 1,
+            ..shadow.clone()
+        };
+        assert_eq!(groups_tombstone.object_type, ObjectType::Group);
+
+        // The person's add, published before it and applied after it.
+        let add = entry("eve", "Eve", "Eve", "Once");
+        let state = InboundState {
+            shadow: Some(&groups_tombstone),
+            situation: Some(Situation::Unmatched),
+            ..Default::default()
+        };
+        let (situation, reaction, ops) = commit(plan(&cfg, &add, 11, state, "f-eve").unwrap());
+        assert_eq!(
+            (situation, reaction),
+            (Situation::Unmatched, Reaction::AddFocus)
+        );
+        let Some(Op::PutShadow {
+            shadow,
+            expected_version: 1,
+        }) = ops.last()
+        else {
+            panic!("the shadow must be written over the tombstone it found: {ops:#?}")
+        };
+        assert!(!shadow.dead, "{shadow:#?}");
+        assert_eq!(
+            (
+                shadow.object_type,
+                shadow.position,
+                shadow.focus_id.as_deref()
+            ),
+            (ObjectType::Account, 11, Some("f-eve"))
+        );
+
+        // The person's own deletion, coming after the groups' tombstone,
+        // leaves a tombstone of its type, which a late add finds stale.
+        let mut deleted = out_of_scope.clone();
+        deleted.object_type = ObjectType::Account;
+        let state = InboundState {
+            shadow: Some(&groups_tombstone),
+            ..Default::default()
+        };
+        let Outcome::Tombstone { ops } = plan(&cfg, &deleted, 30, state, "x").unwrap() else {
+            panic!("the person's deletion must be remembered over the groups' tombstone")
+        };
+        let [
+            Op::PutShadow {
+                shadow,
+                expected_version: 1,
+            },
+        ] = ops.as_slice()
+        else {
+            panic!("{ops:#?}")
+        };
+        assert!(shadow.dead && shadow.object_type == ObjectType::Account);
+        let own_tombstone = Shadow {
+            version: 2,
+            ..shadow.clone()
+        };
+        let state = InboundState {
+            shadow: Some(&own_tombstone),
+            situation: Some(Situation::Unmatched),
+            ..Default::default()
+        };
+        assert_eq!(
+            plan(&cfg, &add, 11, state, "x").unwrap(),
+            Outcome::Stale {
+                shadow_position: 30
+            }
+        );
     }
 
     #[test]
