@@ -80,14 +80,20 @@ async fn main() -> Result<()> {
             })
             .await
         }
-        Some("import") => import(number("--entries", 10_000)?).await,
+        Some("import") => {
+            let levels = match args.iter().position(|a| a == "--concurrency") {
+                Some(_) => vec![u32::try_from(number("--concurrency", 1)?)?],
+                None => vec![1, 16],
+            };
+            import(number("--entries", 10_000)?, &levels).await
+        }
         Some("store") => {
             let n = number("--commits", 5_000)?;
             // The store client blocks: off the async runtime.
             tokio::task::spawn_blocking(move || store::store(n)).await?
         }
         _ => bail!(
-            "usage: idsync-bench all [--import N] [--provision N] [--people N] [--changes M] [--rate R] [--million N] [--scaling N] | reconcile [--entries N] [--import M] | import [--entries N] | provisioning [--people N] | latency [--people N] [--changes M] [--rate R] | store [--commits N]"
+            "usage: idsync-bench all [--import N] [--provision N] [--people N] [--changes M] [--rate R] [--million N] [--scaling N] | reconcile [--entries N] [--import M] | import [--entries N] [--concurrency C] | provisioning [--people N] | latency [--people N] [--changes M] [--rate R] | store [--commits N]"
         ),
     }
 }
@@ -463,22 +469,25 @@ async fn timed_import(setup: &Setup, entries: usize) -> Result<(Duration, Durati
 /// The same import with the workers handling one message at a time, then
 /// sixteen: what concurrency within a replica gives, measured in one run on
 /// the same data.
-async fn import(entries: usize) -> Result<()> {
+async fn import(entries: usize, levels: &[u32]) -> Result<()> {
     let mut results = serde_json::Map::new();
-    for concurrency in [1, 16] {
+    for &concurrency in levels {
         let workers = Workers {
             inbound_concurrency: concurrency,
             appliers: 1,
         };
         let setup = Setup::start_with(entries, Some(workers)).await?;
         let (took, search) = timed_import(&setup, entries).await?;
+        let cpu = setup.cpu_seconds();
         println!(
-            "import of {entries} entries, correlator and applier concurrency {concurrency}: {:.1}s ({:.0} users/s; {:.0}x ldapsearch's {:.2}s)",
+            "import of {entries} entries, correlator and applier concurrency {concurrency}: {:.1}s ({:.0} users/s; {:.0}x ldapsearch's {:.2}s); CPU seconds: {}",
             took.as_secs_f64(),
             entries as f64 / took.as_secs_f64(),
             took.as_secs_f64() / search.as_secs_f64(),
-            search.as_secs_f64()
+            search.as_secs_f64(),
+            all::show_cpu(&cpu)
         );
+        setup.peaks(&mut serde_json::Map::new(), "import");
         results.insert(
             format!("concurrency {concurrency}"),
             serde_json::json!({

@@ -165,3 +165,96 @@ async fn a_halt_finishes_what_is_in_hand_and_waits_for_the_gate_losing_nothing()
     // the gate opened.
     assert!(handled.contains(&(0, true)), "{handled:?}");
 }
+
+/// How far a consumer has come, as a refresh's deletions read it before
+/// they are published: not at all before the consumer exists, not past a
+/// message still in hand, up to the end once everything is acknowledged; a
+/// filtered consumer with nothing of its own left counts as through any
+/// sequence; a stream that does not exist is an error naming it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn consumed_through_follows_the_acknowledged_messages() {
+    let nats = NatsServer::start().await.unwrap();
+    let bus = Bus::connect(nats.url()).await.unwrap();
+    publish(&bus, 4).await;
+    let through = |seq| {
+        let bus = bus.clone();
+        async move {
+            bus.consumed_through(names::CHANGES_STREAM, names::CORRELATOR, seq)
+                .await
+                .unwrap()
+        }
+    };
+    assert!(!through(1).await, "no consumer yet");
+    // Messages 0 and 1 (sequences 1 and 2) are done; 2 stays in hand until
+    // released; 3 follows it (one at a time).
+    let release = Arc::new(Notify::new());
+    let stop = CancellationToken::new();
+    let worker = {
+        let (bus, stop, release) = (bus.clone(), stop.clone(), release.clone());
+        tokio::spawn(async move {
+            run_worker(&bus, source(1), stop.clone(), |msg| {
+                let (release, stop) = (release.clone(), stop.clone());
+                async move {
+                    match msg.payload[0] {
+                        2 => release.notified().await,
+                        3 => stop.cancel(),
+                        _ => {}
+                    }
+                    Handling::Done
+                }
+            })
+            .await
+        })
+    };
+    idsync_testkit::eventually("sequences 1 and 2 acknowledged", WAIT, || async {
+        Ok(through(2).await.then_some(()))
+    })
+    .await
+    .unwrap();
+    assert!(!through(3).await, "sequence 3 is still in hand");
+    assert!(!through(4).await);
+    release.notify_one();
+    tokio::time::timeout(WAIT, worker)
+        .await
+        .expect("the rest handled once released")
+        .unwrap()
+        .unwrap();
+    idsync_testkit::eventually("everything acknowledged", WAIT, || async {
+        Ok(through(4).await.then_some(()))
+    })
+    .await
+    .unwrap();
+
+    // A consumer of another resource's changes only: none of the four is
+    // its own, so it is through all of them as soon as it exists.
+    let other = names::change_subject("other");
+    let stop = CancellationToken::new();
+    let idle = {
+        let (bus, stop, other) = (bus.clone(), stop.clone(), other.clone());
+        tokio::spawn(async move {
+            let source = Source {
+                durable: "other",
+                filter_subject: Some(&other),
+                ..source(1)
+            };
+            run_worker(&bus, source, stop, |_| async { Handling::Done }).await
+        })
+    };
+    idsync_testkit::eventually("the filtered consumer is through", WAIT, || async {
+        let done = bus
+            .consumed_through(names::CHANGES_STREAM, "other", 4)
+            .await
+            .map_err(|e| e.to_string())?;
+        Ok(done.then_some(()))
+    })
+    .await
+    .unwrap();
+    stop.cancel();
+    idle.await.unwrap().unwrap();
+
+    let err = bus
+        .consumed_through("NO_SUCH_STREAM", names::CORRELATOR, 1)
+        .await
+        .unwrap_err();
+    assert!(err.to_string().contains("NO_SUCH_STREAM"), "{err}");
+}

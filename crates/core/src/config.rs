@@ -186,6 +186,11 @@ pub struct IdmConfig {
     /// Directory of the embedded store.
     #[serde(default = "default_idm_data_dir")]
     pub data_dir: String,
+    /// Memory the embedded store may keep as its page cache, in MiB
+    /// (redb's own default is a whole GiB). Reads beyond it come from the
+    /// operating system's file cache.
+    #[serde(default = "default_idm_cache_mib")]
+    pub cache_mib: u32,
     /// File holding the PostgreSQL URL, for example
     /// `postgresql://idsync:secret@db:5432/idsync` (trailing newline
     /// ignored). The URL holds a password: it is never logged.
@@ -217,6 +222,10 @@ pub enum StoreKind {
 
 fn default_idm_listen() -> String {
     "127.0.0.1:50051".to_owned()
+}
+
+fn default_idm_cache_mib() -> u32 {
+    64
 }
 
 fn default_idm_data_dir() -> String {
@@ -837,6 +846,12 @@ impl Config {
             err(
                 "nats.retention_days".into(),
                 "must be at least 1 (replay and restarts read from the streams)".into(),
+            );
+        }
+        if !(1..=65_536).contains(&self.idm.cache_mib) {
+            err(
+                "idm.cache_mib".into(),
+                "must be between 1 and 65536 (MiB)".into(),
             );
         }
         if self.provisioning.max_attempts == 0 {

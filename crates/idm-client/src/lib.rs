@@ -74,6 +74,13 @@ impl From<tonic::Status> for IdmError {
             | Code::ResourceExhausted
             | Code::Cancelled
             | Code::Unknown => IdmError::Unavailable(message),
+            // The connection broke under the call (the IDM restarting sends
+            // GOAWAY and closes): tonic reports the HTTP/2 error as Internal.
+            // Whether the call took effect is unknown, as for Unavailable;
+            // commits are conditional, so one that did is found out on retry.
+            Code::Internal if message.starts_with("h2 protocol error") => {
+                IdmError::Unavailable(message)
+            }
             Code::Unauthenticated => IdmError::Unauthenticated(message),
             Code::FailedPrecondition => {
                 let kind = s
@@ -686,4 +693,31 @@ pub enum CorrelateError {
     Idm(#[from] IdmError),
     #[error(transparent)]
     Core(#[from] idsync_core::CoreError),
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_broken_connection_is_transient_and_an_internal_error_of_the_idm_is_not() {
+        // What tonic makes of an HTTP/2 error when the IDM closes the
+        // connection under a call (seen while it restarted).
+        let broken = IdmError::from(tonic::Status::internal(
+            "h2 protocol error: error reading a body from connection",
+        ));
+        assert!(broken.is_transient(), "{broken:?}");
+        let refused = IdmError::from(tonic::Status::internal("the store failed"));
+        assert!(!refused.is_transient(), "{refused:?}");
+        assert!(
+            matches!(
+                refused,
+                IdmError::Rejected {
+                    code: Code::Internal,
+                    ..
+                }
+            ),
+            "{refused:?}"
+        );
+    }
 }

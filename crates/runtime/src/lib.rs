@@ -635,6 +635,11 @@ mod tests {
                 "workers.provisioner_concurrency: must be between 1 and 256",
             ),
             (
+                "data_dir = \"/var/lib/idsync/idm\"",
+                "data_dir = \"/var/lib/idsync/idm\"\ncache_mib = 0",
+                "idm.cache_mib: must be between 1 and 65536 (MiB)",
+            ),
+            (
                 "strength = \"strong\"",
                 "strength = \"strongest\"",
                 "unknown variant `strongest`, expected one of `weak`, `normal`, `strong`",

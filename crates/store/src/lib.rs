@@ -286,6 +286,9 @@ pub struct Store {
     verified: Arc<std::sync::Mutex<agreements::Verified>>,
 }
 
+/// The embedded store's page cache unless configured (`idm.cache_mib`).
+pub const DEFAULT_CACHE_BYTES: usize = 64 * 1024 * 1024;
+
 impl Store {
     /// Opens (or creates) the embedded store in `dir`.
     ///
@@ -293,13 +296,23 @@ impl Store {
     /// The directory cannot be created, or the database cannot be opened
     /// (for example because another process holds it).
     pub fn open(dir: &Path) -> Result<Self, StoreError> {
+        Self::open_with_cache(dir, DEFAULT_CACHE_BYTES)
+    }
+
+    /// As [`Store::open`], keeping at most `cache_bytes` of pages in memory.
+    ///
+    /// # Errors
+    /// As [`Store::open`].
+    pub fn open_with_cache(dir: &Path, cache_bytes: usize) -> Result<Self, StoreError> {
         let open_err = |reason: String| StoreError::Open {
             path: dir.display().to_string(),
             reason,
         };
         std::fs::create_dir_all(dir).map_err(|e| open_err(e.to_string()))?;
-        let database =
-            Database::create(dir.join("idm.redb")).map_err(|e| open_err(e.to_string()))?;
+        let database = redb::Builder::new()
+            .set_cache_size(cache_bytes)
+            .create(dir.join("idm.redb"))
+            .map_err(|e| open_err(e.to_string()))?;
         Self::initialise(Backend::Embedded(database), &|reason| open_err(reason))
     }
 

@@ -429,6 +429,21 @@ async fn as_decided(
     decision: &v1::Decision,
     change: &SourceChange,
 ) -> Result<Correlation, CorrelateError> {
+    // An entry that was new when decided (no shadow, no user): nothing to
+    // read again. The commit expects no shadow (version 0) and a free name;
+    // if either changed since, it is refused, and the entry is correlated
+    // afresh. Half the IDM calls of a first import go.
+    if decision.shadow_version == 0
+        && decision.focus_id.is_empty()
+        && Situation::parse(&decision.situation) == Some(Situation::Unmatched)
+    {
+        return Ok(Correlation {
+            situation: Some(Situation::Unmatched),
+            shadow: None,
+            focus: None,
+            candidates: Vec::new(),
+        });
+    }
     let shadow = idm.get_shadow(&change.resource, &change.entry_uuid).await?;
     let focus = if decision.focus_id.is_empty() {
         None

@@ -104,7 +104,10 @@ pub async fn run(config: Arc<Config>, shutdown: CancellationToken) -> Result<(),
     })?;
     let authority = Authority::from_config(&config)?;
     let store = match config.idm.store {
-        StoreKind::Embedded => open_store(Path::new(&config.idm.data_dir)).await?,
+        StoreKind::Embedded => {
+            let cache = config.idm.cache_mib as usize * 1024 * 1024;
+            open_store(Path::new(&config.idm.data_dir), cache).await?
+        }
         StoreKind::Postgres => {
             let url = idsync_runtime::postgres_url(&config)?;
             let store = tokio::task::spawn_blocking(move || Store::open_postgres(url.expose()))
@@ -134,9 +137,9 @@ pub async fn run(config: Arc<Config>, shutdown: CancellationToken) -> Result<(),
     result
 }
 
-async fn open_store(dir: &Path) -> Result<Store, Error> {
+async fn open_store(dir: &Path, cache_bytes: usize) -> Result<Store, Error> {
     let dir = dir.to_owned();
-    tokio::task::spawn_blocking(move || Store::open(&dir))
+    tokio::task::spawn_blocking(move || Store::open_with_cache(&dir, cache_bytes))
         .await
         .map_err(|e| Error::Serve(e.to_string()))?
         .map_err(Error::from)
