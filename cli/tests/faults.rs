@@ -7,9 +7,9 @@
 //!   restarted;
 //! - NATS down for 15 s and started again on its file store, the target
 //!   directory and the IDM each down for a while, during one import written
-//!   over LDAP with modifications and deletions (ignored for now: see the
-//!   test); the source directory restarted during another, and an entry
-//!   deleted while the detector is away before its add is applied;
+//!   over LDAP with modifications and deletions; the source directory
+//!   restarted during another, and an entry deleted while the detector is
+//!   away before its add is applied;
 //! - bus messages delivered twice and out of order on each of the three
 //!   streams, and poison messages (undecodable, another schema version, a
 //!   valid event for an unknown resource) on each, during an import.
@@ -23,10 +23,12 @@
 //! the first entries, and the processes' logs (`IDSYNC_SCALING_LOG=info`
 //! makes the processes log every decision and commit).
 //!
-//! The source-restart tests once failed: a resumed session's present phase
-//! was compared with the IDM's shadows while an entry's add was still in
-//! the pipeline, so its deletion was lost. The detector now waits for the
-//! pipeline first (docs/architecture.md, "What a refresh implies is gone").
+//! What these tests found, fixed: a resumed session's present phase was
+//! compared with the IDM's shadows while an entry's add was still in the
+//! pipeline, so its deletion was lost (the detector now waits for the
+//! pipeline first); another session's tombstone made an add stale (a user
+//! never made) or hid a deletion; an HTTP/2 error from the IDM restarting
+//! halted the agreement as if the IDM had refused the call.
 
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
@@ -512,7 +514,7 @@ async fn import_through(faults: &[Fault]) {
 /// the IDM stopped (SIGTERM) for 10 s meanwhile; all while the writes go
 /// on. Nothing is lost or duplicated, and no service gives up.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-#[ignore = "the lost adds and deletions are fixed (another session's tombstone made them stale); 3 of 4 runs pass, the fourth halted the agreement on `IDM refused the request (Internal): h2 protocol error` just after the IDM restart, which the IDM client classifies as permanent (issue 8)"]
+
 async fn nats_target_and_idm_outages_in_an_import_lose_and_duplicate_nothing() {
     import_through(&[
         Fault::NatsDown(3),

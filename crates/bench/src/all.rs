@@ -9,7 +9,9 @@ use std::time::{Duration, Instant};
 use anyhow::Result;
 use idsync_bus::{Bus, names};
 
-use super::{Setup, Workers, baseline, imported, latency, run_reconcile, spawn, write_json};
+use super::{
+    Setup, Workers, baseline, imported, latency, profiled, run_reconcile, spawn, write_json,
+};
 
 /// The sizes of one run (`--import`, `--provision`, `--people`, `--changes`,
 /// `--rate`, `--million`, `--scaling`).
@@ -55,9 +57,12 @@ pub async fn all(sizes: Sizes) -> Result<()> {
     };
     let setup = Setup::start_with(sizes.import, Some(workers)).await?;
     let search = baseline(&setup.slapd, &setup.password_file).await?;
-    let started = Instant::now();
-    let (_, _, reconcile_peak) = run_reconcile(&setup.config, &setup.admin_file).await?;
-    let took = imported(&setup, sizes.import, started).await?;
+    let (reconcile_peak, took) = profiled("import", async {
+        let started = Instant::now();
+        let (_, _, peak) = run_reconcile(&setup.config, &setup.admin_file).await?;
+        Ok((peak, imported(&setup, sizes.import, started).await?))
+    })
+    .await?;
     let cpu = setup.cpu_seconds();
     let ratio = took.as_secs_f64() / search.as_secs_f64();
     println!(
@@ -82,7 +87,11 @@ pub async fn all(sizes: Sizes) -> Result<()> {
     peaks.insert("reconcile".into(), serde_json::json!(reconcile_peak));
     setup.peaks(&mut peaks, "import");
     let search_again = baseline(&setup.slapd, &setup.password_file).await?;
-    let (same, same_time, same_peak) = run_reconcile(&setup.config, &setup.admin_file).await?;
+    let (same, same_time, same_peak) = profiled(
+        "reconcile-unchanged",
+        run_reconcile(&setup.config, &setup.admin_file),
+    )
+    .await?;
     let unchanged_ratio = same_time.as_secs_f64() / search_again.as_secs_f64();
     println!(
         "  reconciliation of the same entries, unchanged: {:.2}s, {} events, {} deletions; ldapsearch {:.2}s: {unchanged_ratio:.1}x",

@@ -477,7 +477,11 @@ async fn import(entries: usize, levels: &[u32]) -> Result<()> {
             appliers: 1,
         };
         let setup = Setup::start_with(entries, Some(workers)).await?;
-        let (took, search) = timed_import(&setup, entries).await?;
+        let (took, search) = profiled(
+            &format!("import-{concurrency}"),
+            timed_import(&setup, entries),
+        )
+        .await?;
         let cpu = setup.cpu_seconds();
         println!(
             "import of {entries} entries, correlator and applier concurrency {concurrency}: {:.1}s ({:.0} users/s; {:.0}x ldapsearch's {:.2}s); CPU seconds: {}",
@@ -499,6 +503,53 @@ async fn import(entries: usize, levels: &[u32]) -> Result<()> {
         setup.stop().await;
     }
     write_json("import.json", &serde_json::Value::Object(results))
+}
+
+/// With `IDSYNC_BENCH_PERF` set, a system-wide `perf record` while `work`
+/// runs, kept as `target/bench/<name>.perf`, and the CPU samples by process
+/// and binary printed: where the time of a scenario goes, every process of
+/// it at once (`perf report -i target/bench/<name>.perf` for the functions).
+async fn profiled<T>(name: &str, work: impl std::future::Future<Output = Result<T>>) -> Result<T> {
+    if std::env::var_os("IDSYNC_BENCH_PERF").is_none() {
+        return work.await;
+    }
+    std::fs::create_dir_all("target/bench")?;
+    let out = format!("target/bench/{name}.perf");
+    let mut perf = Command::new("perf")
+        .args(["record", "-F", "499", "-a", "-o", &out])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .context("cannot run perf (Debian's linux-perf)")?;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let result = work.await;
+    let pid = perf.id().context("perf ended early")?;
+    Command::new("kill")
+        .args(["-INT", &pid.to_string()])
+        .status()
+        .await?;
+    perf.wait().await?;
+    let report = Command::new("perf")
+        .args([
+            "report",
+            "-i",
+            &out,
+            "--stdio",
+            "--sort",
+            "comm,dso",
+            "--percent-limit",
+            "2",
+        ])
+        .stderr(Stdio::null())
+        .output()
+        .await?;
+    println!("  CPU samples by process and binary ({out}):");
+    for line in String::from_utf8_lossy(&report.stdout).lines() {
+        if line.trim_start().starts_with(|c: char| c.is_ascii_digit()) {
+            println!("    {}", line.trim());
+        }
+    }
+    result
 }
 
 /// Writes `value` to `target/bench/<name>` and says so.
@@ -539,7 +590,14 @@ async fn reconcile(entries: usize, import: usize) -> Result<()> {
     // B: `import` entries imported through correlator, applier and IDM, then
     // reconciled again unchanged: no event may come out.
     println!("B. import of {import} entries, then a reconciliation of them unchanged");
-    let b = Setup::start(import, true).await?;
+    let b = Setup::start_with(
+        import,
+        Some(Workers {
+            inbound_concurrency: 16,
+            appliers: 1,
+        }),
+    )
+    .await?;
     let search_b = baseline(&b.slapd, &b.password_file).await?;
     let started = Instant::now();
     let (first, _, _) = run_reconcile(&b.config, &b.admin_file).await?;
@@ -560,7 +618,11 @@ async fn reconcile(entries: usize, import: usize) -> Result<()> {
         import_time.as_secs_f64(),
         import as f64 / import_time.as_secs_f64()
     );
-    let (same, same_time, same_peak) = run_reconcile(&b.config, &b.admin_file).await?;
+    let (same, same_time, same_peak) = profiled(
+        "reconcile-unchanged",
+        run_reconcile(&b.config, &b.admin_file),
+    )
+    .await?;
     println!(
         "  idsync reconcile, unchanged: {} scanned, {} events, {} deletions in {:.2}s; ldapsearch {:.2}s ({:.1}x); peak RSS {} MiB",
         same["scanned"],
