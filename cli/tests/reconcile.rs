@@ -436,3 +436,80 @@ async fn a_provisioning_that_keeps_failing_is_parked_and_retried_from_the_cli() 
     env.assert_no_secret_logged();
     env.d.shutdown().await.unwrap();
 }
+
+/// The source stopped in the middle of a reconciliation (pages are read
+/// ahead while earlier ones are compared): the run fails, naming the
+/// source, and publishes no deletion — entries it never got to read are
+/// not gone, and every user stays.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_source_that_stops_mid_reconciliation_fails_it_and_deletes_nothing() {
+    const PEOPLE_N: usize = 3_000;
+    let extra: String = (0..PEOPLE_N)
+        .map(|i| {
+            format!(
+                "dn: uid=r{i:04},ou=people,dc=example,dc=com\nobjectClass: inetOrgPerson\n\
+                 uid: r{i:04}\ncn: Reconciled {i}\nsn: R\n\n"
+            )
+        })
+        .collect();
+    let mut env = start_with_options(
+        EXAMPLE_CONFIG,
+        idsync::dev::Options {
+            source_seed_extra: Some(extra),
+            ..Default::default()
+        },
+    )
+    .await;
+    let idm = env.d.admin().unwrap();
+    eventually(
+        "the seed imported",
+        std::time::Duration::from_secs(300),
+        || async {
+            let live = idm.live_shadows("hr").await.map_err(|e| e.to_string())?;
+            Ok((live as usize > PEOPLE_N).then_some(()))
+        },
+    )
+    .await
+    .unwrap();
+    env.d.stop_service("detector").await.unwrap();
+    let live = idm.live_shadows("hr").await.unwrap();
+    let bus = Bus::connect(env.d.nats.url()).await.unwrap();
+    let published = bus.last_sequence(names::CHANGES_STREAM).await.unwrap();
+
+    // Two pages a second: six pages take three seconds; the source stops
+    // after the first.
+    let run = env.cli_child(&["reconcile", "hr", "--json", "--rate", "1000"]);
+    tokio::time::sleep(std::time::Duration::from_millis(700)).await;
+    env.d.source.stop().await.unwrap();
+    let out = cli_output(run).await;
+    assert!(!out.status.success(), "the run must fail: {}", text(&out));
+    let said = text(&out);
+    assert!(
+        said.contains(env.d.source.url()),
+        "names the source: {said}"
+    );
+
+    let after = bus.last_sequence(names::CHANGES_STREAM).await.unwrap();
+    let deletions = bus
+        .peek(
+            names::CHANGES_STREAM,
+            published + 1,
+            (after - published) as usize,
+        )
+        .await
+        .unwrap()
+        .into_iter()
+        .filter(|m| {
+            use prost::Message as _;
+            idsync_proto::v1::ChangeEvent::decode(m.payload.as_ref())
+                .is_ok_and(|e| e.kind == idsync_proto::v1::ChangeKind::Delete as i32)
+        })
+        .count();
+    assert_eq!(deletions, 0, "no deletion published by the broken run");
+    assert_eq!(
+        idm.live_shadows("hr").await.unwrap(),
+        live,
+        "every user stays"
+    );
+    env.d.shutdown().await.unwrap();
+}

@@ -72,7 +72,16 @@ impl Env {
 
     pub async fn cli_with_input(&self, args: &[&str], input: &str) -> Output {
         use tokio::io::AsyncWriteExt as _;
-        let mut child = tokio::process::Command::new(env!("CARGO_BIN_EXE_idsync"))
+        let mut child = self.cli_child(args);
+        let mut stdin = child.stdin.take().unwrap();
+        stdin.write_all(input.as_bytes()).await.unwrap();
+        drop(stdin);
+        cli_output(child).await
+    }
+
+    /// `idsync args…` started, not waited for (see [`cli_output`]).
+    pub fn cli_child(&self, args: &[&str]) -> tokio::process::Child {
+        tokio::process::Command::new(env!("CARGO_BIN_EXE_idsync"))
             .args(args)
             .env("IDSYNC_CONFIG", self.d.dir.join("idsync.toml"))
             .env("IDSYNC_ADMIN_TOKEN_FILE", self.d.dir.join("secrets/admin"))
@@ -83,14 +92,7 @@ impl Env {
             .stdout(std::process::Stdio::piped())
             .stderr(std::process::Stdio::piped())
             .spawn()
-            .unwrap();
-        let mut stdin = child.stdin.take().unwrap();
-        stdin.write_all(input.as_bytes()).await.unwrap();
-        drop(stdin);
-        let out = child.wait_with_output().await.unwrap();
-        // What the CLI says on errors is searched for secrets with the logs.
-        idsync_testkit::logs::record(&out.stderr);
-        out
+            .unwrap()
     }
 
     /// No bind password, administrator credential or sync token of this
@@ -175,6 +177,14 @@ impl Env {
         assert!(head.starts_with("HTTP/1.1 "), "{head}");
         serde_json::from_str(body).unwrap()
     }
+}
+
+/// What a CLI process started by [`Env::cli_child`] printed, once it ended.
+pub async fn cli_output(child: tokio::process::Child) -> Output {
+    let out = child.wait_with_output().await.unwrap();
+    // What the CLI says on errors is searched for secrets with the logs.
+    idsync_testkit::logs::record(&out.stderr);
+    out
 }
 
 pub fn text(o: &Output) -> String {

@@ -287,22 +287,43 @@ pub async fn reconcile(
         let mut seen = Seen::new(options.run_size);
         let mut scan =
             Scan::start(&conn, &scope.base_dn, &scope.filter, &resource.id_attribute).await?;
-        let mut page = Vec::with_capacity(idsync_ldap::PAGE_SIZE as usize);
-        loop {
-            let entry = match scan.next().await {
-                Ok(Some(e)) => Some(e),
-                Ok(None) => None,
-                Err(e @ LdapError::Protocol { .. }) => {
-                    tracing::warn!(resource = name, error = %e, "an entry could not be read; skipped");
-                    progress.errors += 1;
-                    continue;
+        // The next page is read from the directory while this one is
+        // compared with the IDM's shadows: a page ahead at most.
+        let (pages, pending) = tokio::sync::mpsc::channel::<Vec<ScannedEntry>>(1);
+        let read = async {
+            let pages = pages;
+            let mut unreadable = 0;
+            let mut page = Vec::with_capacity(idsync_ldap::PAGE_SIZE as usize);
+            loop {
+                let entry = match scan.next().await {
+                    Ok(e) => e,
+                    Err(e @ LdapError::Protocol { .. }) => {
+                        tracing::warn!(resource = name, error = %e, "an entry could not be read; skipped");
+                        unreadable += 1;
+                        continue;
+                    }
+                    Err(e) => return Err(ReconcileError::from(e)),
+                };
+                let end = entry.is_none();
+                page.extend(entry);
+                if (page.len() >= idsync_ldap::PAGE_SIZE as usize || end)
+                    && !page.is_empty()
+                    // The comparing side stopped (it failed): so do we.
+                    && pages.send(std::mem::take(&mut page)).await.is_err()
+                {
+                    break;
                 }
-                Err(e) => return Err(e.into()),
-            };
-            let end = entry.is_none();
-            page.extend(entry);
-            if page.len() >= idsync_ldap::PAGE_SIZE as usize || (end && !page.is_empty()) {
-                let batch = std::mem::take(&mut page);
+                if end {
+                    break;
+                }
+            }
+            Ok::<u64, ReconcileError>(unreadable)
+        };
+        // The comparing side owns the receiver: when it fails, the reader's
+        // next send fails and it stops too.
+        let compare = async {
+            let mut pending = pending;
+            while let Some(batch) = pending.recv().await {
                 for e in &batch {
                     match uuid_number(&e.entry_uuid) {
                         Some(n) => seen.insert(n)?,
@@ -321,10 +342,11 @@ pub async fn reconcile(
                 report(&progress);
                 pace.step(progress.scanned).await;
             }
-            if end {
-                break;
-            }
-        }
+            Ok::<(), ReconcileError>(())
+        };
+        let (unreadable, compared) = tokio::join!(read, compare);
+        compared?;
+        progress.errors += unreadable?;
         // Every live shadow of this kind whose entry was not seen is gone.
         let mut merged = seen.merged()?;
         let kind = kind_of(scope);
