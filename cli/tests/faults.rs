@@ -515,7 +515,7 @@ async fn import_through(faults: &[Fault]) {
 /// the IDM stopped (SIGTERM) for 10 s meanwhile; all while the writes go
 /// on. Nothing is lost or duplicated, and no service gives up.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-#[ignore = "1 run in 2 loses a deletion: the source deleted the person, but no deletion of its entry ever entered the change stream (its add did, and was applied); the two losses found before are fixed (issue 8)"]
+#[ignore = "with the lost deletions fixed (both sessions' tombstones) it passed 2 runs of 3; the third left a target account of a person deleted at the source (its user deleted, the account not): not found yet (issue 8)"]
 async fn nats_target_and_idm_outages_in_an_import_lose_and_duplicate_nothing() {
     import_through(&[
         Fault::NatsDown(3),

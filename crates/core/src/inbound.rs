@@ -158,11 +158,17 @@ pub fn plan(
     // deletion comes before the entry's own changes, its tombstone has the
     // other type, and it says nothing about this type's entry: it must not
     // make this change stale (an add discarded so, its user never made), nor
-    // be the base of its shadow. A tombstone only counts for its own type.
+    // be the base of its shadow. A tombstone only counts for its own type,
+    // unless the entry's deletion was confirmed: by both sessions (see
+    // below), or applied to a live shadow (situation `deleted`).
+    let confirmed = |s: &Shadow| s.situation == Situation::Deleted.as_str();
+    let other_tombstone = state
+        .shadow
+        .filter(|s| s.dead && s.object_type != change.object_type && !confirmed(s));
     let state = InboundState {
         shadow: state
             .shadow
-            .filter(|s| !s.dead || s.object_type == change.object_type),
+            .filter(|s| !s.dead || s.object_type == change.object_type || confirmed(s)),
         ..state
     };
     // A resolution re-applies the change its case was opened for, which the
@@ -183,6 +189,19 @@ pub fn plan(
         if change.is_delete() && state.shadow.is_none() {
             let mut shadow = next_shadow(change, change_seq, None, None);
             shadow.object_type = change.object_type;
+            // Both sessions name the entry as deleted: it is gone whatever
+            // its type, and the tombstone must keep discarding a late add of
+            // either. Written over the other session's tombstone with only
+            // this one's type, it would let the entry's own late add through
+            // (the outage test's lost deletions: the accounts session's
+            // tombstone overwritten by the groups session's).
+            if let Some(other) = other_tombstone {
+                shadow.situation = Situation::Deleted.to_string();
+                shadow.position = shadow.position.max(other.position);
+                if shadow.dn.is_empty() {
+                    shadow.dn = other.dn.clone();
+                }
+            }
             return Ok(Outcome::Tombstone {
                 ops: vec![Op::PutShadow {
                     shadow,
@@ -1023,6 +1042,80 @@ mod tests {
                 shadow_position: 30
             }
         );
+    }
+
+    /// The outage test's lost deletions: a person deleted while its add was
+    /// still in the pipeline. The accounts session's deletion came first and
+    /// left a tombstone; the groups session's deletion of the same entry
+    /// (syncprov names every deletion to every session) then wrote a
+    /// tombstone of type group over it, and the person's late add, finding
+    /// no tombstone of its type, made the user and account of a person gone.
+    #[test]
+    fn a_deletion_named_by_both_sessions_keeps_discarding_a_late_add_in_either_order() {
+        let cfg = config();
+        let add = entry("eve", "Eve", "Eve", "Once");
+        let mut gone = add.clone();
+        gone.kind = ChangeKind::Delete;
+        gone.dn.clear();
+        gone.csn = None;
+        for (first, second) in [
+            (ObjectType::Account, ObjectType::Group),
+            (ObjectType::Group, ObjectType::Account),
+        ] {
+            let first_deletion = SourceChange {
+                object_type: first,
+                ..gone.clone()
+            };
+            let Outcome::Tombstone { ops } =
+                plan(&cfg, &first_deletion, 20, InboundState::default(), "x").unwrap()
+            else {
+                panic!("a deletion with no shadow must be remembered")
+            };
+            let [Op::PutShadow { shadow, .. }] = ops.as_slice() else {
+                panic!("{ops:#?}")
+            };
+            let tombstone = Shadow {
+                version: 1,
+                ..shadow.clone()
+            };
+            let second_deletion = SourceChange {
+                object_type: second,
+                ..gone.clone()
+            };
+            let state = InboundState {
+                shadow: Some(&tombstone),
+                ..Default::default()
+            };
+            let both = match plan(&cfg, &second_deletion, 30, state, "x").unwrap() {
+                Outcome::Tombstone { ops } => match ops.as_slice() {
+                    [
+                        Op::PutShadow {
+                            shadow,
+                            expected_version: 1,
+                        },
+                    ] => Shadow {
+                        version: 2,
+                        ..shadow.clone()
+                    },
+                    _ => panic!("{ops:#?}"),
+                },
+                Outcome::Ignored => tombstone.clone(),
+                other => panic!("{first:?} then {second:?}: {other:?}"),
+            };
+            assert!(both.dead, "{both:#?}");
+            let state = InboundState {
+                shadow: Some(&both),
+                situation: Some(Situation::Unmatched),
+                ..Default::default()
+            };
+            assert!(
+                matches!(
+                    plan(&cfg, &add, 11, state, "f-eve").unwrap(),
+                    Outcome::Stale { .. }
+                ),
+                "{first:?} then {second:?}: the late add must be discarded over {both:#?}"
+            );
+        }
     }
 
     #[test]

@@ -405,6 +405,7 @@ impl Publisher<'_> {
         }
         if let Some(cookie) = cookie {
             self.bus.store_cookie(self.cookie_key, cookie).await?;
+            tracing::debug!(key = self.cookie_key, cookie = %String::from_utf8_lossy(cookie), "cookie stored");
         }
         Ok(())
     }
@@ -433,6 +434,7 @@ async fn session(
         bus.load_cookie(&resource.cookie_key).await?
     };
     let resumed = cookie.is_some();
+    tracing::debug!(key = %resource.cookie_key, cookie = ?cookie.as_deref().map(String::from_utf8_lossy), "cookie loaded");
     // Everything published before this session: a refresh's deletions wait
     // until the pipeline has taken it (see `Sweep`).
     let before = match idm {
@@ -548,7 +550,7 @@ async fn session(
                     csn,
                     cookie.clone(),
                 );
-                tracing::debug!(resource = %resource.resource, dn = %event.dn, ?state, "change");
+                tracing::debug!(resource = %resource.resource, key = %resource.cookie_key, dn = %event.dn, entry_uuid = %event.entry_uuid, ?state, cookie = ?event.position.as_ref().map(|p| String::from_utf8_lossy(&p.cookie).into_owned()), "change");
                 out.publish(event).await?;
                 hold_or_commit(&mut out, &mut refreshing, cookie).await?;
             }
@@ -556,7 +558,7 @@ async fn session(
                 entry_uuids,
                 cookie,
             } => {
-                tracing::debug!(resource = %resource.resource, base = %resource.base_dn, deleted = ?entry_uuids, "deleted while away");
+                tracing::debug!(resource = %resource.resource, key = %resource.cookie_key, base = %resource.base_dn, deleted = ?entry_uuids, cookie = ?cookie.as_deref().map(String::from_utf8_lossy), "deleted while away");
                 for uuid in entry_uuids {
                     let event = change_event(
                         resource,
@@ -583,6 +585,7 @@ async fn session(
                 hold_or_commit(&mut out, &mut refreshing, cookie).await?;
             }
             SyncMessage::RefreshDone { cookie, deletes } => {
+                tracing::debug!(key = %resource.cookie_key, deletes, cookie = ?cookie.as_deref().map(String::from_utf8_lossy), "refresh done message");
                 if let Some(r) = refreshing.as_mut() {
                     if cookie.is_some() {
                         r.cookie = cookie;
@@ -615,6 +618,7 @@ async fn session(
                 );
             }
             SyncMessage::Cookie(cookie) => {
+                tracing::debug!(key = %resource.cookie_key, cookie = %String::from_utf8_lossy(&cookie), "new cookie");
                 hold_or_commit(&mut out, &mut refreshing, Some(cookie)).await?;
             }
         }
