@@ -28,7 +28,8 @@
 //! compared with the IDM's shadows while an entry's add was still in the
 //! pipeline, so its deletion was lost (the detector now waits for the
 //! pipeline first); another session's tombstone made an add stale (a user
-//! never made) or hid a deletion; an HTTP/2 error from the IDM restarting
+//! never made) or hid a deletion, and the two sessions' tombstones of one
+//! deleted person overwrote each other; an HTTP/2 error from the IDM restarting
 //! halted the agreement as if the IDM had refused the call.
 
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
