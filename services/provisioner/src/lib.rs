@@ -89,6 +89,10 @@ fn ldap_failure(resource: &str, e: LdapError) -> Failure {
         LdapError::Connect { .. } | LdapError::Closed { .. } | LdapError::Timeout { .. } => {
             Failure::Transient(text)
         }
+        // The account went between the read and the write (another replica
+        // deleted it, or someone by hand): the next attempt reads again and
+        // creates it or leaves it gone. It was parked (three-replica test).
+        LdapError::NoSuchObject { .. } => Failure::Transient(text),
         _ => Failure::Permanent(text),
     }
 }
@@ -883,5 +887,22 @@ async fn commit(idm: &IdmClient, ops: Vec<Op>) -> Result<(), Failure> {
             Err(Failure::Transient(format!("lost a race: {reason}")))
         }
         Err(e) => Err(e.into()),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn an_account_gone_under_a_write_is_retried_not_parked() {
+        let gone = LdapError::NoSuchObject {
+            dn: "cn=p0284,o=Acme".into(),
+            operation: "modify".into(),
+            url: "ldap://127.0.0.1:1".into(),
+        };
+        assert!(
+            matches!(ldap_failure("acme", gone), Failure::Transient(t) if t.contains("cn=p0284"))
+        );
     }
 }
