@@ -7,7 +7,6 @@ use std::path::Path;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail};
-use idsync_core::secret::Secret;
 use idsync_idm_client::IdmClient;
 use idsync_testkit::{NatsServer, Slapd, SlapdOptions, free_port};
 
@@ -168,20 +167,8 @@ impl Pipeline {
                 &work.join("idm"),
             ),
         )?;
-        let mut procs = vec![spawn("idm", "idsync-idm", &config_path, &work).await?];
-        let idm = IdmClient::new(&format!("http://127.0.0.1:{idm_port}"), &Secret::new(ADMIN))?;
-        let deadline = Instant::now() + Duration::from_secs(30);
-        loop {
-            match idm.create_agreement("hr").await {
-                Ok(_) => break,
-                Err(e) if e.is_transient() && Instant::now() < deadline => {
-                    tokio::time::sleep(Duration::from_millis(100)).await;
-                }
-                Err(e) => return Err(e).context("the IDM did not come up"),
-            }
-        }
-        let token = idm.generate_token("hr", "bench").await?;
-        std::fs::write(secrets.join("hr.token"), token.expose())?;
+        let (idm_proc, idm) = super::start_idm(&config_path, &work, idm_port, &secrets).await?;
+        let mut procs = vec![idm_proc];
         let started = Instant::now();
         for (name, binary) in [
             ("correlator", "idsync-correlator"),

@@ -222,6 +222,31 @@ fn cpu_seconds(pid: Option<u32>) -> f64 {
     (ticks(11) + ticks(12)) as f64 / 100.0
 }
 
+/// Starts the IDM, waits until it answers, creates agreement `hr` and
+/// writes its token to `secrets/hr.token` for the workers to read.
+async fn start_idm(
+    config: &Path,
+    work: &Path,
+    port: u16,
+    secrets: &Path,
+) -> Result<(Proc, IdmClient)> {
+    let proc = spawn("idm", "idsync-idm", config, work).await?;
+    let idm = IdmClient::new(&format!("http://127.0.0.1:{port}"), &Secret::new(ADMIN))?;
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        match idm.create_agreement("hr").await {
+            Ok(_) => break,
+            Err(e) if e.is_transient() && Instant::now() < deadline => {
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+            Err(e) => return Err(e).context("the IDM did not come up"),
+        }
+    }
+    let token = idm.generate_token("hr", "bench").await?;
+    std::fs::write(secrets.join("hr.token"), token.expose())?;
+    Ok((proc, idm))
+}
+
 async fn spawn(name: &'static str, binary: &str, config: &Path, log: &Path) -> Result<Proc> {
     let log = std::fs::File::create(log.join(format!("{name}.log")))?;
     let child = Command::new(bin(binary)?)
@@ -380,20 +405,8 @@ impl Setup {
                 inbound_concurrency,
             ),
         )?;
-        let mut procs = vec![spawn("idm", "idsync-idm", &config_path, &work).await?];
-        let idm = IdmClient::new(&format!("http://127.0.0.1:{idm_port}"), &Secret::new(admin))?;
-        let deadline = Instant::now() + Duration::from_secs(30);
-        loop {
-            match idm.create_agreement("hr").await {
-                Ok(_) => break,
-                Err(e) if e.is_transient() && Instant::now() < deadline => {
-                    tokio::time::sleep(Duration::from_millis(100)).await;
-                }
-                Err(e) => return Err(e).context("the IDM did not come up"),
-            }
-        }
-        let token = idm.generate_token("hr", "bench").await?;
-        std::fs::write(secrets.join("hr.token"), token.expose())?;
+        let (idm_proc, idm) = start_idm(&config_path, &work, idm_port, &secrets).await?;
+        let mut procs = vec![idm_proc];
         if let Some(w) = workers {
             procs.push(spawn("correlator", "idsync-correlator", &config_path, &work).await?);
             for i in 0..w.appliers {
