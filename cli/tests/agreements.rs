@@ -103,6 +103,87 @@ async fn tokens_are_refused_for_every_reason_and_never_echoed() {
         "belongs to agreement \"crm\", but resource \"hr\" writes under agreement \"hr\"",
         &first,
     );
+    // In a batch, each commit is checked under the token on its own: the
+    // foreign resource's and the stale one are refused alone.
+    let hr_token = env.admin.generate_token("hr", "batch").await.unwrap();
+    let as_hr = IdmClient::new(&url, &hr_token).unwrap();
+    let new_user = |id: &str, name: &str| Op::PutFocus {
+        focus: Focus {
+            id: id.into(),
+            kind: "user".into(),
+            attributes: [("name".to_owned(), vec![name.to_owned()])].into(),
+            ..Default::default()
+        },
+        expected_version: 0,
+    };
+    let request = |op: Op, origin: &str| idsync_proto::v1::CommitRequest {
+        operations: vec![op.into()],
+        origin_resource: origin.into(),
+        trace_parent: String::new(),
+    };
+    let results = as_hr
+        .commit_batch(vec![
+            request(new_user("f-b1", "batchone"), "hr"),
+            request(new_user("f-b2", "batchtwo"), "acme"),
+            request(new_user("f-b1", "batchagain"), "hr"),
+            request(new_user("f-b3", "batchthree"), "hr"),
+        ])
+        .await
+        .unwrap();
+    assert_eq!(results.len(), 4);
+    assert_eq!(results[0].as_ref().unwrap(), &[1]);
+    let e = results[1].as_ref().unwrap_err();
+    assert!(
+        e.to_string().contains(
+            "belongs to agreement \"hr\", but resource \"acme\" writes under no agreement"
+        ),
+        "{e}"
+    );
+    assert!(
+        matches!(&results[2], Err(IdmError::Conflict(_))),
+        "{:?}",
+        results[2]
+    );
+    assert_eq!(results[3].as_ref().unwrap(), &[1]);
+    for (id, name) in [
+        ("f-b1", Some("batchone")),
+        ("f-b2", None),
+        ("f-b3", Some("batchthree")),
+    ] {
+        let f = env.admin.get_focus(id).await.unwrap();
+        assert_eq!(f.as_ref().and_then(|f| f.first("name")), name, "{id}");
+    }
+    // Many callers at once through one committer: each gets its own result,
+    // whatever batches they shared.
+    let committer = idsync_idm_client::Committer::new(as_hr.clone(), 8);
+    let calls = (0..24).map(|i| {
+        let committer = committer.clone();
+        async move {
+            // Every fifth takes a name already taken.
+            let name = if i % 5 == 0 {
+                "batchone".to_owned()
+            } else {
+                format!("many{i}")
+            };
+            committer
+                .commit(vec![new_user(&format!("f-m{i}"), &name)], "hr")
+                .await
+        }
+    });
+    let results = futures::future::join_all(calls).await;
+    for (i, r) in results.iter().enumerate() {
+        let stored = env.admin.get_focus(&format!("f-m{i}")).await.unwrap();
+        if i % 5 == 0 {
+            assert!(r.as_ref().is_err_and(IdmError::is_name_taken), "{i}: {r:?}");
+            assert!(stored.is_none(), "{i}");
+        } else {
+            assert_eq!(r.as_ref().unwrap(), &[1], "{i}");
+            assert_eq!(
+                stored.unwrap().first("name"),
+                Some(format!("many{i}").as_str())
+            );
+        }
+    }
     // A sync token cannot make administrative calls.
     refused_with(
         as_first.list_agreements().await.unwrap_err(),

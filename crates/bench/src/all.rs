@@ -257,7 +257,7 @@ pub async fn all(sizes: Sizes) -> Result<()> {
         }));
         setup.stop().await;
     }
-    let staged = staged(sizes.scaling).await?;
+    let staged = staged(sizes.scaling, 1).await?;
     let speedup = rates[0]["seconds"].as_f64().unwrap_or_default()
         / rates[1]["seconds"].as_f64().unwrap_or(f64::INFINITY);
     lines.push(Line {
@@ -317,9 +317,11 @@ pub async fn all(sizes: Sizes) -> Result<()> {
 /// The import taken apart: the reconciliation publishes every event with
 /// no worker running, then the correlator alone decides them all, then the
 /// applier alone applies them: each stage's own wall time and CPU.
-async fn staged(entries: usize) -> Result<serde_json::Value> {
-    println!("== where the time goes: import of {entries} entries, one stage at a time");
-    let mut setup = Setup::start(entries, false).await?;
+pub(crate) async fn staged(entries: usize, concurrency: u32) -> Result<serde_json::Value> {
+    println!(
+        "== where the time goes: import of {entries} entries, one stage at a time (inbound_concurrency {concurrency})"
+    );
+    let mut setup = Setup::start_configured(entries, concurrency, None).await?;
     let bus = Bus::connect(&setup.nats_url).await?;
     let (_, publish, _) = run_reconcile(&setup.config, &setup.admin_file).await?;
     let last = bus.last_sequence(names::CHANGES_STREAM).await?;
@@ -359,6 +361,7 @@ async fn staged(entries: usize) -> Result<serde_json::Value> {
     setup.stop().await;
     Ok(serde_json::json!({
         "entries": entries,
+        "inbound_concurrency": concurrency,
         "publish_seconds": publish.as_secs_f64(),
         "correlate_seconds": correlate.as_secs_f64(),
         "apply_seconds": apply.as_secs_f64(),

@@ -87,13 +87,21 @@ async fn main() -> Result<()> {
             };
             import(number("--entries", 10_000)?, &levels).await
         }
+        Some("staged") => {
+            let report = all::staged(
+                number("--entries", 20_000)?,
+                u32::try_from(number("--concurrency", 1)?)?,
+            )
+            .await?;
+            write_json("staged.json", &report)
+        }
         Some("store") => {
             let n = number("--commits", 5_000)?;
             // The store client blocks: off the async runtime.
             tokio::task::spawn_blocking(move || store::store(n)).await?
         }
         _ => bail!(
-            "usage: idsync-bench all [--import N] [--provision N] [--people N] [--changes M] [--rate R] [--million N] [--scaling N] | reconcile [--entries N] [--import M] | import [--entries N] [--concurrency C] | provisioning [--people N] | latency [--people N] [--changes M] [--rate R] | store [--commits N]"
+            "usage: idsync-bench all [--import N] [--provision N] [--people N] [--changes M] [--rate R] [--million N] [--scaling N] | reconcile [--entries N] [--import M] | import [--entries N] [--concurrency C] | staged [--entries N] [--concurrency C] | provisioning [--people N] | latency [--people N] [--changes M] [--rate R] | store [--commits N]"
         ),
     }
 }
@@ -370,6 +378,16 @@ impl Setup {
     /// As [`Setup::start`], with these workers (none: only the IDM).
     async fn start_with(entries: usize, workers: Option<Workers>) -> Result<Self> {
         let inbound_concurrency = workers.map_or(1, |w| w.inbound_concurrency);
+        Self::start_configured(entries, inbound_concurrency, workers).await
+    }
+
+    /// As [`Setup::start_with`], the configuration's `inbound_concurrency`
+    /// set apart from the workers started (staging starts its own later).
+    async fn start_configured(
+        entries: usize,
+        inbound_concurrency: u32,
+        workers: Option<Workers>,
+    ) -> Result<Self> {
         let work = tempfile_dir()?;
         let secrets = work.join("secrets");
         std::fs::create_dir_all(&secrets)?;

@@ -14,12 +14,15 @@ use idsync_core::secret::Secret;
 use idsync_core::situation::{Situation, situation};
 use idsync_proto::v1;
 use idsync_proto::v1::idm_client::IdmClient as Raw;
+
+mod committer;
+pub use committer::Committer;
 use tonic::Code;
 use tonic::metadata::{AsciiMetadataValue, MetadataValue};
 use tonic::service::interceptor::InterceptedService;
 use tonic::transport::{Channel, Endpoint};
 
-#[derive(Debug, thiserror::Error)]
+#[derive(Debug, Clone, thiserror::Error)]
 pub enum IdmError {
     #[error("IDM URL {url:?} is not valid: {reason}")]
     Url { url: String, reason: String },
@@ -96,6 +99,20 @@ impl From<tonic::Status> for IdmError {
             code => IdmError::Rejected { code, message },
         }
     }
+}
+
+/// A batch member's result, as the error [`IdmClient::commit`] would give.
+fn batch_result(r: v1::CommitResult) -> Result<Vec<u64>, IdmError> {
+    if r.code == 0 {
+        return Ok(r.versions);
+    }
+    let mut status = tonic::Status::new(Code::from(r.code), r.message);
+    if let Ok(kind) = r.error_kind.parse() {
+        status
+            .metadata_mut()
+            .insert(idsync_proto::ERROR_KIND_HEADER, kind);
+    }
+    Err(status.into())
 }
 
 /// Puts the credential on every call, as a sensitive header (never printed).
@@ -376,8 +393,38 @@ impl IdmClient {
         let req = v1::CommitRequest {
             operations: ops.into_iter().map(v1::Operation::from).collect(),
             origin_resource: origin_resource.to_owned(),
+            trace_parent: String::new(),
         };
         Ok(self.raw.clone().commit(req).await?.into_inner().versions)
+    }
+
+    /// Commits many in one call and one write transaction on the IDM. Each
+    /// is checked exactly as [`IdmClient::commit`] would, seeing those before
+    /// it, and gets its own result; a refused one leaves nothing.
+    ///
+    /// # Errors
+    /// The call as a whole failed: none of the commits is known to have
+    /// taken effect (retry them; they are conditional).
+    pub async fn commit_batch(
+        &self,
+        commits: Vec<v1::CommitRequest>,
+    ) -> Result<Vec<Result<Vec<u64>, IdmError>>, IdmError> {
+        let n = commits.len();
+        let req = v1::CommitBatchRequest { commits };
+        let results = self
+            .raw
+            .clone()
+            .commit_batch(req)
+            .await?
+            .into_inner()
+            .results;
+        if results.len() != n {
+            return Err(IdmError::Unavailable(format!(
+                "the IDM answered {} results for a batch of {n}",
+                results.len()
+            )));
+        }
+        Ok(results.into_iter().map(batch_result).collect())
     }
 
     /// Runs `commits` (operations and origin resource) under agreement
@@ -394,6 +441,7 @@ impl IdmClient {
                 .map(|(ops, origin)| v1::CommitRequest {
                     operations: ops.into_iter().map(v1::Operation::from).collect(),
                     origin_resource: origin,
+                    trace_parent: String::new(),
                 })
                 .collect(),
         };

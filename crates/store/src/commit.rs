@@ -878,6 +878,77 @@ impl Store {
         })
     }
 
+    /// Commits `commits` in order in as few write transactions as it can:
+    /// each is checked and applied exactly as [`Store::commit`] would, seeing
+    /// those before it, and its result is its own. A refused commit is left
+    /// out: the transaction is rolled back and the ones before it are
+    /// committed alone, then the rest continue. This is group commit — one
+    /// durable write (redb's fsync, a PostgreSQL round trip and lock) for
+    /// many concurrent callers instead of one each.
+    ///
+    /// # Errors
+    /// The database fails; then none of the commits not yet reported took
+    /// effect. Each commit's own refusal is in its result.
+    pub fn commit_batch(
+        &self,
+        commits: &[(&[v1::Operation], &str, &Writer)],
+    ) -> Result<Vec<Result<Vec<u64>, StoreError>>, StoreError> {
+        let mut results: Vec<Result<Vec<u64>, StoreError>> = Vec::with_capacity(commits.len());
+        while results.len() < commits.len() {
+            let start = results.len();
+            let mut refused: Option<(usize, StoreError)> = None;
+            let mut applied = Vec::new();
+            let all = self.transact(true, |kv| {
+                let mut t = Tables::open(kv)?;
+                for (i, (ops, origin, writer)) in commits[start..].iter().enumerate() {
+                    match apply(&mut t, ops, origin, writer, false) {
+                        Ok(v) => applied.push(v),
+                        Err(e) if e.is_database() => return Err(e),
+                        Err(e) => {
+                            refused = Some((start + i, e));
+                            // Roll back: the refused commit may have written part.
+                            return Err(StoreError::BadRequest("batch rolled back".into()));
+                        }
+                    }
+                }
+                t.finish()
+            });
+            match (all, refused) {
+                (Ok(()), _) => {
+                    results.extend(applied.into_iter().map(Ok));
+                }
+                (Err(_), Some((at, reason))) => {
+                    // Those before the refusal, alone; then the refusal.
+                    if at > start {
+                        let prefix = self.transact(true, |kv| {
+                            let mut t = Tables::open(kv)?;
+                            let mut versions = Vec::with_capacity(at - start);
+                            for (ops, origin, writer) in &commits[start..at] {
+                                versions.push(apply(&mut t, ops, origin, writer, false)?);
+                            }
+                            t.finish()?;
+                            Ok(versions)
+                        });
+                        match prefix {
+                            Ok(versions) => results.extend(versions.into_iter().map(Ok)),
+                            Err(e) if e.is_database() => return fail_rest(results, commits, e),
+                            // Not the same outcome twice (the deletion
+                            // guard's window moved on): one at a time.
+                            Err(_) => {
+                                for (ops, origin, writer) in &commits[start..at] {
+                                    results.push(self.commit(ops, origin, writer));
+                                }
+                            }
+                        }
+                    }
+                    results.push(Err(reason));
+                }
+                (Err(e), None) => return fail_rest(results, commits, e),
+            }
+        }
+        Ok(results)
+    }
+
     /// Runs `commits` one after another as `writer` would, each seeing the
     /// ones before it that succeeded, with every check a commit makes; then
     /// rolls everything back. A commit that fails is left out of the state
@@ -917,6 +988,26 @@ impl Store {
         }
         Ok(results)
     }
+}
+
+/// The results of a batch whose database failed: what was committed keeps
+/// its result, the rest share the failure.
+fn fail_rest(
+    mut results: Vec<Result<Vec<u64>, StoreError>>,
+    commits: &[(&[v1::Operation], &str, &Writer)],
+    e: StoreError,
+) -> Result<Vec<Result<Vec<u64>, StoreError>>, StoreError> {
+    if results.is_empty() {
+        return Err(e);
+    }
+    let reason = e.to_string();
+    while results.len() < commits.len() {
+        results.push(Err(match &e {
+            StoreError::Unavailable(_) => StoreError::Unavailable(reason.clone()),
+            _ => StoreError::Db(reason.clone()),
+        }));
+    }
+    Ok(results)
 }
 
 fn check_version(op: &v1::Operation, kv: &dyn Kv) -> Result<(), StoreError> {

@@ -765,6 +765,55 @@ mod tests {
     }
 
     #[test]
+    fn a_batch_commits_each_as_alone_and_leaves_out_only_the_refused() {
+        for place in crate::testing::places() {
+            let s = place.open();
+            let admin = Writer::admin();
+            s.commit(&[put_focus(user("f0", "taken"), 0)], "", &admin)
+                .unwrap();
+            // 1: fine; 2: sees 1 (version 1 of f1); 3: a name already
+            // taken, after writing its shadow first; 4: a lost race; 5: fine.
+            let c1 = [put_focus(user("f1", "ann"), 0)];
+            let c2 = [put_focus(user("f1", "anna"), 1)];
+            let c3 = [put_shadow("u3", 0), put_focus(user("f3", "taken"), 0)];
+            let c4 = [put_focus(user("f0", "zed"), 7)];
+            let c5 = [put_shadow("u5", 0), put_focus(user("f5", "eve"), 0)];
+            let batch: Vec<(&[v1::Operation], &str, &Writer)> = vec![
+                (&c1, "", &admin),
+                (&c2, "", &admin),
+                (&c3, "", &admin),
+                (&c4, "", &admin),
+                (&c5, "", &admin),
+            ];
+            let results = s.commit_batch(&batch).unwrap();
+            assert_eq!(results.len(), 5);
+            assert_eq!(results[0].as_ref().unwrap(), &[1]);
+            assert_eq!(results[1].as_ref().unwrap(), &[2]);
+            assert!(
+                matches!(results[2], Err(StoreError::NameTaken { .. })),
+                "{:?}",
+                results[2]
+            );
+            assert!(
+                matches!(results[3], Err(StoreError::Conflict { .. })),
+                "{:?}",
+                results[3]
+            );
+            assert_eq!(results[4].as_ref().unwrap(), &[1, 1]);
+            // Nothing of the refused ones, everything of the rest.
+            assert!(s.get_shadow("hr", "u3").unwrap().is_none());
+            assert!(s.get_focus("f3").unwrap().is_none());
+            assert_eq!(s.get_focus("f0").unwrap().unwrap().version, 1);
+            assert_eq!(s.get_focus("f1").unwrap().unwrap().version, 2);
+            assert!(s.get_shadow("hr", "u5").unwrap().is_some());
+            // One outbox record per focus change, in commit order.
+            let outbox = s.outbox_batch(10).unwrap();
+            let seqs: Vec<u64> = outbox.iter().map(|(q, _)| *q).collect();
+            assert_eq!(seqs, [1, 2, 3, 4]);
+        }
+    }
+
+    #[test]
     fn state_survives_reopen() {
         for place in crate::testing::places() {
             {

@@ -12,7 +12,9 @@ use idsync_core::config::{Config, OnError};
 use idsync_core::inbound::{InboundState, Outcome, plan};
 use idsync_core::model::{ObjectType, SourceChange};
 use idsync_core::situation::{Reaction, Situation};
-use idsync_idm_client::{CorrelateError, Correlation, IdmClient, IdmError, correlate, memberships};
+use idsync_idm_client::{
+    Committer, CorrelateError, Correlation, IdmClient, IdmError, correlate, memberships,
+};
 use idsync_ldap::{Connection, LdapError, Pool};
 use idsync_proto::v1;
 use prost::Message as _;
@@ -66,9 +68,13 @@ pub async fn run(config: Arc<Config>, shutdown: CancellationToken) -> Result<(),
                 filter_subject: Some(&filter),
                 concurrency: config.workers.inbound_concurrency as usize,
             };
+            // The messages in hand commit together: one call and one
+            // write transaction for as many as are ready at once.
+            let committer = Committer::new(idm.clone(), source.concurrency);
             let ctx = Agreement {
                 name: agreement,
                 idm,
+                committer: &committer,
             };
             run_gated_worker(
                 bus,
@@ -91,6 +97,7 @@ pub async fn run(config: Arc<Config>, shutdown: CancellationToken) -> Result<(),
 struct Agreement<'a> {
     name: &'a str,
     idm: &'a IdmClient,
+    committer: &'a Committer,
 }
 
 impl Agreement<'_> {
@@ -269,7 +276,7 @@ async fn handle(config: &Config, ctx: Agreement<'_>, accounts: &Pool, msg: Messa
                 return Handling::Done;
             }
             Outcome::Ignored => return Handling::Done,
-            Outcome::Tombstone { ops } => match idm.commit(ops, &change.resource).await {
+            Outcome::Tombstone { ops } => match ctx.committer.commit(ops, &change.resource).await {
                 Ok(_) => {
                     tracing::debug!(resource = %change.resource, entry_uuid = %change.entry_uuid, "deletion of an entry never seen; tombstone kept");
                     return Handling::Done;
@@ -298,7 +305,7 @@ async fn handle(config: &Config, ctx: Agreement<'_>, accounts: &Pool, msg: Messa
         {
             return h;
         }
-        match idm.commit(ops, &change.resource).await {
+        match ctx.committer.commit(ops, &change.resource).await {
             Ok(_) => {
                 tracing::info!(resource = %change.resource, dn = %change.dn, %situation, %reaction, "applied");
                 let detected = decision.change.as_ref().map_or(0, |c| c.detected_at_ms);

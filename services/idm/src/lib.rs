@@ -317,6 +317,22 @@ impl IdmService {
         }
     }
 
+    /// Whether `principal` may commit changes of `resource`: an
+    /// administrator may; a token only for the resources its agreement owns.
+    fn may_write_for(&self, principal: &Principal, resource: &str) -> Result<(), Status> {
+        let Principal::Agreement(a) = principal else {
+            return Ok(());
+        };
+        let owner = self.authority.owners.get(resource);
+        if owner == Some(a) {
+            return Ok(());
+        }
+        Err(Status::permission_denied(format!(
+            "the token belongs to agreement {a:?}, but resource {resource:?} writes under {}",
+            owner.map_or("no agreement".to_owned(), |o| format!("agreement {o:?}"))
+        )))
+    }
+
     /// Runs a blocking store call off the async runtime.
     async fn blocking<T, F>(&self, f: F) -> Result<T, Status>
     where
@@ -332,6 +348,30 @@ impl IdmService {
 }
 
 const MAX_PAGE: usize = 1000;
+
+/// Commits in one `CommitBatch` call at most.
+const MAX_BATCH: usize = 1024;
+
+/// A batch member's outcome, as `Commit` would have returned it.
+fn commit_result(r: Result<Vec<u64>, Status>) -> v1::CommitResult {
+    match r {
+        Ok(versions) => v1::CommitResult {
+            versions,
+            ..Default::default()
+        },
+        Err(s) => v1::CommitResult {
+            versions: Vec::new(),
+            code: s.code() as i32,
+            message: s.message().to_owned(),
+            error_kind: s
+                .metadata()
+                .get(idsync_proto::ERROR_KIND_HEADER)
+                .and_then(|v| v.to_str().ok())
+                .unwrap_or_default()
+                .to_owned(),
+        },
+    }
+}
 
 #[tonic::async_trait]
 impl Idm for IdmService {
@@ -469,22 +509,73 @@ impl Idm for IdmService {
     ) -> Result<Response<v1::CommitResponse>, Status> {
         let principal = self.principal(&req).await?;
         let r = req.into_inner();
-        if let Principal::Agreement(a) = &principal {
-            let owner = self.authority.owners.get(&r.origin_resource);
-            if owner != Some(a) {
-                return Err(Status::permission_denied(format!(
-                    "the token belongs to agreement {a:?}, but resource {:?} writes under {}",
-                    r.origin_resource,
-                    owner.map_or("no agreement".to_owned(), |o| format!("agreement {o:?}"))
-                )));
-            }
+        self.may_write_for(&principal, &r.origin_resource)?;
+        let mut writer = self.writer(principal);
+        if !r.trace_parent.is_empty() {
+            writer.trace_parent = Some(r.trace_parent.clone());
         }
-        let writer = self.writer(principal);
         let versions = self
             .blocking(move |s| s.commit(&r.operations, &r.origin_resource, &writer))
             .await?;
         self.outbox_ready.notify_one();
         Ok(Response::new(v1::CommitResponse { versions }))
+    }
+
+    async fn commit_batch(
+        &self,
+        req: Request<v1::CommitBatchRequest>,
+    ) -> Result<Response<v1::CommitBatchResponse>, Status> {
+        let principal = self.principal(&req).await?;
+        let commits = req.into_inner().commits;
+        if commits.len() > MAX_BATCH {
+            return Err(Status::invalid_argument(format!(
+                "a batch of {} commits; at most {MAX_BATCH}",
+                commits.len()
+            )));
+        }
+        let base = self.writer(principal.clone());
+        // A commit for a resource the token does not write for is refused
+        // alone; the others go into the transaction.
+        let mut results: Vec<Option<v1::CommitResult>> = Vec::with_capacity(commits.len());
+        let mut batch = Vec::with_capacity(commits.len());
+        for c in commits {
+            match self.may_write_for(&principal, &c.origin_resource) {
+                Ok(()) => {
+                    let mut writer = base.clone();
+                    if !c.trace_parent.is_empty() {
+                        writer.trace_parent = Some(c.trace_parent.clone());
+                    }
+                    batch.push((c, writer));
+                    results.push(None);
+                }
+                Err(status) => results.push(Some(commit_result(Err(status)))),
+            }
+        }
+        let outcomes = self
+            .blocking(move |s| {
+                let refs: Vec<(&[v1::Operation], &str, &Writer)> = batch
+                    .iter()
+                    .map(|(c, w)| (c.operations.as_slice(), c.origin_resource.as_str(), w))
+                    .collect();
+                s.commit_batch(&refs)
+            })
+            .await?;
+        self.outbox_ready.notify_one();
+        let mut outcomes = outcomes.into_iter();
+        let results = results
+            .into_iter()
+            .map(|r| {
+                r.unwrap_or_else(|| {
+                    commit_result(
+                        outcomes
+                            .next()
+                            .unwrap_or_else(|| Err(StoreError::Db("batch result missing".into())))
+                            .map_err(status),
+                    )
+                })
+            })
+            .collect();
+        Ok(Response::new(v1::CommitBatchResponse { results }))
     }
 
     async fn dry_run(
