@@ -184,6 +184,41 @@ async fn tokens_are_refused_for_every_reason_and_never_echoed() {
             );
         }
     }
+    // Batched reads answer as one call each would, whatever they shared.
+    let batched = as_hr.clone().with_batched_reads(8);
+    let jack = env.user("jack").await.unwrap();
+    let jack_uuid = jack.link_to("hr").unwrap().entry_uuid.clone();
+    let reads = (0..24).map(|i| {
+        let (batched, as_hr, jack_uuid) = (batched.clone(), as_hr.clone(), jack_uuid.clone());
+        async move {
+            let name = match i % 3 {
+                0 => "jack".to_owned(),
+                1 => format!("many{i}"),
+                _ => format!("nobody{i}"),
+            };
+            let uuid = if i % 2 == 0 {
+                jack_uuid
+            } else {
+                format!("00000000-0000-0000-0000-{i:012}")
+            };
+            let found = batched.find_focus("user", "name", &name).await.unwrap();
+            let expected = as_hr.find_focus("user", "name", &name).await.unwrap();
+            assert_eq!(found, expected, "{name}");
+            assert_eq!(
+                found.len(),
+                usize::from(i % 3 != 2 && !(i % 3 == 1 && i % 5 == 0)),
+                "{name}"
+            );
+            let shadow = batched.get_shadow("hr", &uuid).await.unwrap();
+            assert_eq!(
+                shadow,
+                as_hr.get_shadow("hr", &uuid).await.unwrap(),
+                "{uuid}"
+            );
+            assert_eq!(shadow.is_some(), i % 2 == 0, "{uuid}");
+        }
+    });
+    futures::future::join_all(reads).await;
     // A sync token cannot make administrative calls.
     refused_with(
         as_first.list_agreements().await.unwrap_err(),

@@ -15,6 +15,7 @@ use idsync_core::situation::{Situation, situation};
 use idsync_proto::v1;
 use idsync_proto::v1::idm_client::IdmClient as Raw;
 
+mod batch;
 mod committer;
 pub use committer::Committer;
 use tonic::Code;
@@ -145,6 +146,15 @@ type Transport = InterceptedService<Channel, Credential>;
 #[derive(Debug, Clone)]
 pub struct IdmClient {
     raw: Raw<Transport>,
+    /// When set, shadow reads and focus searches made at the same time go
+    /// to the IDM together ([`IdmClient::with_batched_reads`]).
+    reads: Option<Reads>,
+}
+
+#[derive(Debug, Clone)]
+struct Reads {
+    shadows: batch::Batcher<(String, String), Option<Shadow>>,
+    finds: batch::Batcher<v1::FindFocusRequest, Vec<Focus>>,
 }
 
 impl IdmClient {
@@ -173,7 +183,82 @@ impl IdmClient {
             raw: Raw::with_interceptor(endpoint.connect_lazy(), Credential(value))
                 .max_decoding_message_size(MAX_MESSAGE_SIZE)
                 .max_encoding_message_size(MAX_MESSAGE_SIZE),
+            reads: None,
         })
+    }
+
+    /// This client, with the shadow reads ([`IdmClient::get_shadow`]) and
+    /// focus searches ([`IdmClient::find_focus`]) of concurrent callers
+    /// gathered into one `GetShadows` or `FindFocusBatch` call each, up to
+    /// `max_batch`: what a worker handling many messages at once wants.
+    /// Answers are the same as one call each. Spawns tasks on the current
+    /// tokio runtime.
+    #[must_use]
+    pub fn with_batched_reads(self, max_batch: usize) -> Self {
+        let plain = Self {
+            raw: self.raw.clone(),
+            reads: None,
+        };
+        let for_finds = plain.clone();
+        let shadows = batch::Batcher::spawn(
+            max_batch,
+            "get_shadows",
+            |(r, u): &(String, String)| r.len() + u.len(),
+            move |keys| {
+                let idm = plain.clone();
+                async move { idm.shadows_of(keys).await }
+            },
+        );
+        let finds = batch::Batcher::spawn(
+            max_batch,
+            "find_focus",
+            |q: &v1::FindFocusRequest| q.kind.len() + q.attribute.len() + q.value.len(),
+            move |queries| {
+                let idm = for_finds.clone();
+                async move { idm.find_focus_batch(queries).await }
+            },
+        );
+        Self {
+            raw: self.raw,
+            reads: Some(Reads { shadows, finds }),
+        }
+    }
+
+    /// The shadow (or none) of each (resource, entry UUID), in as few
+    /// `GetShadows` calls as there are resources and pages of 1,000.
+    async fn shadows_of(
+        &self,
+        keys: Vec<(String, String)>,
+    ) -> Result<Vec<Result<Option<Shadow>, IdmError>>, IdmError> {
+        let mut by_resource: std::collections::BTreeMap<&str, Vec<String>> = Default::default();
+        for (resource, uuid) in &keys {
+            by_resource
+                .entry(resource.as_str())
+                .or_default()
+                .push(uuid.clone());
+        }
+        let mut found = std::collections::HashMap::new();
+        for (resource, uuids) in by_resource {
+            for page in uuids.chunks(1000) {
+                for s in self.get_shadows(resource, page.to_vec()).await? {
+                    found.insert((s.resource.clone(), s.entry_uuid.clone()), s);
+                }
+            }
+        }
+        Ok(keys.iter().map(|k| Ok(found.get(k).cloned())).collect())
+    }
+
+    /// Many searches in one call, answered in order.
+    async fn find_focus_batch(
+        &self,
+        queries: Vec<v1::FindFocusRequest>,
+    ) -> Result<Vec<Result<Vec<Focus>, IdmError>>, IdmError> {
+        let req = v1::FindFocusBatchRequest { queries };
+        let r = self.raw.clone().find_focus_batch(req).await?.into_inner();
+        Ok(r.results
+            .into_iter()
+            .map(|l| Ok(l.items.into_iter().map(Focus::from).collect()))
+            .collect())
     }
 
     pub async fn get_focus(&self, id: &str) -> Result<Option<Focus>, IdmError> {
@@ -196,6 +281,9 @@ impl IdmClient {
             attribute: attribute.to_owned(),
             value: value.to_owned(),
         };
+        if let Some(reads) = &self.reads {
+            return reads.finds.run(req).await;
+        }
         let list = self.raw.clone().find_focus(req).await?.into_inner();
         Ok(list.items.into_iter().map(Focus::from).collect())
     }
@@ -234,6 +322,12 @@ impl IdmClient {
         resource: &str,
         entry_uuid: &str,
     ) -> Result<Option<Shadow>, IdmError> {
+        if let Some(reads) = &self.reads {
+            return reads
+                .shadows
+                .run((resource.to_owned(), entry_uuid.to_owned()))
+                .await;
+        }
         let req = v1::ShadowKey {
             resource: resource.to_owned(),
             entry_uuid: entry_uuid.to_owned(),
@@ -245,7 +339,6 @@ impl IdmClient {
         }
     }
 
-    /// Every shadow of `resource`, page by page.
     /// The shadows of `entry_uuids` on `resource` that exist (at most 1,000 a call).
     pub async fn get_shadows(
         &self,

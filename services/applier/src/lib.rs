@@ -43,7 +43,12 @@ pub enum Error {
 /// NATS cannot be reached at start, a token cannot be read, or the IDM URL is malformed.
 pub async fn run(config: Arc<Config>, shutdown: CancellationToken) -> Result<(), Error> {
     // Tokens first: a missing one is a configuration error, named at once.
-    let clients = idsync_runtime::agreement_clients(&config)?;
+    // The re-reads of the messages in hand go to the IDM together.
+    let concurrency = config.workers.inbound_concurrency as usize;
+    let clients: Vec<(String, IdmClient)> = idsync_runtime::agreement_clients(&config)?
+        .into_iter()
+        .map(|(agreement, idm)| (agreement, idm.with_batched_reads(concurrency)))
+        .collect();
     let bus = Bus::connect_with(&config.nats.url, Some(config.nats.retention())).await?;
     // Connections (opened on first use) to the resources the agreements
     // read: reactions that act on accounts write there, and a dispute over
@@ -66,7 +71,7 @@ pub async fn run(config: Arc<Config>, shutdown: CancellationToken) -> Result<(),
                 stream: names::DECISIONS_STREAM,
                 durable: &durable,
                 filter_subject: Some(&filter),
-                concurrency: config.workers.inbound_concurrency as usize,
+                concurrency,
             };
             // The messages in hand commit together: one call and one
             // write transaction for as many as are ready at once.

@@ -34,14 +34,19 @@ pub enum Error {
 pub async fn run(config: Arc<Config>, shutdown: CancellationToken) -> Result<(), Error> {
     // Each agreement's entries are read with that agreement's token; a
     // missing one is a configuration error, named before anything connects.
-    let clients = idsync_runtime::agreement_clients(&config)?;
+    let concurrency = config.workers.inbound_concurrency as usize;
+    // The reads of the messages in hand go to the IDM together.
+    let clients: BTreeMap<String, IdmClient> = idsync_runtime::agreement_clients(&config)?
+        .into_iter()
+        .map(|(agreement, idm)| (agreement, idm.with_batched_reads(concurrency)))
+        .collect();
     let bus = Bus::connect_with(&config.nats.url, Some(config.nats.retention())).await?;
     let source = Source {
         service: SERVICE,
         stream: names::CHANGES_STREAM,
         durable: names::CORRELATOR,
         filter_subject: None,
-        concurrency: config.workers.inbound_concurrency as usize,
+        concurrency,
     };
     run_worker(&bus, source, shutdown, |msg| {
         handle(&config, &clients, &bus, msg)

@@ -400,6 +400,32 @@ impl Idm for IdmService {
         Ok(Response::new(v1::FocusList { items }))
     }
 
+    async fn find_focus_batch(
+        &self,
+        req: Request<v1::FindFocusBatchRequest>,
+    ) -> Result<Response<v1::FindFocusBatchResponse>, Status> {
+        self.principal(&req).await?;
+        let queries = req.into_inner().queries;
+        if queries.len() > MAX_PAGE {
+            return Err(Status::invalid_argument(format!(
+                "at most {MAX_PAGE} queries a call, not {}",
+                queries.len()
+            )));
+        }
+        let results = self
+            .blocking(move |s| {
+                queries
+                    .iter()
+                    .map(|q| {
+                        let items = s.find_focus(&q.kind, &q.attribute, &q.value)?;
+                        Ok(v1::FocusList { items })
+                    })
+                    .collect::<Result<Vec<_>, StoreError>>()
+            })
+            .await?;
+        Ok(Response::new(v1::FindFocusBatchResponse { results }))
+    }
+
     async fn list_focus(
         &self,
         req: Request<v1::ListFocusRequest>,
