@@ -121,6 +121,9 @@ enum Command {
     },
     /// Compares a resource with the IDM in full: publishes what changed and
     /// what is gone (source), or puts back drift and finds orphans (target).
+    /// When entries could not be read, nothing of their kind is taken for
+    /// gone (no deletion, no account re-created): the summary says so and the
+    /// command exits with status 3.
     Reconcile {
         resource: String,
         /// At most this many entries a second, to spare the directory.
@@ -753,8 +756,13 @@ async fn reconcile(
         let eta = p
             .eta()
             .map_or_else(String::new, |d| format!(", ETA {}s", d.as_secs()));
+        let unreadable = if p.errors > 0 {
+            format!(", {} unreadable", p.errors)
+        } else {
+            String::new()
+        };
         eprint!(
-            "\r[{}{}] {}/{} entries, {} changed, {} deleted, {:.0}/s{eta}   ",
+            "\r[{}{}] {}/{} entries, {} changed, {} deleted{unreadable}, {:.0}/s{eta}   ",
             "#".repeat(filled),
             "-".repeat(30 - filled),
             p.scanned,
@@ -784,11 +792,18 @@ async fn reconcile(
             "orphans": p.orphans,
             "reprovisioned": p.reprovisioned,
             "errors": p.errors,
+            "withheld": p.withheld.iter().map(|w| serde_json::json!({
+                "object_type": w.kind(),
+                "unreadable": w.unreadable,
+                "withheld": if w.target { "reprovisioning" } else { "deletions" },
+                "message": w.to_string(),
+                "examples": w.examples,
+            })).collect::<Vec<_>>(),
             "seconds": p.elapsed.as_secs_f64(),
             "rate": p.rate(),
         });
         println!("{out}");
-        return Ok(ExitCode::SUCCESS);
+        return Ok(reconcile_status(&p));
     }
     println!(
         "reconciled {resource}: {} entries scanned in {:.1}s ({:.0}/s): {} changed, {} deleted, {} orphans, {} users provisioned again, {} unreadable",
@@ -801,7 +816,33 @@ async fn reconcile(
         p.reprovisioned,
         p.errors
     );
-    Ok(ExitCode::SUCCESS)
+    for w in &p.withheld {
+        println!("withheld on {resource}: {w}");
+        for reason in &w.examples {
+            println!("  {reason}");
+        }
+    }
+    if !p.withheld.is_empty() {
+        println!(
+            "what is really gone there stays in the IDM until those entries can be read (each needs its {} readable by the bind DN); then reconcile {resource} again",
+            config
+                .resources
+                .iter()
+                .find(|r| r.name == resource)
+                .map_or("identifier", |r| r.id_attribute.as_str())
+        );
+    }
+    Ok(reconcile_status(&p))
+}
+
+/// 3 when a scope's gone pass was withheld (the run did not finish its
+/// work: what is gone there is still live), else success.
+fn reconcile_status(p: &idsync_detector::reconcile::Progress) -> ExitCode {
+    if p.withheld.is_empty() {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::from(3)
+    }
 }
 
 /// Applies `ATTR=VALUE` settings (`ATTR=` removes the attribute).

@@ -490,24 +490,174 @@ async fn a_source_that_stops_mid_reconciliation_fails_it_and_deletes_nothing() {
         "names the source: {said}"
     );
 
-    let after = bus.last_sequence(names::CHANGES_STREAM).await.unwrap();
-    let deletions = bus
-        .peek(
-            names::CHANGES_STREAM,
-            published + 1,
-            (after - published) as usize,
-        )
-        .await
-        .unwrap()
-        .into_iter()
-        .filter(|m| {
-            use prost::Message as _;
-            idsync_proto::v1::ChangeEvent::decode(m.payload.as_ref())
-                .is_ok_and(|e| e.kind == idsync_proto::v1::ChangeKind::Delete as i32)
-        })
-        .count();
-    assert_eq!(deletions, 0, "no deletion published by the broken run");
+    assert_eq!(
+        deletions_published_after(&bus, published).await,
+        0,
+        "no deletion published by the broken run"
+    );
     let now = idm.live_shadows("hr").await.unwrap();
     assert!(now >= live, "every user stays: {live} before, {now} after");
+    env.d.shutdown().await.unwrap();
+}
+
+/// Deletions on the change stream after sequence `published`.
+async fn deletions_published_after(bus: &Bus, published: u64) -> usize {
+    use prost::Message as _;
+    let after = bus.last_sequence(names::CHANGES_STREAM).await.unwrap();
+    bus.peek(
+        names::CHANGES_STREAM,
+        published + 1,
+        (after - published) as usize,
+    )
+    .await
+    .unwrap()
+    .into_iter()
+    .filter(|m| {
+        idsync_proto::v1::ChangeEvent::decode(m.payload.as_ref())
+            .is_ok_and(|e| e.kind == idsync_proto::v1::ChangeKind::Delete as i32)
+    })
+    .count()
+}
+
+/// The account idsync binds to the source as in
+/// [`an_entry_that_cannot_be_read_is_not_gone_and_no_deletion_is_published`]:
+/// not the root DN, so the directory's access rules apply to it.
+const SYNC_ACCOUNT: &str = "cn=idsync,dc=example,dc=com";
+
+/// An entry the reconciliation cannot read is not gone. Here an access rule
+/// (added as an operator would, with `slapmodify` on the stopped server)
+/// hides anna's entryUUID from the account idsync binds as, so the scan gets
+/// her entry without its identifier. The run reports it, publishes no
+/// deletion for the accounts (it cannot tell anna from a person who left),
+/// says so and exits 3; bob's change, read in the same run, is applied; and
+/// every user stays.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_entry_that_cannot_be_read_is_not_gone_and_no_deletion_is_published() {
+    let mut env = start(EXAMPLE_CONFIG).await;
+    let people = ["jack", "will", "anna", "bob"];
+    for uid in &people[1..] {
+        add_person(&env.d.source, uid, &format!("{uid} Person")).await;
+    }
+    for uid in people {
+        env.user_where(uid, "synced", |_| true).await;
+    }
+    let idm = env.d.admin().unwrap();
+    eventually("the people and the crew group synced", WAIT, || async {
+        let live = idm.live_shadows("hr").await.map_err(|e| e.to_string())?;
+        Ok((live >= 5).then_some(()))
+    })
+    .await
+    .unwrap();
+    env.d.stop_service("detector").await.unwrap();
+    let live = idm.live_shadows("hr").await.unwrap();
+
+    // A sync account of its own, with the bind password idsync has for hr,
+    // and a rule that hides anna's entryUUID from it.
+    let password = env.d.source.admin_password().to_owned();
+    let mut ldap = env.d.source.admin_conn().await.unwrap();
+    ldap.add(
+        SYNC_ACCOUNT,
+        vec![
+            (
+                "objectClass",
+                HashSet::from(["organizationalRole", "simpleSecurityObject"]),
+            ),
+            ("cn", HashSet::from(["idsync"])),
+            ("userPassword", HashSet::from([password.as_str()])),
+        ],
+    )
+    .await
+    .unwrap()
+    .success()
+    .unwrap();
+    let _ = ldap.unbind().await;
+    env.d.source.stop().await.unwrap();
+    let rules = env.d.source.dir().join("hide-anna.ldif");
+    std::fs::write(
+        &rules,
+        format!(
+            "dn: olcDatabase={{1}}mdb,cn=config\nchangetype: modify\nadd: olcAccess\n\
+             olcAccess: {{0}}to dn.exact=\"uid=anna,{base}\" attrs=entryUUID \
+             by dn.exact=\"{SYNC_ACCOUNT}\" none by * read\n\
+             olcAccess: {{1}}to attrs=userPassword by anonymous auth by * none\n\
+             olcAccess: {{2}}to * by * read\n",
+            base = idsync::dev::PEOPLE
+        ),
+    )
+    .unwrap();
+    let modified = std::process::Command::new("/usr/sbin/slapmodify")
+        .arg("-n0")
+        .arg("-F")
+        .arg(env.d.source.dir().join("slapd.d"))
+        .arg("-l")
+        .arg(&rules)
+        .output()
+        .unwrap();
+    assert!(modified.status.success(), "slapmodify: {modified:?}");
+    env.d.source.restart().await.unwrap();
+    env.d
+        .reconfigure(|c| {
+            let hr = c.resources.iter_mut().find(|r| r.name == "hr").unwrap();
+            hr.bind_dn = SYNC_ACCOUNT.to_owned();
+        })
+        .unwrap();
+    // A real change in the same run.
+    set_cn(&env.d.source, "bob", "Robert Person").await;
+
+    let bus = Bus::connect(env.d.nats.url()).await.unwrap();
+    let published = bus.last_sequence(names::CHANGES_STREAM).await.unwrap();
+    let out = env
+        .cli(&["reconcile", "hr", "--json", "--rate", "2000"])
+        .await;
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let r: serde_json::Value = serde_json::from_str(stdout.lines().last().unwrap()).unwrap();
+    assert_eq!(r["deleted"], 0, "anna is not gone: {r}");
+    assert_eq!(r["errors"], 1, "anna could not be read: {r}");
+    assert_eq!(r["changed"], 1, "bob: {r}");
+    assert_eq!(r["scanned"], 4, "jack, will, bob and the crew group: {r}");
+    let withheld = r["withheld"].as_array().unwrap();
+    assert_eq!(withheld.len(), 1, "the accounts only, not the groups: {r}");
+    assert_eq!(withheld[0]["object_type"], "account", "{r}");
+    assert_eq!(withheld[0]["unreadable"], 1, "{r}");
+    assert!(
+        withheld[0]["examples"][0]
+            .as_str()
+            .unwrap()
+            .contains(&format!("uid=anna,{}", idsync::dev::PEOPLE)),
+        "names the entry: {r}"
+    );
+    assert_eq!(
+        out.status.code(),
+        Some(3),
+        "withheld deletions are not a clean run: {}",
+        text(&out)
+    );
+
+    env.user_where("bob", "renamed", |u| {
+        u.first("fullName") == Some("Robert Person")
+    })
+    .await;
+    // Said in words too, and again on the next run: nothing is lost by
+    // running it once more.
+    let out = env.cli(&["reconcile", "hr", "--rate", "2000"]).await;
+    let said = text(&out);
+    assert_eq!(out.status.code(), Some(3), "{said}");
+    assert!(
+        said.contains("1 account entry could not be read")
+            && said.contains("no account deletion was published")
+            && said.contains("uid=anna"),
+        "{said}"
+    );
+    assert_eq!(
+        deletions_published_after(&bus, published).await,
+        0,
+        "no deletion published"
+    );
+    for uid in people {
+        assert!(env.user(uid).await.is_some(), "{uid} stays");
+    }
+    let now = idm.live_shadows("hr").await.unwrap();
+    assert_eq!(now, live, "every shadow stays live");
+    env.assert_no_secret_logged();
     env.d.shutdown().await.unwrap();
 }

@@ -145,6 +145,7 @@ async fn scheduled_reconciliation(
                     expected = p.expected,
                     changed = p.changed,
                     deleted = p.deleted,
+                    errors = p.errors,
                     rate = p.rate().round(),
                     eta_s = p.eta().map(|d| d.as_secs()),
                     "reconciliation progress"

@@ -8,13 +8,19 @@
 //! in identifier order: every live shadow whose entry was not seen becomes a
 //! deletion. Memory stays bounded whatever the size of the directory.
 //!
+//! An entry the scan could not read (no identifier, or one that does not
+//! decode) was not seen either, yet it is not gone: when any entry of a scope
+//! could not be read, that scope publishes no deletion at all ("withheld",
+//! reported in [`Progress::withheld`]); its changed and new entries still are.
+//!
 //! A target resource (one idsync provisions) is scanned the same way: an
 //! account whose shadow links it to a user has that user provisioned again
 //! (the provisioner reads the account and puts back what strong mappings
 //! demand); an account that no user calls for is an orphan, reported and
 //! handled by the resource's `unmatched` reaction (`delete_shadow`,
 //! `inactivate_shadow`, or nothing); a linked account that is gone has its
-//! user provisioned again, which re-creates it.
+//! user provisioned again, which re-creates it — unless some account could
+//! not be read, when none is taken for gone.
 
 use std::collections::{BinaryHeap, HashMap, VecDeque};
 use std::io::{BufReader, BufWriter, Read as _, Write as _};
@@ -82,6 +88,11 @@ pub struct Progress {
     pub reprovisioned: u64,
     /// Entries that could not be read (each logged).
     pub errors: u64,
+    /// Scopes whose gone pass did not run because some of their entries
+    /// could not be read (an entry not read cannot be told from one that is
+    /// gone): no deletion published, no user provisioned again for an
+    /// account that looks gone.
+    pub withheld: Vec<Withheld>,
     /// Live shadows the IDM holds for the resource: the expected total.
     pub expected: u64,
     pub elapsed: Duration,
@@ -104,6 +115,70 @@ impl Progress {
         (rate > 0.0 && self.expected > self.scanned)
             .then(|| Duration::from_secs_f64((self.expected - self.scanned) as f64 / rate))
     }
+}
+
+/// A scope whose shadows were not compared with what was read: entries of it
+/// could not be read, and any of them could be one of the shadows not seen.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Withheld {
+    /// Accounts or groups.
+    pub object_type: ObjectType,
+    /// Entries of the scope that could not be read.
+    pub unreadable: u64,
+    /// A target resource: what was withheld is provisioning users again,
+    /// not deletions.
+    pub target: bool,
+    /// Why the first few could not be read (at most [`Withheld::EXAMPLES`]).
+    pub examples: Vec<String>,
+}
+
+impl Withheld {
+    /// Reasons kept, so that a report can name entries without holding them all.
+    pub const EXAMPLES: usize = 3;
+
+    /// `account` or `group`.
+    pub fn kind(&self) -> &'static str {
+        match self.object_type {
+            ObjectType::Account => "account",
+            ObjectType::Group => "group",
+        }
+    }
+}
+
+impl std::fmt::Display for Withheld {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let (n, kind) = (self.unreadable, self.kind());
+        let entries = if n == 1 { "entry" } else { "entries" };
+        if self.target {
+            write!(
+                f,
+                "{n} {kind} {entries} could not be read, so no user was provisioned again \
+                 for an account that looks gone (an entry not read cannot be told from one that is gone)"
+            )
+        } else {
+            write!(
+                f,
+                "{n} {kind} {entries} could not be read, so no {kind} deletion was published \
+                 (an entry not read cannot be told from one that is gone)"
+            )
+        }
+    }
+}
+
+/// What a scope's read left out: `None` when every entry was read and the
+/// gone pass may run.
+fn withheld(
+    object_type: ObjectType,
+    target: bool,
+    unreadable: u64,
+    examples: Vec<String>,
+) -> Option<Withheld> {
+    (unreadable > 0).then_some(Withheld {
+        object_type,
+        unreadable,
+        target,
+        examples,
+    })
 }
 
 /// Sorted runs of identifiers: in memory up to a bound, then on disk.
@@ -238,6 +313,11 @@ impl Pace {
 
 /// Reconciles resource `name`, calling `report` after every page.
 ///
+/// A scope (accounts, groups) of which some entry could not be read publishes
+/// no deletion (on a target, no user is provisioned again for an account that
+/// looks gone): it is listed in [`Progress::withheld`] and logged, and the run
+/// still succeeds with the changes it read.
+///
 /// # Errors
 /// The resource is unknown, its directory, NATS or the IDM fails.
 pub async fn reconcile(
@@ -293,6 +373,7 @@ pub async fn reconcile(
         let read = async {
             let pages = pages;
             let mut unreadable = 0;
+            let mut examples = Vec::new();
             let mut page = Vec::with_capacity(idsync_ldap::PAGE_SIZE as usize);
             loop {
                 let entry = match scan.next().await {
@@ -300,6 +381,9 @@ pub async fn reconcile(
                     Err(e @ LdapError::Protocol { .. }) => {
                         tracing::warn!(resource = name, error = %e, "an entry could not be read; skipped");
                         unreadable += 1;
+                        if examples.len() < Withheld::EXAMPLES {
+                            examples.push(e.to_string());
+                        }
                         continue;
                     }
                     Err(e) => return Err(ReconcileError::from(e)),
@@ -317,7 +401,7 @@ pub async fn reconcile(
                     break;
                 }
             }
-            Ok::<u64, ReconcileError>(unreadable)
+            Ok::<_, ReconcileError>((unreadable, examples))
         };
         // The comparing side owns the receiver: when it fails, the reader's
         // next send fails and it stops too.
@@ -344,43 +428,21 @@ pub async fn reconcile(
             }
             Ok::<(), ReconcileError>(())
         };
-        let (unreadable, compared) = tokio::join!(read, compare);
+        let (read, compared) = tokio::join!(read, compare);
         compared?;
-        progress.errors += unreadable?;
-        // Every live shadow of this kind whose entry was not seen is gone.
-        let mut merged = seen.merged()?;
+        let (unreadable, examples) = read?;
+        progress.errors += unreadable;
         let kind = kind_of(scope);
-        let mut after = String::new();
-        loop {
-            let shadows = idm.shadows_page(name, &after, 1000).await?;
-            let Some(last) = shadows.last() else { break };
-            after = last.entry_uuid.clone();
-            for shadow in shadows {
-                if shadow.dead || shadow.object_type != kind {
-                    continue;
-                }
-                let Some(n) = uuid_number(&shadow.entry_uuid) else {
-                    continue;
-                };
-                if merged.contains(n)? {
-                    continue;
-                }
-                if is_target {
-                    gone_target(bus, idm, &shadow, &mut progress).await?;
-                } else {
-                    let event = change_event(
-                        scope,
-                        shadow.entry_uuid.clone(),
-                        shadow.dn.clone(),
-                        EntryState::Delete,
-                        Vec::new(),
-                        None,
-                        None,
-                    );
-                    out.publish(event).await?;
-                    progress.deleted += 1;
-                }
-            }
+        if let Some(w) = withheld(kind, is_target, unreadable, examples) {
+            tracing::warn!(
+                resource = name,
+                object_type = w.kind(),
+                unreadable,
+                "{w}; the gone pass of this scope was skipped"
+            );
+            progress.withheld.push(w);
+        } else {
+            gone_pass(bus, idm, scope, is_target, seen, &mut out, &mut progress).await?;
         }
         out.commit(None).await?;
         // Entries too large for the bus were refused (each logged).
@@ -396,10 +458,60 @@ pub async fn reconcile(
         orphans = progress.orphans,
         reprovisioned = progress.reprovisioned,
         errors = progress.errors,
+        withheld = progress.withheld.len(),
         elapsed_ms = progress.elapsed.as_millis() as u64,
         "reconciliation done"
     );
     Ok(progress)
+}
+
+/// Every live shadow of the scope's kind whose entry was not seen is gone: a
+/// deletion is published (source), or its user is provisioned again (target).
+async fn gone_pass(
+    bus: &Bus,
+    idm: &IdmClient,
+    scope: &SyncScope,
+    is_target: bool,
+    seen: Seen,
+    out: &mut Publisher<'_>,
+    progress: &mut Progress,
+) -> Result<(), ReconcileError> {
+    let name = scope.resource.as_str();
+    let mut merged = seen.merged()?;
+    let kind = kind_of(scope);
+    let mut after = String::new();
+    loop {
+        let shadows = idm.shadows_page(name, &after, 1000).await?;
+        let Some(last) = shadows.last() else { break };
+        after = last.entry_uuid.clone();
+        for shadow in shadows {
+            if shadow.dead || shadow.object_type != kind {
+                continue;
+            }
+            let Some(n) = uuid_number(&shadow.entry_uuid) else {
+                continue;
+            };
+            if merged.contains(n)? {
+                continue;
+            }
+            if is_target {
+                gone_target(bus, idm, &shadow, progress).await?;
+            } else {
+                let event = change_event(
+                    scope,
+                    shadow.entry_uuid.clone(),
+                    shadow.dn.clone(),
+                    EntryState::Delete,
+                    Vec::new(),
+                    None,
+                    None,
+                );
+                out.publish(event).await?;
+                progress.deleted += 1;
+            }
+        }
+    }
+    Ok(())
 }
 
 /// Source entries: publish those that differ from their shadows — by
@@ -603,6 +715,36 @@ mod tests {
         expected.sort_unstable();
         expected.dedup();
         assert_eq!(found, expected);
+    }
+
+    #[test]
+    fn a_scope_with_an_unreadable_entry_withholds_its_gone_pass() {
+        assert_eq!(withheld(ObjectType::Account, false, 0, Vec::new()), None);
+        let w = withheld(
+            ObjectType::Account,
+            false,
+            1,
+            vec!["entry uid=anna has no entryUUID".into()],
+        )
+        .unwrap();
+        assert_eq!((w.unreadable, w.kind()), (1, "account"));
+        assert_eq!(
+            w.to_string(),
+            "1 account entry could not be read, so no account deletion was published \
+             (an entry not read cannot be told from one that is gone)"
+        );
+        let w = withheld(ObjectType::Group, false, 2, Vec::new()).unwrap();
+        assert!(
+            w.to_string()
+                .starts_with("2 group entries could not be read, so no group deletion"),
+            "{w}"
+        );
+        let w = withheld(ObjectType::Account, true, 3, Vec::new()).unwrap();
+        assert!(
+            w.to_string()
+                .contains("no user was provisioned again for an account that looks gone"),
+            "{w}"
+        );
     }
 
     #[test]
