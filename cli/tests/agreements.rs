@@ -153,11 +153,11 @@ async fn tokens_are_refused_for_every_reason_and_never_echoed() {
         let f = env.admin.get_focus(id).await.unwrap();
         assert_eq!(f.as_ref().and_then(|f| f.first("name")), name, "{id}");
     }
-    // Many callers at once through one committer: each gets its own result,
-    // whatever batches they shared.
-    let committer = idsync_idm_client::Committer::new(as_hr.clone(), 8);
+    // Many callers at once through one batching client: each gets its own
+    // result, whatever batches they shared.
+    let batched = as_hr.clone().with_batching(8);
     let calls = (0..24).map(|i| {
-        let committer = committer.clone();
+        let batched = batched.clone();
         async move {
             // Every fifth takes a name already taken.
             let name = if i % 5 == 0 {
@@ -165,7 +165,7 @@ async fn tokens_are_refused_for_every_reason_and_never_echoed() {
             } else {
                 format!("many{i}")
             };
-            committer
+            batched
                 .commit(vec![new_user(&format!("f-m{i}"), &name)], "hr")
                 .await
         }
@@ -185,7 +185,6 @@ async fn tokens_are_refused_for_every_reason_and_never_echoed() {
         }
     }
     // Batched reads answer as one call each would, whatever they shared.
-    let batched = as_hr.clone().with_batched_reads(8);
     let jack = env.user("jack").await.unwrap();
     let jack_uuid = jack.link_to("hr").unwrap().entry_uuid.clone();
     let reads = (0..24).map(|i| {

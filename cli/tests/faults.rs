@@ -172,28 +172,29 @@ async fn each_service_killed_in_a_10000_entry_import_loses_and_duplicates_nothin
         ("correlator", "2,500 changes correlated", |p| {
             p.correlated.0 >= 2_500
         }),
+        // The IDM before the applier: with batched commits the applier,
+        // once restarted, catches up faster than the correlator feeds it.
+        ("idm", "1,500 decisions applied", |p| p.applied.0 >= 1_500),
         ("applier", "3,000 decisions applied", |p| {
             p.applied.0 >= 3_000
         }),
-        ("idm", "5,000 decisions applied", |p| p.applied.0 >= 5_000),
         ("provisioner", "4,000 focus changes provisioned", |p| {
             p.provisioned.0 >= 4_000
         }),
     ];
+    // The kill must land mid-import: work still ahead of the service.
+    let ahead_of = |service: &str, p: &Progress| match service {
+        "detector" => events.saturating_sub(p.changes),
+        "correlator" => p.correlated.1,
+        "applier" | "idm" => p.applied.1,
+        _ => p.provisioned.1,
+    };
     for (service, what, reached) in plan {
-        let p = when(&bus, what, reached).await;
+        // A worker may catch up with the one before it (restarting) for a
+        // moment: the kill waits until it has work in hand again.
+        let p = when(&bus, what, |p| reached(p) && ahead_of(service, p) > 0).await;
         replicas.assert_running();
-        // The kill must land mid-import: work still ahead of the service.
-        let ahead = match service {
-            "detector" => events.saturating_sub(p.changes),
-            "correlator" => p.correlated.1,
-            "applier" | "idm" => p.applied.1,
-            _ => p.provisioned.1,
-        };
-        assert!(
-            ahead > 0,
-            "{service} had nothing left to do when killed: {p:?}"
-        );
+        let ahead = ahead_of(service, &p);
         let generation = replicas.stop(service, 0, Stop::Kill).await;
         eprintln!(
             "SIGKILL {service} {:?} into the import, after {what}: {ahead} messages ahead of it; {p:?}",

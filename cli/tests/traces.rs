@@ -184,12 +184,12 @@ async fn one_change_is_one_trace_across_every_service() {
             s.name
         );
     }
-    // The IDM's commit and the provisioner's work (through the outbox) are in it.
+    // The IDM's commit (its own span in the applier's batch) and the
+    // provisioner's work (through the outbox) are in it.
     assert!(
-        trace.iter().any(|s| s.service == "idsync-idm"
-            && s.attributes
-                .get("method")
-                .is_some_and(|m| m.ends_with("/Commit"))),
+        trace
+            .iter()
+            .any(|s| s.service == "idsync-idm" && s.name == "commit"),
         "{trace:#?}"
     );
     assert!(

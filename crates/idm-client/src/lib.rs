@@ -16,8 +16,6 @@ use idsync_proto::v1;
 use idsync_proto::v1::idm_client::IdmClient as Raw;
 
 mod batch;
-mod committer;
-pub use committer::Committer;
 use tonic::Code;
 use tonic::metadata::{AsciiMetadataValue, MetadataValue};
 use tonic::service::interceptor::InterceptedService;
@@ -146,13 +144,14 @@ type Transport = InterceptedService<Channel, Credential>;
 #[derive(Debug, Clone)]
 pub struct IdmClient {
     raw: Raw<Transport>,
-    /// When set, shadow reads and focus searches made at the same time go
-    /// to the IDM together ([`IdmClient::with_batched_reads`]).
-    reads: Option<Reads>,
+    /// When set, commits, shadow reads and focus searches made at the same
+    /// time go to the IDM together ([`IdmClient::with_batching`]).
+    batches: Option<Batches>,
 }
 
 #[derive(Debug, Clone)]
-struct Reads {
+struct Batches {
+    commits: batch::Batcher<v1::CommitRequest, Vec<u64>>,
     shadows: batch::Batcher<(String, String), Option<Shadow>>,
     finds: batch::Batcher<v1::FindFocusRequest, Vec<Focus>>,
 }
@@ -183,29 +182,41 @@ impl IdmClient {
             raw: Raw::with_interceptor(endpoint.connect_lazy(), Credential(value))
                 .max_decoding_message_size(MAX_MESSAGE_SIZE)
                 .max_encoding_message_size(MAX_MESSAGE_SIZE),
-            reads: None,
+            batches: None,
         })
     }
 
-    /// This client, with the shadow reads ([`IdmClient::get_shadow`]) and
-    /// focus searches ([`IdmClient::find_focus`]) of concurrent callers
-    /// gathered into one `GetShadows` or `FindFocusBatch` call each, up to
-    /// `max_batch`: what a worker handling many messages at once wants.
-    /// Answers are the same as one call each. Spawns tasks on the current
-    /// tokio runtime.
+    /// This client, with the calls of concurrent callers gathered, up to
+    /// `max_batch` at once: commits ([`IdmClient::commit`]) into one
+    /// `CommitBatch` call and one write transaction, shadow reads
+    /// ([`IdmClient::get_shadow`]) into `GetShadows`, focus searches
+    /// ([`IdmClient::find_focus`]) into `FindFocusBatch` — what a worker
+    /// handling many messages at once wants. Each caller gets the answer a
+    /// call of its own would have had, once its batch is answered (a commit
+    /// once its transaction is durable). Spawns tasks on the current tokio
+    /// runtime; they end with the last clone of this client.
     #[must_use]
-    pub fn with_batched_reads(self, max_batch: usize) -> Self {
+    pub fn with_batching(self, max_batch: usize) -> Self {
         let plain = Self {
             raw: self.raw.clone(),
-            reads: None,
+            batches: None,
         };
-        let for_finds = plain.clone();
+        let (for_commits, for_shadows, for_finds) = (plain.clone(), plain.clone(), plain);
+        let commits = batch::Batcher::spawn(
+            max_batch,
+            "commit",
+            |r: &v1::CommitRequest| prost::Message::encoded_len(r),
+            move |requests| {
+                let idm = for_commits.clone();
+                async move { idm.commit_batch(requests).await }
+            },
+        );
         let shadows = batch::Batcher::spawn(
             max_batch,
             "get_shadows",
             |(r, u): &(String, String)| r.len() + u.len(),
             move |keys| {
-                let idm = plain.clone();
+                let idm = for_shadows.clone();
                 async move { idm.shadows_of(keys).await }
             },
         );
@@ -220,7 +231,11 @@ impl IdmClient {
         );
         Self {
             raw: self.raw,
-            reads: Some(Reads { shadows, finds }),
+            batches: Some(Batches {
+                commits,
+                shadows,
+                finds,
+            }),
         }
     }
 
@@ -240,7 +255,7 @@ impl IdmClient {
         let mut found = std::collections::HashMap::new();
         for (resource, uuids) in by_resource {
             for page in uuids.chunks(1000) {
-                for s in self.get_shadows(resource, page.to_vec()).await? {
+                for s in self.get_shadows(resource, page.to_vec(), true).await? {
                     found.insert((s.resource.clone(), s.entry_uuid.clone()), s);
                 }
             }
@@ -281,8 +296,8 @@ impl IdmClient {
             attribute: attribute.to_owned(),
             value: value.to_owned(),
         };
-        if let Some(reads) = &self.reads {
-            return reads.finds.run(req).await;
+        if let Some(b) = &self.batches {
+            return b.finds.run(req).await;
         }
         let list = self.raw.clone().find_focus(req).await?.into_inner();
         Ok(list.items.into_iter().map(Focus::from).collect())
@@ -322,8 +337,8 @@ impl IdmClient {
         resource: &str,
         entry_uuid: &str,
     ) -> Result<Option<Shadow>, IdmError> {
-        if let Some(reads) = &self.reads {
-            return reads
+        if let Some(b) = &self.batches {
+            return b
                 .shadows
                 .run((resource.to_owned(), entry_uuid.to_owned()))
                 .await;
@@ -340,14 +355,17 @@ impl IdmClient {
     }
 
     /// The shadows of `entry_uuids` on `resource` that exist (at most 1,000 a call).
+    /// Without `values`, each shadow comes without its attribute values.
     pub async fn get_shadows(
         &self,
         resource: &str,
         entry_uuids: Vec<String>,
+        values: bool,
     ) -> Result<Vec<Shadow>, IdmError> {
         let req = v1::GetShadowsRequest {
             resource: resource.to_owned(),
             entry_uuids,
+            without_values: !values,
         };
         let list = self.raw.clone().get_shadows(req).await?.into_inner();
         Ok(list.items.into_iter().map(Shadow::from).collect())
@@ -410,8 +428,9 @@ impl IdmClient {
         Ok(self.raw.clone().count_shadows(req).await?.into_inner().live)
     }
 
-    /// Up to `limit` shadows of `resource` after `after`, in entry UUID order.
-    pub async fn shadows_page(
+    /// Up to `limit` shadows of `resource` after `after`, in entry UUID
+    /// order, without their attribute values (identity, DN, state, CSN, link).
+    pub async fn shadow_summaries(
         &self,
         resource: &str,
         after: &str,
@@ -421,6 +440,7 @@ impl IdmClient {
             resource: resource.to_owned(),
             after_entry_uuid: after.to_owned(),
             limit,
+            without_values: true,
         };
         let page = self.raw.clone().list_shadows(req).await?.into_inner().items;
         Ok(page.into_iter().map(Shadow::from).collect())
@@ -433,6 +453,7 @@ impl IdmClient {
                 resource: resource.to_owned(),
                 after_entry_uuid: out.last().map(|s| s.entry_uuid.clone()).unwrap_or_default(),
                 limit: 500,
+                without_values: false,
             };
             let page = self.raw.clone().list_shadows(req).await?.into_inner().items;
             if page.is_empty() {
@@ -478,11 +499,25 @@ impl IdmClient {
         Ok(list.items.into_iter().map(Shadow::from).collect())
     }
 
-    /// Commits `ops` atomically; returns the new versions in order.
+    /// Commits `ops` atomically; returns the new versions in order. On a
+    /// batching client ([`IdmClient::with_batching`]) the commit may share
+    /// its transaction with others made meanwhile, each checked as if alone.
     ///
     /// # Errors
     /// [`IdmError::Conflict`] when a version read is no longer current.
     pub async fn commit(&self, ops: Vec<Op>, origin_resource: &str) -> Result<Vec<u64>, IdmError> {
+        if let Some(b) = &self.batches {
+            return b
+                .commits
+                .run(v1::CommitRequest {
+                    operations: ops.into_iter().map(v1::Operation::from).collect(),
+                    origin_resource: origin_resource.to_owned(),
+                    // The caller's span: its change's outbox records join its trace.
+                    trace_parent: idsync_telemetry::trace::current_traceparent()
+                        .unwrap_or_default(),
+                })
+                .await;
+        }
         let req = v1::CommitRequest {
             operations: ops.into_iter().map(v1::Operation::from).collect(),
             origin_resource: origin_resource.to_owned(),
@@ -860,5 +895,30 @@ mod tests {
             ),
             "{refused:?}"
         );
+    }
+
+    /// An IDM that cannot be reached fails every caller of a batch with the
+    /// same transient error (their messages are retried), and none waits
+    /// for ever.
+    #[tokio::test]
+    #[allow(clippy::unwrap_used)]
+    async fn an_unreachable_idm_fails_every_caller_of_a_batch_as_transient() {
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
+        let idm = IdmClient::new(&format!("http://127.0.0.1:{port}"), &Secret::new("x"))
+            .unwrap()
+            .with_batching(4);
+        let calls = (0..6).map(|_| idm.commit(Vec::new(), "hr"));
+        for r in futures::future::join_all(calls).await {
+            let e = r.unwrap_err();
+            assert!(e.is_transient(), "{e:?}");
+        }
+        let e = idm.get_shadow("hr", "u").await.unwrap_err();
+        assert!(e.is_transient(), "{e:?}");
+        let e = idm.find_focus("user", "name", "n").await.unwrap_err();
+        assert!(e.is_transient(), "{e:?}");
     }
 }

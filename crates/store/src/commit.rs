@@ -11,7 +11,7 @@
 //! when the resource has none (provisioning targets). Links to another
 //! owner's resources and assignments are the IDM's on every focus.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::sync::Arc;
 
 use prost::Message;
@@ -95,16 +95,42 @@ pub(crate) struct Tables<'k> {
     pub next_seq: u64,
     /// Copied into every outbox record this commit appends.
     pub trace_parent: String,
+    /// Attributes whose values are indexed (read from the store, so that
+    /// every writer keeps every index, whoever built it).
+    pub indexed: Vec<String>,
 }
 
 impl<'k> Tables<'k> {
     pub fn open(kv: &'k mut dyn KvWrite) -> Result<Self, StoreError> {
         let next_seq = kv.get_u64(Tbl::Meta, NEXT_OUTBOX)?.unwrap_or(1);
+        let indexed = kv.suffixes(Tbl::Meta, ATTR_INDEX)?;
         Ok(Self {
             kv,
             next_seq,
             trace_parent: String::new(),
+            indexed,
         })
+    }
+
+    /// Keeps the attribute index of a focus that was `before` and is
+    /// `after` (`None`: absent).
+    pub fn index_attributes(
+        &mut self,
+        before: Option<&v1::Focus>,
+        after: Option<&v1::Focus>,
+    ) -> Result<(), StoreError> {
+        if self.indexed.is_empty() {
+            return Ok(());
+        }
+        let old = before.map_or_else(BTreeSet::new, |f| attr_keys(f, &self.indexed));
+        let new = after.map_or_else(BTreeSet::new, |f| attr_keys(f, &self.indexed));
+        for k in old.difference(&new) {
+            self.kv.del(Tbl::FocusAttr, k)?;
+        }
+        for k in new.difference(&old) {
+            self.kv.mark(Tbl::FocusAttr, k)?;
+        }
+        Ok(())
     }
 
     /// Records the outbox position; call before the transaction commits.
@@ -240,6 +266,10 @@ impl<'k> Tables<'k> {
 
     /// Writes `focus` with the next version and its outbox record.
     pub fn rewrite_focus(&mut self, mut focus: v1::Focus, origin: &str) -> Result<(), StoreError> {
+        if !self.indexed.is_empty() {
+            let before: Option<v1::Focus> = self.load(Tbl::Focus, &focus.id)?;
+            self.index_attributes(before.as_ref(), Some(&focus))?;
+        }
         focus.version += 1;
         self.kv.put_msg(Tbl::Focus, &focus.id, &focus)?;
         self.append_outbox(focus, false, origin, None)
@@ -265,6 +295,7 @@ impl<'k> Tables<'k> {
             self.kv.del(Tbl::MemberOf, &format!("{m}\0{}", last.id))?;
         }
         self.index_role_refs(Some(&last), None)?;
+        self.index_attributes(Some(&last), None)?;
         if !last.sync_parent.is_empty() {
             self.kv
                 .del(Tbl::SyncChild, &format!("{}\0{id}", last.sync_parent))?;
@@ -282,6 +313,25 @@ impl<'k> Tables<'k> {
         self.append_outbox(last.clone(), true, origin, None)?;
         Ok(Some(last))
     }
+}
+
+/// Meta keys `attr-index:<attribute>`: the attribute's index is built.
+pub(crate) const ATTR_INDEX: &str = "attr-index:";
+
+/// The index key of each value `f` holds of the indexed attributes.
+pub(crate) fn attr_keys(f: &v1::Focus, indexed: &[String]) -> BTreeSet<String> {
+    let mut keys = BTreeSet::new();
+    for attribute in indexed {
+        for v in f.attributes.get(attribute).map_or(&[][..], |v| &v.values) {
+            keys.insert(attr_key(attribute, &f.kind, v, &f.id));
+        }
+    }
+    keys
+}
+
+/// `<attribute>\0<kind>\0<value>\0<id>`; without the id, the prefix of a search.
+pub(crate) fn attr_key(attribute: &str, kind: &str, value: &str, id: &str) -> String {
+    format!("{attribute}\0{kind}\0{value}\0{id}")
 }
 
 /// How a user or group is named in errors: kind, name and id.
@@ -696,6 +746,7 @@ pub(crate) fn apply(
                     )?;
                 }
                 t.index_role_refs(current.as_ref(), Some(&focus))?;
+                t.index_attributes(current.as_ref(), Some(&focus))?;
                 // Pending members whose accounts are already here resolve now,
                 // inside this transaction: no account can slip in between.
                 resolve_pending(&mut focus, &*t.kv)?;

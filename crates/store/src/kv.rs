@@ -45,11 +45,14 @@ pub(crate) enum Tbl {
     ShadowLive = 13,
     /// Resource → encoded `DeletionGuardState`.
     Guard = 14,
+    /// `<attribute>\0<kind>\0<value>\0<focus id>` → (): focus objects by
+    /// the value of an indexed attribute (those correlation searches).
+    FocusAttr = 15,
 }
 
 impl Tbl {
     /// Every table, for backends that create them up front.
-    pub(crate) const ALL: [Tbl; 14] = [
+    pub(crate) const ALL: [Tbl; 15] = [
         Tbl::Focus,
         Tbl::FocusName,
         Tbl::Shadow,
@@ -64,6 +67,7 @@ impl Tbl {
         Tbl::Secret,
         Tbl::ShadowLive,
         Tbl::Guard,
+        Tbl::FocusAttr,
     ];
 }
 

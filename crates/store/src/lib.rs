@@ -8,6 +8,7 @@
 //! committed change is lost between commit and publish. The rules live once,
 //! over the key-value layer of [`kv`]; the backends only store bytes.
 
+use std::collections::BTreeSet;
 use std::path::Path;
 use std::sync::Arc;
 
@@ -468,6 +469,21 @@ impl Store {
                 };
                 return Ok(kv.load(Tbl::Focus, &id)?.into_iter().collect());
             }
+            let holds = |f: &v1::Focus| {
+                f.kind == kind
+                    && f.attributes
+                        .get(attribute)
+                        .is_some_and(|vals| vals.values.iter().any(|x| x == value))
+            };
+            let marker = format!("{}{attribute}", commit::ATTR_INDEX);
+            if kv.get_u64(Tbl::Meta, &marker)?.is_some() {
+                let prefix = commit::attr_key(attribute, kind, value, "");
+                let mut out = Vec::new();
+                for id in kv.suffixes(Tbl::FocusAttr, &prefix)? {
+                    out.extend(kv.load::<v1::Focus>(Tbl::Focus, &id)?.filter(holds));
+                }
+                return Ok(out);
+            }
             let mut out = Vec::new();
             kv.each::<v1::Focus>(Tbl::Focus, "", &mut |_, f| {
                 if f.kind == kind
@@ -480,6 +496,70 @@ impl Store {
                 Ok(true)
             })?;
             Ok(out)
+        })
+    }
+
+    /// Makes [`Store::find_focus`] answer searches by each of `attributes`
+    /// from an index (`name` has its own): builds the index of each that has
+    /// none, in one transaction over every focus, and drops the indexes of
+    /// attributes no longer listed. Every write keeps every built index.
+    /// Returns the attributes whose index was built now.
+    ///
+    /// # Errors
+    /// The database fails; then no index changed.
+    pub fn index_attributes(
+        &self,
+        attributes: &BTreeSet<String>,
+    ) -> Result<Vec<String>, StoreError> {
+        let wanted: BTreeSet<&str> = attributes
+            .iter()
+            .map(String::as_str)
+            .filter(|a| *a != NAME && !a.is_empty())
+            .collect();
+        self.transact(true, |kv| {
+            let built = kv.suffixes(Tbl::Meta, commit::ATTR_INDEX)?;
+            for gone in built.iter().filter(|a| !wanted.contains(a.as_str())) {
+                let prefix = format!("{gone}\0");
+                let end = kv::prefix_end(prefix.as_bytes());
+                kv.remove_range(Tbl::FocusAttr, prefix.as_bytes(), end.as_deref())?;
+                kv.del(Tbl::Meta, &format!("{}{gone}", commit::ATTR_INDEX))?;
+            }
+            let new: Vec<String> = wanted
+                .iter()
+                .filter(|a| !built.iter().any(|b| b == *a))
+                .map(|a| (*a).to_owned())
+                .collect();
+            if new.is_empty() {
+                return Ok(new);
+            }
+            // Page by page: the keys of a page are collected, then written.
+            let mut after: Vec<u8> = Vec::new();
+            loop {
+                let mut keys = Vec::new();
+                let mut last = None;
+                let mut seen = 0;
+                kv.scan(Tbl::Focus, &after, None, &mut |k, v| {
+                    if k == after.as_slice() {
+                        return Ok(true);
+                    }
+                    let f: v1::Focus = decode(v)?;
+                    keys.extend(commit::attr_keys(&f, &new));
+                    last = Some(k.to_vec());
+                    seen += 1;
+                    Ok(seen < 1000)
+                })?;
+                for k in &keys {
+                    kv.mark(Tbl::FocusAttr, k)?;
+                }
+                match last {
+                    Some(k) => after = k,
+                    None => break,
+                }
+            }
+            for a in &new {
+                kv.put_u64(Tbl::Meta, &format!("{}{a}", commit::ATTR_INDEX), 1)?;
+            }
+            Ok(new)
         })
     }
 
@@ -810,6 +890,94 @@ mod tests {
             let outbox = s.outbox_batch(10).unwrap();
             let seqs: Vec<u64> = outbox.iter().map(|(q, _)| *q).collect();
             assert_eq!(seqs, [1, 2, 3, 4]);
+        }
+    }
+
+    #[test]
+    fn an_attribute_index_answers_as_the_scan_and_follows_every_write() {
+        for place in crate::testing::places() {
+            let s = place.open();
+            let admin = Writer::admin();
+            let with_mail = |id: &str, name: &str, mails: &[&str]| {
+                let mut f = user(id, name);
+                f.attributes.insert(
+                    "mail".into(),
+                    v1::Values {
+                        values: mails.iter().map(|m| (*m).to_owned()).collect(),
+                    },
+                );
+                f
+            };
+            // Before the index: one user, found by the scan.
+            s.commit(
+                &[put_focus(with_mail("f1", "ann", &["a@x", "ann@x"]), 0)],
+                "",
+                &admin,
+            )
+            .unwrap();
+            let ids = |found: Vec<v1::Focus>| found.into_iter().map(|f| f.id).collect::<Vec<_>>();
+            let mail: BTreeSet<String> = ["mail".to_owned(), "name".to_owned()].into();
+            assert_eq!(s.index_attributes(&mail).unwrap(), ["mail"]);
+            // Built over what was there; a second call builds nothing.
+            assert!(s.index_attributes(&mail).unwrap().is_empty());
+            assert_eq!(ids(s.find_focus("user", "mail", "ann@x").unwrap()), ["f1"]);
+            // New users, a changed value, another kind with the same value.
+            s.commit(
+                &[put_focus(with_mail("f2", "bob", &["b@x"]), 0)],
+                "",
+                &admin,
+            )
+            .unwrap();
+            s.commit(
+                &[put_focus(with_mail("f1", "ann", &["a@x"]), 1)],
+                "",
+                &admin,
+            )
+            .unwrap();
+            let mut group = with_mail("g1", "crew", &["b@x"]);
+            group.kind = "group".into();
+            s.commit(&[put_focus(group, 0)], "", &admin).unwrap();
+            assert!(s.find_focus("user", "mail", "ann@x").unwrap().is_empty());
+            assert_eq!(ids(s.find_focus("user", "mail", "a@x").unwrap()), ["f1"]);
+            assert_eq!(ids(s.find_focus("user", "mail", "b@x").unwrap()), ["f2"]);
+            assert_eq!(ids(s.find_focus("group", "mail", "b@x").unwrap()), ["g1"]);
+            // Deleted: gone from the index too.
+            s.commit(
+                &[v1::Operation {
+                    op: Some(Op::DeleteFocus(v1::DeleteFocus {
+                        id: "f2".into(),
+                        expected_version: 1,
+                    })),
+                }],
+                "",
+                &admin,
+            )
+            .unwrap();
+            assert!(s.find_focus("user", "mail", "b@x").unwrap().is_empty());
+            // A store opened again keeps the index up without being told.
+            drop(s);
+            let s = place.open();
+            s.commit(
+                &[put_focus(with_mail("f3", "cid", &["c@x"]), 0)],
+                "",
+                &admin,
+            )
+            .unwrap();
+            assert_eq!(ids(s.find_focus("user", "mail", "c@x").unwrap()), ["f3"]);
+            // Dropped: searches scan again, with the same answers.
+            assert!(s.index_attributes(&BTreeSet::new()).unwrap().is_empty());
+            assert_eq!(ids(s.find_focus("user", "mail", "c@x").unwrap()), ["f3"]);
+            assert_eq!(ids(s.find_focus("user", "mail", "a@x").unwrap()), ["f1"]);
+            s.read(|kv| {
+                let mut rows = 0;
+                kv.scan(Tbl::FocusAttr, b"", None, &mut |_, _| {
+                    rows += 1;
+                    Ok(true)
+                })?;
+                assert_eq!(rows, 0, "the dropped index left rows");
+                Ok(())
+            })
+            .unwrap();
         }
     }
 

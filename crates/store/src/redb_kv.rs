@@ -24,6 +24,7 @@ const SYNC_CHILD: TableDefinition<&str, ()> = TableDefinition::new("sync_child")
 const SECRET: TableDefinition<&str, &[u8]> = TableDefinition::new("secret");
 const SHADOW_LIVE: TableDefinition<&str, u64> = TableDefinition::new("shadow_live");
 const GUARD: TableDefinition<&str, &[u8]> = TableDefinition::new("deletion_guard");
+const FOCUS_ATTR: TableDefinition<&str, ()> = TableDefinition::new("focus_attr");
 
 /// One open table of each of redb's value types.
 enum Open<B, S, U, C, Q> {
@@ -71,6 +72,7 @@ macro_rules! open {
             Tbl::Secret => Open::Bytes($txn.open_table(SECRET).map_err(db)?),
             Tbl::ShadowLive => Open::Count($txn.open_table(SHADOW_LIVE).map_err(db)?),
             Tbl::Guard => Open::Bytes($txn.open_table(GUARD).map_err(db)?),
+            Tbl::FocusAttr => Open::Unit($txn.open_table(FOCUS_ATTR).map_err(db)?),
         }
     };
 }

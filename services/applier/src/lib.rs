@@ -12,9 +12,7 @@ use idsync_core::config::{Config, OnError};
 use idsync_core::inbound::{InboundState, Outcome, plan};
 use idsync_core::model::{ObjectType, SourceChange};
 use idsync_core::situation::{Reaction, Situation};
-use idsync_idm_client::{
-    Committer, CorrelateError, Correlation, IdmClient, IdmError, correlate, memberships,
-};
+use idsync_idm_client::{CorrelateError, Correlation, IdmClient, IdmError, correlate, memberships};
 use idsync_ldap::{Connection, LdapError, Pool};
 use idsync_proto::v1;
 use prost::Message as _;
@@ -43,11 +41,12 @@ pub enum Error {
 /// NATS cannot be reached at start, a token cannot be read, or the IDM URL is malformed.
 pub async fn run(config: Arc<Config>, shutdown: CancellationToken) -> Result<(), Error> {
     // Tokens first: a missing one is a configuration error, named at once.
-    // The re-reads of the messages in hand go to the IDM together.
+    // The commits and reads of the messages in hand go to the IDM
+    // together: one call and one write transaction for as many as are ready.
     let concurrency = config.workers.inbound_concurrency as usize;
     let clients: Vec<(String, IdmClient)> = idsync_runtime::agreement_clients(&config)?
         .into_iter()
-        .map(|(agreement, idm)| (agreement, idm.with_batched_reads(concurrency)))
+        .map(|(agreement, idm)| (agreement, idm.with_batching(concurrency)))
         .collect();
     let bus = Bus::connect_with(&config.nats.url, Some(config.nats.retention())).await?;
     // Connections (opened on first use) to the resources the agreements
@@ -73,13 +72,9 @@ pub async fn run(config: Arc<Config>, shutdown: CancellationToken) -> Result<(),
                 filter_subject: Some(&filter),
                 concurrency,
             };
-            // The messages in hand commit together: one call and one
-            // write transaction for as many as are ready at once.
-            let committer = Committer::new(idm.clone(), source.concurrency);
             let ctx = Agreement {
                 name: agreement,
                 idm,
-                committer: &committer,
             };
             run_gated_worker(
                 bus,
@@ -102,7 +97,6 @@ pub async fn run(config: Arc<Config>, shutdown: CancellationToken) -> Result<(),
 struct Agreement<'a> {
     name: &'a str,
     idm: &'a IdmClient,
-    committer: &'a Committer,
 }
 
 impl Agreement<'_> {
@@ -281,7 +275,7 @@ async fn handle(config: &Config, ctx: Agreement<'_>, accounts: &Pool, msg: Messa
                 return Handling::Done;
             }
             Outcome::Ignored => return Handling::Done,
-            Outcome::Tombstone { ops } => match ctx.committer.commit(ops, &change.resource).await {
+            Outcome::Tombstone { ops } => match idm.commit(ops, &change.resource).await {
                 Ok(_) => {
                     tracing::debug!(resource = %change.resource, entry_uuid = %change.entry_uuid, "deletion of an entry never seen; tombstone kept");
                     return Handling::Done;
@@ -310,7 +304,7 @@ async fn handle(config: &Config, ctx: Agreement<'_>, accounts: &Pool, msg: Messa
         {
             return h;
         }
-        match ctx.committer.commit(ops, &change.resource).await {
+        match idm.commit(ops, &change.resource).await {
             Ok(_) => {
                 tracing::info!(resource = %change.resource, dn = %change.dn, %situation, %reaction, "applied");
                 let detected = decision.change.as_ref().map_or(0, |c| c.detected_at_ms);

@@ -38,7 +38,7 @@ pub async fn run(config: Arc<Config>, shutdown: CancellationToken) -> Result<(),
     // The reads of the messages in hand go to the IDM together.
     let clients: BTreeMap<String, IdmClient> = idsync_runtime::agreement_clients(&config)?
         .into_iter()
-        .map(|(agreement, idm)| (agreement, idm.with_batched_reads(concurrency)))
+        .map(|(agreement, idm)| (agreement, idm.with_batching(concurrency)))
         .collect();
     let bus = Bus::connect_with(&config.nats.url, Some(config.nats.retention())).await?;
     let source = Source {

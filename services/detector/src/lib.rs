@@ -796,7 +796,7 @@ async fn publish_gone(
     let mut after = String::new();
     let mut gone = 0;
     loop {
-        let page = idm.shadows_page(&scope.resource, &after, 1000).await?;
+        let page = idm.shadow_summaries(&scope.resource, &after, 1000).await?;
         let Some(last) = page.last() else {
             return Ok(gone);
         };

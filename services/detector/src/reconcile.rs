@@ -481,7 +481,7 @@ async fn gone_pass(
     let kind = kind_of(scope);
     let mut after = String::new();
     loop {
-        let shadows = idm.shadows_page(name, &after, 1000).await?;
+        let shadows = idm.shadow_summaries(name, &after, 1000).await?;
         let Some(last) = shadows.last() else { break };
         after = last.entry_uuid.clone();
         for shadow in shadows {
@@ -573,8 +573,12 @@ async fn shadows_of(
     batch: &[ScannedEntry],
 ) -> Result<HashMap<String, Shadow>, ReconcileError> {
     let uuids = batch.iter().map(|e| e.entry_uuid.clone()).collect();
+    // Entries with a CSN are compared by it; the others by values.
+    let values = batch
+        .iter()
+        .any(|e| e.csn.as_deref().is_none_or(str::is_empty));
     Ok(idm
-        .get_shadows(resource, uuids)
+        .get_shadows(resource, uuids, values)
         .await?
         .into_iter()
         .map(|s| (s.entry_uuid.clone(), s))

@@ -120,6 +120,16 @@ pub async fn run(config: Arc<Config>, shutdown: CancellationToken) -> Result<(),
             store
         }
     };
+    // Correlation searches by attribute values: answered from an index,
+    // built now for an attribute the configuration newly searches by.
+    let searched = searched_attributes(&config);
+    let indexing = store.clone();
+    let built = tokio::task::spawn_blocking(move || indexing.index_attributes(&searched))
+        .await
+        .map_err(|e| Error::Serve(e.to_string()))??;
+    if !built.is_empty() {
+        tracing::info!(attributes = ?built, "correlation index built");
+    }
     let listeners = status::start(&config, &store, &shutdown).await?;
     let result = serve(
         store,
@@ -135,6 +145,18 @@ pub async fn run(config: Arc<Config>, shutdown: CancellationToken) -> Result<(),
         let _ = task.await;
     }
     result
+}
+
+/// The focus attributes correlation rules search by (each rule's first
+/// condition: the others narrow what it found).
+fn searched_attributes(config: &Config) -> std::collections::BTreeSet<String> {
+    config
+        .resources
+        .iter()
+        .flat_map(|r| &r.correlation)
+        .filter_map(|rule| rule.conditions.first())
+        .map(|c| c.focus_attribute.clone())
+        .collect()
 }
 
 async fn open_store(dir: &Path, cache_bytes: usize) -> Result<Store, Error> {
@@ -349,6 +371,13 @@ impl IdmService {
 
 const MAX_PAGE: usize = 1000;
 
+/// Shadows as reconciliation reads them: without their attribute values.
+fn strip_values(shadows: &mut [v1::Shadow]) {
+    for s in shadows {
+        s.attributes.clear();
+    }
+}
+
 /// Commits in one `CommitBatch` call at most.
 const MAX_BATCH: usize = 1024;
 
@@ -459,9 +488,12 @@ impl Idm for IdmService {
         self.principal(&req).await?;
         let r = req.into_inner();
         let limit = (r.limit as usize).clamp(1, MAX_PAGE);
-        let items = self
+        let mut items = self
             .blocking(move |s| s.list_shadows(&r.resource, &r.after_entry_uuid, limit))
             .await?;
+        if r.without_values {
+            strip_values(&mut items);
+        }
         Ok(Response::new(v1::ShadowList { items }))
     }
 
@@ -477,9 +509,13 @@ impl Idm for IdmService {
                 r.entry_uuids.len()
             )));
         }
-        let items = self
+        let without_values = r.without_values;
+        let mut items = self
             .blocking(move |s| s.get_shadows(&r.resource, &r.entry_uuids))
             .await?;
+        if without_values {
+            strip_values(&mut items);
+        }
         Ok(Response::new(v1::ShadowList { items }))
     }
 
@@ -560,6 +596,17 @@ impl Idm for IdmService {
             )));
         }
         let base = self.writer(principal.clone());
+        // Each commit's own span, in the trace of the change behind it (the
+        // call's span belongs to no one change); they last as the batch does.
+        let _spans: Vec<tracing::Span> = commits
+            .iter()
+            .filter(|c| !c.trace_parent.is_empty())
+            .map(|c| {
+                let span = tracing::info_span!(parent: None, "commit", service = "idm", origin = %c.origin_resource, batch = commits.len());
+                idsync_telemetry::trace::set_parent(&span, &c.trace_parent);
+                span
+            })
+            .collect();
         // A commit for a resource the token does not write for is refused
         // alone; the others go into the transaction.
         let mut results: Vec<Option<v1::CommitResult>> = Vec::with_capacity(commits.len());

@@ -43,7 +43,10 @@ pub enum Error {
 pub async fn run(config: Arc<Config>, shutdown: CancellationToken) -> Result<(), Error> {
     let bus = Bus::connect_with(&config.nats.url, Some(config.nats.retention())).await?;
     // Provisioning is the IDM's own work: target shadows belong to no agreement.
-    let idm = idsync_runtime::admin_client(&config)?;
+    // The commits (shadows, links) and reads of the users in hand go to the
+    // IDM together.
+    let idm = idsync_runtime::admin_client(&config)?
+        .with_batching(config.workers.provisioner_concurrency as usize);
     let mut targets = Pool::new();
     for r in config.resources.iter().filter(|r| r.dn_template.is_some()) {
         let conn = Connection::for_resource(r, idsync_runtime::bind_password(r)?);
