@@ -599,6 +599,58 @@ async fn an_entry_deleted_while_the_detector_is_away_before_its_add_is_applied_i
     env.d.shutdown().await.unwrap();
 }
 
+/// What a target stopped under an add can leave: the account made, the
+/// reply lost, so no shadow records it — and the user deleted before the
+/// add is tried again. The provisioner, finding the user gone, takes back
+/// the account at the DN the user would have had, which no shadow claims;
+/// an account there that nobody was given stays.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_account_made_but_not_recorded_for_a_user_deleted_meanwhile_is_taken_back() {
+    let mut env = start(EXAMPLE_CONFIG).await;
+    env.user_where("jack", "has an account on acme", |u| {
+        u.link_to("acme").is_some()
+    })
+    .await;
+    env.d.stop_service("provisioner").await.unwrap();
+    add_person(&env.d.source, "eve", "Eve Gone").await;
+    env.user_where("eve", "exists", |_| true).await;
+    delete_person(&env.d.source, "eve").await;
+    idsync_testkit::eventually("eve's user is deleted", WAIT, || async {
+        Ok(env.user("eve").await.is_none().then_some(()))
+    })
+    .await
+    .unwrap();
+    // The account an add whose reply was lost leaves, and one nobody was given.
+    for cn in ["eve", "stranger"] {
+        add_target(
+            &env,
+            &format!("cn={cn},o=Acme"),
+            &[
+                ("objectClass", &["inetOrgPerson"]),
+                ("cn", &[cn]),
+                ("sn", &["Account"]),
+            ],
+        )
+        .await;
+    }
+    env.d.start_service("provisioner").unwrap();
+    let gone =
+        idsync_testkit::eventually("eve's unrecorded account is taken back", WAIT, || async {
+            Ok(target_entry(&env, "cn=eve,o=Acme")
+                .await
+                .is_none()
+                .then_some(()))
+        })
+        .await;
+    assert!(gone.is_ok(), "eve's account stays on acme: {gone:?}");
+    assert!(
+        target_entry(&env, "cn=stranger,o=Acme").await.is_some(),
+        "an account nobody was given is not the provisioner's to remove"
+    );
+    assert!(target_entry(&env, "cn=jack,o=Acme").await.is_some());
+    env.d.shutdown().await.unwrap();
+}
+
 /// Waits until the change stream holds at least `events` and the correlator
 /// has acknowledged all of them.
 async fn correlated(bus: &Bus, events: u64) {

@@ -24,6 +24,10 @@ fn config(
 ) -> String {
     format!(
         r#"version = 1
+# As for a large import: the workers' commits and reads go in batches.
+[workers]
+inbound_concurrency = 256
+provisioner_concurrency = 64
 [nats]
 url = "{nats}"
 [idm]

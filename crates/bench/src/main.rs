@@ -624,7 +624,7 @@ async fn reconcile(entries: usize, import: usize) -> Result<()> {
     let b = Setup::start_with(
         import,
         Some(Workers {
-            inbound_concurrency: 16,
+            inbound_concurrency: all::IMPORT_CONCURRENCY,
             appliers: 1,
         }),
     )

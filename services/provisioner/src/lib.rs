@@ -134,8 +134,13 @@ async fn handle(
         deprovision_all(config, idm, targets, &last).await
     } else {
         match idm.get_focus(&change.focus_id).await {
-            // Deleted since: its tombstone event deprovisions it.
-            Ok(None) => Ok(()),
+            // Deleted since: its tombstone event deprovisions it; an account
+            // an earlier attempt at this change made without recording it
+            // (the reply lost) is taken back here or there.
+            Ok(None) => {
+                let last: Focus = change.focus.unwrap_or_default().into();
+                take_back_unrecorded(config, idm, targets, &last).await
+            }
             Ok(Some(focus)) => provision(config, idm, targets, focus, &attempt).await,
             Err(e) => Err(e.into()),
         }
@@ -365,6 +370,85 @@ async fn deprovision_all(
             } else {
                 remove(idm, targets, resource, None, link).await?;
             }
+        }
+    }
+    take_back_unrecorded(config, idm, targets, last).await
+}
+
+/// A user gone before its account was recorded: an add whose reply was
+/// lost (the target stopped under it) made an account that no shadow names,
+/// so no deletion finds it. On each target the deleted user `last` had an
+/// account wanted on but no link to, an account at the DN it would have had
+/// that no live shadow claims, and that no user now holding the name could
+/// own, is the one provisioning made: it is deprovisioned as a linked one
+/// would have been. Had the add been recorded, or found the account there
+/// already (which it links), the user's deletion would have done the same.
+async fn take_back_unrecorded(
+    config: &Config,
+    idm: &IdmClient,
+    targets: &Pool,
+    last: &Focus,
+) -> Result<(), Failure> {
+    let unlinked: Vec<&ResourceConfig> = config
+        .resources
+        .iter()
+        .filter(|r| r.dn_template.is_some() && idm_owned(r) && last.link_to(&r.name).is_none())
+        // Only where an add that found the account there would have linked
+        // it: elsewhere an unclaimed account at that DN is someone else's.
+        .filter(|r| {
+            matches!(
+                r.reactions
+                    .get(&Situation::Unlinked)
+                    .map_or(Reaction::Link, |x| x.action),
+                Reaction::Link | Reaction::Synchronize
+            )
+        })
+        .collect();
+    if unlinked.is_empty() || last.id.is_empty() {
+        return Ok(());
+    }
+    // The name may be someone's again (deleted and added back): their
+    // account, not an orphan.
+    if let Some(name) = last.first("name")
+        && !idm.find_focus(&last.kind, "name", name).await?.is_empty()
+    {
+        return Ok(());
+    }
+    let roles = match idm.roles_of(last).await {
+        Ok(r) => r,
+        Err(e) if e.is_transient() => return Err(e.into()),
+        // Its roles are gone too: nothing says which accounts it had.
+        Err(_) => return Ok(()),
+    };
+    let Ok(wanted) = constructions(config, last, &roles) else {
+        return Ok(());
+    };
+    for resource in unlinked {
+        let Some(account) = wanted
+            .get(&resource.name)
+            .and_then(|c| desired_account(resource, last, c).ok())
+        else {
+            continue;
+        };
+        let found = with_dir(targets, resource, async |dir| dir.read(&account.dn).await).await?;
+        let Some(entry) = found else { continue };
+        let claimed = idm
+            .get_shadow(&resource.name, &entry.entry_uuid)
+            .await?
+            .is_some_and(|s| !s.dead);
+        if claimed {
+            continue;
+        }
+        tracing::warn!(resource = %resource.name, dn = %account.dn, focus = %last.id, "an account no shadow records, made for a user now deleted; deprovisioning it");
+        let link = Link {
+            resource: resource.name.clone(),
+            entry_uuid: entry.entry_uuid,
+            dn: account.dn,
+        };
+        if resource.deprovision == Deprovision::Disable {
+            disable(idm, targets, resource, &link, true).await?;
+        } else {
+            remove(idm, targets, resource, None, &link).await?;
         }
     }
     Ok(())
