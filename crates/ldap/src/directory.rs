@@ -44,8 +44,9 @@ fn split_rdn(dn: &str) -> Option<(&str, &str)> {
     None
 }
 
-/// A bound connection for writing accounts to a target directory.
-#[derive(Debug)]
+/// A bound connection for writing accounts to a target directory. A clone
+/// shares the connection: operations of clones are multiplexed over it.
+#[derive(Debug, Clone)]
 pub struct Directory {
     url: String,
     ldap: Ldap,

@@ -3,17 +3,22 @@
 
 use std::collections::HashMap;
 use std::collections::hash_map::Entry;
+use std::sync::atomic::{AtomicU64, Ordering};
 
 use tokio::sync::Mutex;
 
 use crate::{Connection, Directory, LdapError};
 
-/// One [`Directory`] per resource name; operations on one resource are serialised.
+/// One connection per resource name, shared: operations on one resource run
+/// at once, multiplexed over it (each on its own clone of the handle).
 #[derive(Debug)]
 pub struct Pool {
     /// Resource name → how to reach it and which attribute identifies entries.
     connections: HashMap<String, (Connection, String)>,
-    open: Mutex<HashMap<String, Directory>>,
+    /// The open connection of each resource, with the generation it was
+    /// opened in (a failure drops only the connection it happened on).
+    open: Mutex<HashMap<String, (u64, Directory)>>,
+    generation: AtomicU64,
 }
 
 impl Pool {
@@ -21,6 +26,7 @@ impl Pool {
         Self {
             connections: HashMap::new(),
             open: Mutex::new(HashMap::new()),
+            generation: AtomicU64::new(0),
         }
     }
 
@@ -30,7 +36,8 @@ impl Pool {
             .insert(resource.to_owned(), (connection, id_attribute.to_owned()));
     }
 
-    /// Runs `op` on the resource's directory, connecting first if need be.
+    /// Runs `op` on the resource's directory, connecting first if need be;
+    /// operations of concurrent callers share the connection.
     ///
     /// # Errors
     /// [`LdapError::NotConfigured`] when the resource was never added; else
@@ -46,24 +53,32 @@ impl Pool {
                 .ok_or_else(|| LdapError::NotConfigured {
                     resource: resource.to_owned(),
                 })?;
-        let mut open = self.open.lock().await;
-        let dir = match open.entry(resource.to_owned()) {
-            Entry::Occupied(e) => e.into_mut(),
-            Entry::Vacant(e) => e.insert(
-                Directory::connect(conn)
-                    .await?
-                    .with_id_attribute(id_attribute),
-            ),
+        let (generation, mut dir) = {
+            // Held while connecting, so that callers at once open one connection.
+            let mut open = self.open.lock().await;
+            match open.entry(resource.to_owned()) {
+                Entry::Occupied(e) => e.get().clone(),
+                Entry::Vacant(e) => {
+                    let dir = Directory::connect(conn)
+                        .await?
+                        .with_id_attribute(id_attribute);
+                    let generation = self.generation.fetch_add(1, Ordering::Relaxed);
+                    e.insert((generation, dir)).clone()
+                }
+            }
         };
-        let result = op(dir).await;
+        let result = op(&mut dir).await;
         // A connection that broke or hung is not used again: the next
         // operation dials anew (a timed-out request may still be in flight
-        // on the old one).
+        // on the old one). Only the connection it happened on is dropped.
         if matches!(
             result,
             Err(LdapError::Connect { .. } | LdapError::Closed { .. } | LdapError::Timeout { .. })
         ) {
-            open.remove(resource);
+            let mut open = self.open.lock().await;
+            if open.get(resource).is_some_and(|(g, _)| *g == generation) {
+                open.remove(resource);
+            }
         }
         result
     }

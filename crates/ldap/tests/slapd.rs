@@ -699,3 +699,30 @@ async fn another_identifier_attribute_can_be_configured() {
         .unwrap();
     assert_eq!(again.dn, jack.dn);
 }
+
+/// Operations on one resource's pooled connection run at once: here the
+/// first waits for the second to finish, which would never happen if the
+/// pool handed the connection to one caller at a time.
+#[tokio::test]
+async fn pooled_operations_on_one_resource_run_at_once() {
+    let slapd = slapd().await;
+    let mut pool = idsync_ldap::Pool::new();
+    pool.add("hr", connection(&slapd), "entryUUID");
+    let (done, second_done) = tokio::sync::oneshot::channel::<()>();
+    let first = pool.with("hr", async |dir| {
+        let read = dir.read(SUFFIX).await?;
+        let _ = second_done.await;
+        Ok(read)
+    });
+    let second = pool.with("hr", async |dir| {
+        let read = dir.read(SUFFIX).await?;
+        let _ = done.send(());
+        Ok(read)
+    });
+    let (a, b) = tokio::time::timeout(Duration::from_secs(20), async {
+        tokio::join!(first, second)
+    })
+    .await
+    .expect("the second operation waited for the first: the pool serialises them");
+    assert!(a.unwrap().is_some() && b.unwrap().is_some());
+}
