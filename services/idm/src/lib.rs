@@ -371,6 +371,16 @@ impl IdmService {
 
 const MAX_PAGE: usize = 1000;
 
+/// Whether `s` is a W3C traceparent (`00-<32 hex>-<16 hex>-<2 hex>`): what a
+/// caller sends is kept with outbox records only in that shape.
+fn is_traceparent(s: &str) -> bool {
+    let parts: Vec<&str> = s.split('-').collect();
+    matches!(parts.as_slice(), [v, t, p, f]
+        if [(v, 2), (t, 32), (p, 16), (f, 2)]
+            .iter()
+            .all(|(x, n)| x.len() == *n && x.bytes().all(|b| b.is_ascii_hexdigit())))
+}
+
 /// Shadows as reconciliation reads them: without their attribute values.
 fn strip_values(shadows: &mut [v1::Shadow]) {
     for s in shadows {
@@ -573,7 +583,7 @@ impl Idm for IdmService {
         let r = req.into_inner();
         self.may_write_for(&principal, &r.origin_resource)?;
         let mut writer = self.writer(principal);
-        if !r.trace_parent.is_empty() {
+        if is_traceparent(&r.trace_parent) {
             writer.trace_parent = Some(r.trace_parent.clone());
         }
         let versions = self
@@ -600,7 +610,7 @@ impl Idm for IdmService {
         // call's span belongs to no one change); they last as the batch does.
         let _spans: Vec<tracing::Span> = commits
             .iter()
-            .filter(|c| !c.trace_parent.is_empty())
+            .filter(|c| is_traceparent(&c.trace_parent))
             .map(|c| {
                 let span = tracing::info_span!(parent: None, "commit", service = "idm", origin = %c.origin_resource, batch = commits.len());
                 idsync_telemetry::trace::set_parent(&span, &c.trace_parent);
@@ -615,7 +625,7 @@ impl Idm for IdmService {
             match self.may_write_for(&principal, &c.origin_resource) {
                 Ok(()) => {
                     let mut writer = base.clone();
-                    if !c.trace_parent.is_empty() {
+                    if is_traceparent(&c.trace_parent) {
                         writer.trace_parent = Some(c.trace_parent.clone());
                     }
                     batch.push((c, writer));
@@ -991,4 +1001,25 @@ async fn publish_batch(store: &Store, bus: &Bus) -> Result<usize, String> {
         .map_err(|e| e.to_string())?;
     tracing::debug!(records = batch.len(), through = last, "outbox: published");
     Ok(batch.len())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::is_traceparent;
+
+    #[test]
+    fn only_a_w3c_traceparent_is_kept_from_a_commit() {
+        assert!(is_traceparent(
+            "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01"
+        ));
+        for bad in [
+            "",
+            "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7",
+            "00-4bf92f3577b34da6a3ce929d0e0e473z-00f067aa0ba902b7-01",
+            "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01-extra",
+            &"a".repeat(100_000),
+        ] {
+            assert!(!is_traceparent(bad), "{bad:.60}");
+        }
+    }
 }
