@@ -757,7 +757,7 @@ async fn reconcile(
             .eta()
             .map_or_else(String::new, |d| format!(", ETA {}s", d.as_secs()));
         let unreadable = if p.errors > 0 {
-            format!(", {} unreadable", p.errors)
+            format!(", {} skipped", p.errors)
         } else {
             String::new()
         };

@@ -132,6 +132,17 @@ async fn tokens_are_refused_for_every_reason_and_never_echoed() {
         .unwrap();
     assert_eq!(results.len(), 4);
     assert_eq!(results[0].as_ref().unwrap(), &[1]);
+    // A batch over the IDM's limit is refused whole, saying the limit.
+    let too_many = (0..1025)
+        .map(|i| request(new_user(&format!("f-x{i}"), &format!("x{i}")), "hr"))
+        .collect();
+    let e = as_hr.commit_batch(too_many).await.unwrap_err();
+    assert!(
+        e.to_string()
+            .contains("at most 1024 commits a call, not 1025"),
+        "{e}"
+    );
+    assert!(env.admin.get_focus("f-x0").await.unwrap().is_none());
     let e = results[1].as_ref().unwrap_err();
     assert!(
         e.to_string().contains(

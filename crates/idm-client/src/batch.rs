@@ -107,22 +107,24 @@ async fn gather<Q, R, F, Fut>(
         let answer = call(requests);
         tokio::spawn(async move {
             let _slot = slot;
-            match answer.await {
-                Ok(results) if results.len() == replies.len() => {
+            let answer = answer.await.and_then(|results| {
+                if results.len() == replies.len() {
+                    Ok(results)
+                } else {
+                    Err(IdmError::Unavailable(format!(
+                        "the IDM answered {} of a batch of {}",
+                        results.len(),
+                        replies.len()
+                    )))
+                }
+            });
+            match answer {
+                Ok(results) => {
                     for (reply, result) in replies.into_iter().zip(results) {
                         let _ = reply.send(result);
                     }
                 }
-                Ok(results) => {
-                    let e = IdmError::Unavailable(format!(
-                        "the IDM answered {} of a batch of {}",
-                        results.len(),
-                        replies.len()
-                    ));
-                    for reply in replies {
-                        let _ = reply.send(Err(e.clone()));
-                    }
-                }
+                // The whole call failed: every caller gets its failure.
                 Err(e) => {
                     for reply in replies {
                         let _ = reply.send(Err(e.clone()));

@@ -14,12 +14,12 @@ use idsync_core::secret::Secret;
 use idsync_core::situation::{Situation, situation};
 use idsync_proto::v1;
 use idsync_proto::v1::idm_client::IdmClient as Raw;
-
-mod batch;
 use tonic::Code;
 use tonic::metadata::{AsciiMetadataValue, MetadataValue};
 use tonic::service::interceptor::InterceptedService;
 use tonic::transport::{Channel, Endpoint};
+
+mod batch;
 
 #[derive(Debug, Clone, thiserror::Error)]
 pub enum IdmError {
@@ -221,7 +221,8 @@ impl IdmClient {
             },
         );
         let finds = batch::Batcher::spawn(
-            max_batch,
+            // The IDM answers at most 1,000 searches a call.
+            max_batch.min(1000),
             "find_focus",
             |q: &v1::FindFocusRequest| q.kind.len() + q.attribute.len() + q.value.len(),
             move |queries| {
@@ -506,23 +507,16 @@ impl IdmClient {
     /// # Errors
     /// [`IdmError::Conflict`] when a version read is no longer current.
     pub async fn commit(&self, ops: Vec<Op>, origin_resource: &str) -> Result<Vec<u64>, IdmError> {
-        if let Some(b) = &self.batches {
-            return b
-                .commits
-                .run(v1::CommitRequest {
-                    operations: ops.into_iter().map(v1::Operation::from).collect(),
-                    origin_resource: origin_resource.to_owned(),
-                    // The caller's span: its change's outbox records join its trace.
-                    trace_parent: idsync_telemetry::trace::current_traceparent()
-                        .unwrap_or_default(),
-                })
-                .await;
-        }
         let req = v1::CommitRequest {
             operations: ops.into_iter().map(v1::Operation::from).collect(),
             origin_resource: origin_resource.to_owned(),
-            trace_parent: String::new(),
+            // The caller's span, for a batch whose call is nobody's: its
+            // change's outbox records join its trace.
+            trace_parent: idsync_telemetry::trace::current_traceparent().unwrap_or_default(),
         };
+        if let Some(b) = &self.batches {
+            return b.commits.run(req).await;
+        }
         Ok(self.raw.clone().commit(req).await?.into_inner().versions)
     }
 

@@ -478,19 +478,21 @@ impl Store {
             let marker = format!("{}{attribute}", commit::ATTR_INDEX);
             if kv.get_u64(Tbl::Meta, &marker)?.is_some() {
                 let prefix = commit::attr_key(attribute, kind, value, "");
+                let ids: Vec<Vec<u8>> = kv
+                    .suffixes(Tbl::FocusAttr, &prefix)?
+                    .into_iter()
+                    .map(String::into_bytes)
+                    .collect();
+                // In one read of many keys (one round trip on PostgreSQL).
                 let mut out = Vec::new();
-                for id in kv.suffixes(Tbl::FocusAttr, &prefix)? {
-                    out.extend(kv.load::<v1::Focus>(Tbl::Focus, &id)?.filter(holds));
+                for v in kv.get_many(Tbl::Focus, &ids)?.into_iter().flatten() {
+                    out.extend(Some(decode::<v1::Focus>(&v)?).filter(holds));
                 }
                 return Ok(out);
             }
             let mut out = Vec::new();
             kv.each::<v1::Focus>(Tbl::Focus, "", &mut |_, f| {
-                if f.kind == kind
-                    && f.attributes
-                        .get(attribute)
-                        .is_some_and(|vals| vals.values.iter().any(|x| x == value))
-                {
+                if holds(&f) {
                     out.push(f);
                 }
                 Ok(true)

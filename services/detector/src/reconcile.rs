@@ -86,7 +86,8 @@ pub struct Progress {
     pub orphans: u64,
     /// Users provisioned again (target resources).
     pub reprovisioned: u64,
-    /// Entries that could not be read (each logged).
+    /// Entries skipped, each logged: unreadable, with an identifier that is
+    /// not a UUID, or too large for the bus.
     pub errors: u64,
     /// Scopes whose gone pass did not run because some of their entries
     /// could not be read (an entry not read cannot be told from one that is

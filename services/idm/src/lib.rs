@@ -381,11 +381,30 @@ fn is_traceparent(s: &str) -> bool {
             .all(|(x, n)| x.len() == *n && x.bytes().all(|b| b.is_ascii_hexdigit())))
 }
 
+/// `writer`, its outbox records in the trace of the change behind the
+/// commit when the caller named one.
+fn traced(mut writer: Writer, trace_parent: &str) -> Writer {
+    if is_traceparent(trace_parent) {
+        writer.trace_parent = Some(trace_parent.to_owned());
+    }
+    writer
+}
+
 /// Shadows as reconciliation reads them: without their attribute values.
 fn strip_values(shadows: &mut [v1::Shadow]) {
     for s in shadows {
         s.attributes.clear();
     }
+}
+
+/// Refuses a call asking for more than `limit` `what`s at once.
+fn at_most(n: usize, limit: usize, what: &str) -> Result<(), Status> {
+    if n > limit {
+        return Err(Status::invalid_argument(format!(
+            "at most {limit} {what} a call, not {n}"
+        )));
+    }
+    Ok(())
 }
 
 /// Commits in one `CommitBatch` call at most.
@@ -445,12 +464,7 @@ impl Idm for IdmService {
     ) -> Result<Response<v1::FindFocusBatchResponse>, Status> {
         self.principal(&req).await?;
         let queries = req.into_inner().queries;
-        if queries.len() > MAX_PAGE {
-            return Err(Status::invalid_argument(format!(
-                "at most {MAX_PAGE} queries a call, not {}",
-                queries.len()
-            )));
-        }
+        at_most(queries.len(), MAX_PAGE, "queries")?;
         let results = self
             .blocking(move |s| {
                 queries
@@ -513,12 +527,7 @@ impl Idm for IdmService {
     ) -> Result<Response<v1::ShadowList>, Status> {
         self.principal(&req).await?;
         let r = req.into_inner();
-        if r.entry_uuids.len() > MAX_PAGE {
-            return Err(Status::invalid_argument(format!(
-                "at most {MAX_PAGE} shadows a call, not {}",
-                r.entry_uuids.len()
-            )));
-        }
+        at_most(r.entry_uuids.len(), MAX_PAGE, "shadows")?;
         let without_values = r.without_values;
         let mut items = self
             .blocking(move |s| s.get_shadows(&r.resource, &r.entry_uuids))
@@ -582,10 +591,7 @@ impl Idm for IdmService {
         let principal = self.principal(&req).await?;
         let r = req.into_inner();
         self.may_write_for(&principal, &r.origin_resource)?;
-        let mut writer = self.writer(principal);
-        if is_traceparent(&r.trace_parent) {
-            writer.trace_parent = Some(r.trace_parent.clone());
-        }
+        let writer = traced(self.writer(principal), &r.trace_parent);
         let versions = self
             .blocking(move |s| s.commit(&r.operations, &r.origin_resource, &writer))
             .await?;
@@ -599,12 +605,7 @@ impl Idm for IdmService {
     ) -> Result<Response<v1::CommitBatchResponse>, Status> {
         let principal = self.principal(&req).await?;
         let commits = req.into_inner().commits;
-        if commits.len() > MAX_BATCH {
-            return Err(Status::invalid_argument(format!(
-                "a batch of {} commits; at most {MAX_BATCH}",
-                commits.len()
-            )));
-        }
+        at_most(commits.len(), MAX_BATCH, "commits")?;
         let base = self.writer(principal.clone());
         // Each commit's own span, in the trace of the change behind it (the
         // call's span belongs to no one change); they last as the batch does.
@@ -624,10 +625,7 @@ impl Idm for IdmService {
         for c in commits {
             match self.may_write_for(&principal, &c.origin_resource) {
                 Ok(()) => {
-                    let mut writer = base.clone();
-                    if is_traceparent(&c.trace_parent) {
-                        writer.trace_parent = Some(c.trace_parent.clone());
-                    }
+                    let writer = traced(base.clone(), &c.trace_parent);
                     batch.push((c, writer));
                     results.push(None);
                 }

@@ -365,14 +365,38 @@ async fn deprovision_all(
         if let Ok(resource) = config.resource(&link.resource)
             && resource.dn_template.is_some()
         {
-            if resource.deprovision == Deprovision::Disable {
-                disable(idm, targets, resource, link, true).await?;
-            } else {
-                remove(idm, targets, resource, None, link).await?;
-            }
+            deprovision(idm, targets, resource, link).await?;
         }
     }
     take_back_unrecorded(config, idm, targets, last).await
+}
+
+/// The account of a user that is gone, by the resource's `deprovision`
+/// policy: deleted, or disabled and unlinked.
+async fn deprovision(
+    idm: &IdmClient,
+    targets: &Pool,
+    resource: &ResourceConfig,
+    link: &Link,
+) -> Result<(), Failure> {
+    if resource.deprovision == Deprovision::Disable {
+        disable(idm, targets, resource, link, true).await
+    } else {
+        remove(idm, targets, resource, None, link).await
+    }
+}
+
+/// Whether an add that finds the account already there links it (the
+/// resource's `unlinked` reaction, `link` unless configured); the reaction.
+fn links_existing(resource: &ResourceConfig) -> (bool, Reaction) {
+    let reaction = resource
+        .reactions
+        .get(&Situation::Unlinked)
+        .map_or(Reaction::Link, |r| r.action);
+    (
+        matches!(reaction, Reaction::Link | Reaction::Synchronize),
+        reaction,
+    )
 }
 
 /// A user gone before its account was recorded: an add whose reply was
@@ -395,23 +419,9 @@ async fn take_back_unrecorded(
         .filter(|r| r.dn_template.is_some() && idm_owned(r) && last.link_to(&r.name).is_none())
         // Only where an add that found the account there would have linked
         // it: elsewhere an unclaimed account at that DN is someone else's.
-        .filter(|r| {
-            matches!(
-                r.reactions
-                    .get(&Situation::Unlinked)
-                    .map_or(Reaction::Link, |x| x.action),
-                Reaction::Link | Reaction::Synchronize
-            )
-        })
+        .filter(|r| links_existing(r).0)
         .collect();
     if unlinked.is_empty() || last.id.is_empty() {
-        return Ok(());
-    }
-    // The name may be someone's again (deleted and added back): their
-    // account, not an orphan.
-    if let Some(name) = last.first("name")
-        && !idm.find_focus(&last.kind, "name", name).await?.is_empty()
-    {
         return Ok(());
     }
     let roles = match idm.roles_of(last).await {
@@ -439,17 +449,20 @@ async fn take_back_unrecorded(
         if claimed {
             continue;
         }
+        // The name may be someone's again (deleted and added back): their
+        // account, not an orphan.
+        if let Some(name) = last.first("name")
+            && !idm.find_focus(&last.kind, "name", name).await?.is_empty()
+        {
+            return Ok(());
+        }
         tracing::warn!(resource = %resource.name, dn = %account.dn, focus = %last.id, "an account no shadow records, made for a user now deleted; deprovisioning it");
         let link = Link {
             resource: resource.name.clone(),
             entry_uuid: entry.entry_uuid,
             dn: account.dn,
         };
-        if resource.deprovision == Deprovision::Disable {
-            disable(idm, targets, resource, &link, true).await?;
-        } else {
-            remove(idm, targets, resource, None, &link).await?;
-        }
+        deprovision(idm, targets, resource, &link).await?;
     }
     Ok(())
 }
@@ -572,11 +585,8 @@ async fn create(
                 resource.name, account.dn
             )));
         }
-        let reaction = resource
-            .reactions
-            .get(&Situation::Unlinked)
-            .map_or(Reaction::Link, |r| r.action);
-        if !matches!(reaction, Reaction::Link | Reaction::Synchronize) {
+        let (links, reaction) = links_existing(resource);
+        if !links {
             return Err(Failure::Permanent(format!(
                 "resource {}: account {} already exists, and the unlinked reaction ({reaction}) does not link it",
                 resource.name, account.dn
