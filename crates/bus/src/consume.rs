@@ -153,15 +153,26 @@ impl Delivery {
         self.delivered
     }
 
-    /// Acknowledge and wait for the server to confirm (double ack), so the
-    /// message is known not to come back.
+    /// Acknowledge. The server does not confirm it: a confirmation would
+    /// cost a round trip per message, and an acknowledgement that is lost
+    /// (NATS restarting) only brings the message back after the ack wait,
+    /// which every handler takes as a duplicate (the shadow's position).
     ///
     /// # Errors
     ///
-    /// [`BusError::Delivery`] when the server does not confirm in time; the
-    /// message may then be redelivered.
+    /// [`BusError::Delivery`] when the acknowledgement cannot be sent (the
+    /// connection is gone); the message is then redelivered.
     pub async fn ack(self) -> Result<(), BusError> {
-        self.confirm(AckKind::Ack, "ack").await
+        self.message
+            .ack()
+            .await
+            .map_err(|source| BusError::Delivery {
+                stream: self.stream.clone(),
+                subject: self.subject().to_owned(),
+                stream_seq: self.stream_seq,
+                operation: "ack",
+                source,
+            })
     }
 
     /// Ask for redelivery after `delay`, confirmed by the server.

@@ -349,6 +349,13 @@ async fn deliveries_resume_after_a_server_restart() -> TestResult {
     bus.publish_and_wait(names::FOCUS_SUBJECT, "f-1", Bytes::from_static(b"1"))
         .await?;
     next_delivery(&mut deliveries).await.ack().await?;
+    // Acknowledgements are not confirmed: wait until the server has this one.
+    eventually("the first acknowledged", WAIT, || async {
+        let (ack_pending, pending, _) =
+            consumer_state(&bus, names::FOCUS_STREAM, names::PROVISIONER).await?;
+        Ok((ack_pending == 0 && pending == 0).then_some(()))
+    })
+    .await?;
 
     nats.restart().await?;
     eventually("publish accepted after restart", WAIT, || async {

@@ -448,31 +448,44 @@ fn snapshot(
     );
     let mut out = Attrs::new();
     for name in names {
-        // An error names what the value was for: the first mapping that
-        // reads it, else correlation or the group's members.
-        let reader = profile
-            .mappings
-            .iter()
-            .find(|m| m.sources().iter().any(|s| s.eq_ignore_ascii_case(&name)))
-            .map_or_else(
-                || {
-                    if profile
-                        .member_attribute
-                        .is_some_and(|m| m.eq_ignore_ascii_case(&name))
-                    {
-                        "members".to_owned()
-                    } else {
-                        "correlation".to_owned()
-                    }
-                },
-                |m| m.target.clone(),
-            );
-        let values = utf8_values(change, &name, &reader)?;
+        let values = utf8_values(change, &name, "").map_err(|e| match e {
+            // An error names what the value was for: the first mapping that
+            // reads it, else correlation or the group's members (looked
+            // up only now: this runs for every entry).
+            CoreError::NotUtf8 { dn, attribute, .. } => CoreError::NotUtf8 {
+                target: reader_of(profile, &name),
+                dn,
+                attribute,
+            },
+            e => e,
+        })?;
         if !values.is_empty() {
             out.insert(name, values);
         }
     }
     Ok(out)
+}
+
+/// What reads source attribute `name`: the target of the first mapping
+/// that reads it, else `members` or `correlation`.
+fn reader_of(profile: &Profile, name: &str) -> String {
+    profile
+        .mappings
+        .iter()
+        .find(|m| m.sources().iter().any(|s| s.eq_ignore_ascii_case(name)))
+        .map_or_else(
+            || {
+                if profile
+                    .member_attribute
+                    .is_some_and(|m| m.eq_ignore_ascii_case(name))
+                {
+                    "members".to_owned()
+                } else {
+                    "correlation".to_owned()
+                }
+            },
+            |m| m.target.clone(),
+        )
 }
 
 /// Values of `attribute` in `change` as strings.

@@ -18,6 +18,14 @@ pub const KIND_ROLE: &str = "role";
 /// escaped again one way only; the attribute-value pairs of a multi-valued
 /// RDN in sorted order. Two spellings of one DN give one string.
 pub fn normalize_dn(dn: &str) -> String {
+    if is_plain_dn(dn) {
+        return dn.to_ascii_lowercase();
+    }
+    parse_and_normalize(dn)
+}
+
+/// [`normalize_dn`] the long way, for any DN.
+fn parse_and_normalize(dn: &str) -> String {
     split_unescaped(dn, ',')
         .iter()
         .map(|rdn| {
@@ -38,6 +46,21 @@ pub fn normalize_dn(dn: &str) -> String {
         })
         .collect::<Vec<_>>()
         .join(",")
+}
+
+/// A DN that is already in [`normalize_dn`]'s form but for its case: every
+/// RDN one `attribute=value` of letters, digits and `-._@`, with no space,
+/// escape or multi-valued RDN (`uid=ann,ou=people,dc=example,dc=com`).
+/// Nearly every DN is; it needs no splitting.
+fn is_plain_dn(dn: &str) -> bool {
+    !dn.is_empty()
+        && dn.split(',').all(|rdn| {
+            rdn.bytes().filter(|b| *b == b'=').count() == 1
+                && !rdn.starts_with('=')
+                && rdn.bytes().all(|b| {
+                    b.is_ascii_alphanumeric() || matches!(b, b'=' | b'-' | b'.' | b'_' | b'@')
+                })
+        })
 }
 
 /// `text` split at every `sep` that is not escaped; escapes are kept.
@@ -371,6 +394,13 @@ mod tests {
             let once = normalize_dn(&dn);
             prop_assert_eq!(normalize_dn(&once), once);
         }
+
+        /// The shortcut for plain DNs gives what parsing gives, for DNs it
+        /// takes and for near misses it must leave to the parser.
+        #[test]
+        fn the_plain_dn_shortcut_agrees_with_parsing(dn in "[a-zA-Z0-9=,._@ #+-]{0,40}") {
+            prop_assert_eq!(normalize_dn(&dn), super::parse_and_normalize(&dn));
+        }
     }
 
     #[test]
@@ -388,6 +418,31 @@ mod tests {
         assert_eq!(f, before, "the order of links is kept");
         f.set_link(link("hr", "3"));
         assert_eq!(f.links, vec![link("hr", "3"), link("crm", "2")]);
+    }
+
+    #[test]
+    fn plain_dns_take_the_shortcut_and_others_do_not() {
+        for plain in [
+            "uid=Ann.Lee,ou=People,dc=example,dc=com",
+            "cn=a-b_c@d",
+            "uid=,o=x",
+        ] {
+            assert!(super::is_plain_dn(plain), "{plain}");
+            assert_eq!(normalize_dn(plain), super::parse_and_normalize(plain));
+        }
+        for other in [
+            "",
+            "uid=a, ou=b",
+            "cn=a+sn=b",
+            "cn=a\\,b",
+            "cn=#x",
+            "o=a=b",
+            "=a",
+            "o=a,,o=b",
+            "cn=Ü",
+        ] {
+            assert!(!super::is_plain_dn(other), "{other}");
+        }
     }
 
     #[test]

@@ -810,21 +810,26 @@ pub(crate) fn apply(
                     &shadow.resource,
                     i64::from(!shadow.dead) - i64::from(was_live),
                 )?;
-                if let Some(p) = &previous {
-                    for k in shadow_member_keys(p) {
-                        t.kv.del(Tbl::ShadowByMemberKey, &k)?;
-                    }
+                // The member keys index live shadows: those it no longer has
+                // go, the others are (re)written (another shadow's death may
+                // have taken a key two shared).
+                let member_keys = shadow_member_keys(&shadow);
+                let before = previous
+                    .as_ref()
+                    .filter(|p| !p.dead)
+                    .map(shadow_member_keys)
+                    .unwrap_or_default();
+                let after: &[String] = if shadow.dead { &[] } else { &member_keys };
+                for k in before.iter().filter(|k| !after.contains(k)) {
+                    t.kv.del(Tbl::ShadowByMemberKey, k)?;
                 }
-                if !shadow.dead {
-                    for k in shadow_member_keys(&shadow) {
-                        t.kv.put_str(Tbl::ShadowByMemberKey, &k, &shadow.entry_uuid)?;
-                    }
+                for k in after {
+                    t.kv.put_str(Tbl::ShadowByMemberKey, k, &shadow.entry_uuid)?;
                 }
                 shadow.version = found + 1;
                 t.kv.put_msg(Tbl::Shadow, &key, &shadow)?;
                 versions.push(shadow.version);
                 // Groups waiting for this account get its owner, in this transaction.
-                let member_keys = shadow_member_keys(&shadow);
                 if !shadow.dead && !shadow.focus_id.is_empty() {
                     let mut waiting = Vec::new();
                     for member_key in &member_keys {

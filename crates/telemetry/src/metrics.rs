@@ -39,53 +39,96 @@ enum Value {
 
 #[derive(Debug, Default)]
 struct Registry {
-    /// Metric name → (kind, help).
-    families: BTreeMap<&'static str, (Kind, &'static str)>,
-    /// (metric name, rendered labels) → value.
-    series: BTreeMap<(&'static str, String), Value>,
+    /// Metric name → its kind, help and series.
+    families: BTreeMap<&'static str, Family>,
+}
+
+#[derive(Debug)]
+struct Family {
+    kind: Kind,
+    help: &'static str,
+    /// Rendered labels → value.
+    series: BTreeMap<String, Value>,
 }
 
 static REGISTRY: LazyLock<Mutex<Registry>> = LazyLock::new(Mutex::default);
 
-fn with<T>(f: impl FnOnce(&mut Registry) -> T) -> T {
-    // A panic elsewhere while holding the lock leaves plain numbers behind:
-    // still good to read and to add to.
-    let mut guard = REGISTRY
-        .lock()
-        .unwrap_or_else(std::sync::PoisonError::into_inner);
-    f(&mut guard)
+thread_local! {
+    /// Where a call's labels are rendered: counting a message allocates
+    /// nothing once its series exists (this runs for every message).
+    static LABELS: std::cell::RefCell<String> = const { std::cell::RefCell::new(String::new()) };
 }
 
-/// `{a="x",b="y"}` with values escaped as the format asks.
-fn render_labels(labels: &[(&str, &str)]) -> String {
-    if labels.is_empty() {
-        return String::new();
+/// Finds (or makes, from `init`) the series of `name` with `labels` and
+/// hands it to `f`.
+fn update(
+    name: &'static str,
+    kind: Kind,
+    help: &'static str,
+    labels: &[(&str, &str)],
+    init: fn() -> Value,
+    f: impl FnOnce(&mut Value),
+) {
+    LABELS.with_borrow_mut(|rendered| {
+        rendered.clear();
+        render_labels(rendered, labels);
+        // A panic elsewhere while holding the lock leaves plain numbers
+        // behind: still good to read and to add to.
+        let mut r = REGISTRY
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        let family = r.families.entry(name).or_insert_with(|| Family {
+            kind,
+            help,
+            series: BTreeMap::new(),
+        });
+        match family.series.get_mut(rendered.as_str()) {
+            Some(v) => f(v),
+            None => {
+                let mut v = init();
+                f(&mut v);
+                family.series.insert(rendered.clone(), v);
+            }
+        }
+    });
+}
+
+/// `{a="x",b="y"}` with values escaped as the format asks, appended to `out`.
+fn render_labels(out: &mut String, labels: &[(&str, &str)]) {
+    for (i, (k, v)) in labels.iter().enumerate() {
+        out.push(if i == 0 { '{' } else { ',' });
+        out.push_str(k);
+        out.push_str("=\"");
+        for c in v.chars() {
+            match c {
+                '\\' => out.push_str("\\\\"),
+                '"' => out.push_str("\\\""),
+                '\n' => out.push_str("\\n"),
+                c => out.push(c),
+            }
+        }
+        out.push('"');
     }
-    let parts: Vec<String> = labels
-        .iter()
-        .map(|(k, v)| {
-            let v = v
-                .replace('\\', "\\\\")
-                .replace('"', "\\\"")
-                .replace('\n', "\\n");
-            format!("{k}=\"{v}\"")
-        })
-        .collect();
-    format!("{{{}}}", parts.join(","))
+    if !labels.is_empty() {
+        out.push('}');
+    }
 }
 
-fn family(r: &mut Registry, name: &'static str, kind: Kind, help: &'static str) {
-    r.families.entry(name).or_insert((kind, help));
+fn number() -> Value {
+    Value::Number(0.0)
+}
+
+fn histogram() -> Value {
+    Value::Histogram {
+        counts: [0; LATENCY_BUCKETS.len()],
+        count: 0,
+        sum: 0.0,
+    }
 }
 
 /// Adds `by` to a counter.
 pub fn add(name: &'static str, help: &'static str, labels: &[(&str, &str)], by: u64) {
-    with(|r| {
-        family(r, name, Kind::Counter, help);
-        let v = r
-            .series
-            .entry((name, render_labels(labels)))
-            .or_insert(Value::Number(0.0));
+    update(name, Kind::Counter, help, labels, number, |v| {
         if let Value::Number(n) = v {
             *n += by as f64;
         }
@@ -99,25 +142,14 @@ pub fn inc(name: &'static str, help: &'static str, labels: &[(&str, &str)]) {
 
 /// Sets a gauge.
 pub fn set(name: &'static str, help: &'static str, labels: &[(&str, &str)], value: f64) {
-    with(|r| {
-        family(r, name, Kind::Gauge, help);
-        r.series
-            .insert((name, render_labels(labels)), Value::Number(value));
+    update(name, Kind::Gauge, help, labels, number, |v| {
+        *v = Value::Number(value);
     });
 }
 
 /// Records one observation (seconds) in a latency histogram.
 pub fn observe(name: &'static str, help: &'static str, labels: &[(&str, &str)], seconds: f64) {
-    with(|r| {
-        family(r, name, Kind::Histogram, help);
-        let v = r
-            .series
-            .entry((name, render_labels(labels)))
-            .or_insert(Value::Histogram {
-                counts: [0; LATENCY_BUCKETS.len()],
-                count: 0,
-                sum: 0.0,
-            });
+    update(name, Kind::Histogram, help, labels, histogram, |v| {
         if let Value::Histogram { counts, count, sum } = v {
             for (i, bound) in LATENCY_BUCKETS.iter().enumerate() {
                 if seconds <= *bound {
@@ -132,41 +164,38 @@ pub fn observe(name: &'static str, help: &'static str, labels: &[(&str, &str)], 
 
 /// Every series in the Prometheus text format.
 pub fn render() -> String {
-    with(|r| {
-        let mut out = String::new();
-        for (name, (kind, help)) in &r.families {
-            let _ = writeln!(out, "# HELP {name} {help}");
-            let _ = writeln!(out, "# TYPE {name} {}", kind.name());
-            for ((n, labels), value) in r.series.range((*name, String::new())..) {
-                if n != name {
-                    break;
+    let r = REGISTRY
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner);
+    let mut out = String::new();
+    for (name, Family { kind, help, series }) in &r.families {
+        let _ = writeln!(out, "# HELP {name} {help}");
+        let _ = writeln!(out, "# TYPE {name} {}", kind.name());
+        for (labels, value) in series {
+            match value {
+                Value::Number(v) => {
+                    let _ = writeln!(out, "{name}{labels} {v}");
                 }
-                match value {
-                    Value::Number(v) => {
-                        let _ = writeln!(out, "{name}{labels} {v}");
-                    }
-                    Value::Histogram { counts, count, sum } => {
-                        let inner = labels.trim_start_matches('{').trim_end_matches('}');
-                        let with_le = |le: &str| {
-                            if inner.is_empty() {
-                                format!("{{le=\"{le}\"}}")
-                            } else {
-                                format!("{{{inner},le=\"{le}\"}}")
-                            }
-                        };
-                        for (bound, c) in LATENCY_BUCKETS.iter().zip(counts) {
-                            let _ =
-                                writeln!(out, "{name}_bucket{} {c}", with_le(&bound.to_string()));
+                Value::Histogram { counts, count, sum } => {
+                    let inner = labels.trim_start_matches('{').trim_end_matches('}');
+                    let with_le = |le: &str| {
+                        if inner.is_empty() {
+                            format!("{{le=\"{le}\"}}")
+                        } else {
+                            format!("{{{inner},le=\"{le}\"}}")
                         }
-                        let _ = writeln!(out, "{name}_bucket{} {count}", with_le("+Inf"));
-                        let _ = writeln!(out, "{name}_sum{labels} {sum}");
-                        let _ = writeln!(out, "{name}_count{labels} {count}");
+                    };
+                    for (bound, c) in LATENCY_BUCKETS.iter().zip(counts) {
+                        let _ = writeln!(out, "{name}_bucket{} {c}", with_le(&bound.to_string()));
                     }
+                    let _ = writeln!(out, "{name}_bucket{} {count}", with_le("+Inf"));
+                    let _ = writeln!(out, "{name}_sum{labels} {sum}");
+                    let _ = writeln!(out, "{name}_count{labels} {count}");
                 }
             }
         }
-        out
-    })
+    }
+    out
 }
 
 #[cfg(test)]
