@@ -151,6 +151,7 @@ impl<'k> Tables<'k> {
         origin: &str,
         before: Option<&v1::Focus>,
     ) -> Result<(), StoreError> {
+        let links_added_only = !deleted && before.is_some_and(|b| only_links_added(b, &focus));
         let change = v1::FocusChange {
             schema_version: idsync_proto::SCHEMA_VERSION,
             outbox_seq: self.next_seq,
@@ -161,6 +162,7 @@ impl<'k> Tables<'k> {
             before_attributes: before.map(|b| b.attributes.clone()).unwrap_or_default(),
             has_before: before.is_some(),
             traceparent: self.trace_parent.clone(),
+            links_added_only,
         };
         self.kv.insert(
             Tbl::Outbox,
@@ -319,6 +321,35 @@ impl<'k> Tables<'k> {
 pub(crate) const ATTR_INDEX: &str = "attr-index:";
 
 /// The index key of each value `f` holds of the indexed attributes.
+/// Whether `after` is `before` with links added and nothing else changed
+/// but the version: every field is named, so a new one must be decided here.
+fn only_links_added(before: &v1::Focus, after: &v1::Focus) -> bool {
+    let v1::Focus {
+        id,
+        kind,
+        version: _,
+        attributes,
+        assignments,
+        links,
+        status,
+        members,
+        pending_members,
+        sync_parent,
+        inducements,
+    } = after;
+    *id == before.id
+        && *kind == before.kind
+        && *attributes == before.attributes
+        && *assignments == before.assignments
+        && *status == before.status
+        && *members == before.members
+        && *pending_members == before.pending_members
+        && *sync_parent == before.sync_parent
+        && *inducements == before.inducements
+        && links.len() > before.links.len()
+        && before.links.iter().all(|l| links.contains(l))
+}
+
 pub(crate) fn attr_keys(f: &v1::Focus, indexed: &[String]) -> BTreeSet<String> {
     let mut keys = BTreeSet::new();
     for attribute in indexed {

@@ -896,6 +896,46 @@ mod tests {
     }
 
     #[test]
+    fn a_commit_that_only_adds_links_says_so_in_its_focus_change() {
+        let link = |resource: &str, uuid: &str| v1::Link {
+            resource: resource.into(),
+            entry_uuid: uuid.into(),
+            dn: format!("uid=ann,o={resource}"),
+        };
+        for place in crate::testing::places() {
+            let s = place.open();
+            let admin = Writer::admin();
+            let mut f = user("f1", "ann");
+            let mut version = 0;
+            let mut step = |s: &Store, f: &v1::Focus| {
+                version = s
+                    .commit(&[put_focus(f.clone(), version)], "", &admin)
+                    .unwrap()[0];
+                let (_, record) = s.outbox_batch(100).unwrap().pop().unwrap();
+                v1::FocusChange::decode(record.as_slice())
+                    .unwrap()
+                    .links_added_only
+            };
+            assert!(!step(&s, &f), "a creation");
+            f.links.push(link("ldap2", "u1"));
+            assert!(step(&s, &f), "a link added");
+            f.links.push(link("ad", "u2"));
+            f.attributes.insert(
+                "mail".into(),
+                v1::Values {
+                    values: vec!["a@x".into()],
+                },
+            );
+            assert!(!step(&s, &f), "a link added with an attribute");
+            f.links[0].dn = "uid=anna,o=ldap2".into();
+            assert!(!step(&s, &f), "a link moved");
+            f.links.remove(1);
+            assert!(!step(&s, &f), "a link removed");
+            assert!(!step(&s, &f), "nothing changed");
+        }
+    }
+
+    #[test]
     fn an_attribute_index_answers_as_the_scan_and_follows_every_write() {
         for place in crate::testing::places() {
             let s = place.open();

@@ -685,6 +685,7 @@ async fn reprovision(
             .collect(),
         has_before: true,
         traceparent: String::new(),
+        links_added_only: false,
     };
     bus.publish_and_wait(
         names::FOCUS_SUBJECT,

@@ -115,6 +115,12 @@ async fn handle(
     if let Err(e) = idsync_proto::check_version(change.schema_version) {
         return Handling::Poison(e.to_string());
     }
+    // The provisioner's record of the account it just made, or the IDM's
+    // own link: nothing to bring in line that the account was not made from.
+    if change.links_added_only && change.origin_resource.is_empty() {
+        tracing::debug!(focus_id = %change.focus_id, "links recorded; nothing to provision");
+        return Handling::Done;
+    }
     let attempt = Attempt {
         origin: change.origin_resource.clone(),
         before: change.has_before.then(|| {
@@ -208,6 +214,7 @@ async fn fan_out(bus: &Bus, idm: &IdmClient, role: &Focus, seq: u64) -> Result<(
                 .collect(),
             has_before: true,
             traceparent: String::new(),
+            links_added_only: false,
         };
         let msg_id = format!("role:{}:{seq}:{id}", role.id);
         let ack = bus
