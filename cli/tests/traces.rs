@@ -149,7 +149,12 @@ async fn one_change_is_one_trace_across_every_service() {
         let whole = trace
             .iter()
             .all(|s| s.span_id == root.span_id || ids.contains(s.parent_span_id.as_slice()));
-        Ok((services == wanted && whole).then(|| (root.clone(), trace.clone())))
+        // The IDM exports its commit span apart from its call's: wait for
+        // it too (asserted below, so a trace without it still fails).
+        let committed = trace
+            .iter()
+            .any(|s| s.service == "idsync-idm" && s.name == "commit");
+        Ok((services == wanted && whole && committed).then(|| (root.clone(), trace.clone())))
     })
     .await;
     let (root, trace) = match found {

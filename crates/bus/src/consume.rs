@@ -163,16 +163,8 @@ impl Delivery {
     /// [`BusError::Delivery`] when the acknowledgement cannot be sent (the
     /// connection is gone); the message is then redelivered.
     pub async fn ack(self) -> Result<(), BusError> {
-        self.message
-            .ack()
-            .await
-            .map_err(|source| BusError::Delivery {
-                stream: self.stream.clone(),
-                subject: self.subject().to_owned(),
-                stream_seq: self.stream_seq,
-                operation: "ack",
-                source,
-            })
+        let sent = self.message.ack().await;
+        sent.map_err(|source| self.failed("ack", source))
     }
 
     /// Ask for redelivery after `delay`, confirmed by the server.
@@ -191,15 +183,18 @@ impl Delivery {
     }
 
     async fn confirm(self, kind: AckKind, operation: &'static str) -> Result<(), BusError> {
-        self.message
-            .double_ack_with(kind)
-            .await
-            .map_err(|source: Cause| BusError::Delivery {
-                stream: self.stream.clone(),
-                subject: self.subject().to_owned(),
-                stream_seq: self.stream_seq,
-                operation,
-                source,
-            })
+        let confirmed = self.message.double_ack_with(kind).await;
+        confirmed.map_err(|source| self.failed(operation, source))
+    }
+
+    /// `operation` on this delivery failed, naming the message.
+    fn failed(&self, operation: &'static str, source: Cause) -> BusError {
+        BusError::Delivery {
+            stream: self.stream.clone(),
+            subject: self.subject().to_owned(),
+            stream_seq: self.stream_seq,
+            operation,
+            source,
+        }
     }
 }

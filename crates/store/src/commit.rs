@@ -320,9 +320,10 @@ impl<'k> Tables<'k> {
 /// Meta keys `attr-index:<attribute>`: the attribute's index is built.
 pub(crate) const ATTR_INDEX: &str = "attr-index:";
 
-/// The index key of each value `f` holds of the indexed attributes.
 /// Whether `after` is `before` with links added and nothing else changed
 /// but the version: every field is named, so a new one must be decided here.
+/// Runs for every update in the writer's transaction: the links are looked
+/// at first, which rules out nearly every commit.
 fn only_links_added(before: &v1::Focus, after: &v1::Focus) -> bool {
     let v1::Focus {
         id,
@@ -337,7 +338,9 @@ fn only_links_added(before: &v1::Focus, after: &v1::Focus) -> bool {
         sync_parent,
         inducements,
     } = after;
-    *id == before.id
+    links.len() > before.links.len()
+        && before.links.iter().all(|l| links.contains(l))
+        && *id == before.id
         && *kind == before.kind
         && *attributes == before.attributes
         && *assignments == before.assignments
@@ -346,10 +349,9 @@ fn only_links_added(before: &v1::Focus, after: &v1::Focus) -> bool {
         && *pending_members == before.pending_members
         && *sync_parent == before.sync_parent
         && *inducements == before.inducements
-        && links.len() > before.links.len()
-        && before.links.iter().all(|l| links.contains(l))
 }
 
+/// The index key of each value `f` holds of the indexed attributes.
 pub(crate) fn attr_keys(f: &v1::Focus, indexed: &[String]) -> BTreeSet<String> {
     let mut keys = BTreeSet::new();
     for attribute in indexed {
